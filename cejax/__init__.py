@@ -1,0 +1,1 @@
+"""cejax: causal effects of interventions on images and features, in JAX."""

@@ -1,0 +1,198 @@
+"""All Orbax code: saving and restoring runs, and ``load_logits_fn``.
+
+A workdir holds::
+
+    run.json        what the model is (preset, classes, channels, normalization)
+    checkpoints/    Orbax steps, each {step, params, batch_stats, opt_state}
+    metrics.jsonl   evaluation results, one JSON object per line
+
+Orbax writes each step to a temporary directory and renames it when complete, so
+a killed run never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from cejax.models import densenet
+
+RUN_FILE = "run.json"
+# Fields of run.json that must agree between a config and an existing workdir.
+_MODEL_FIELDS = ("preset", "num_classes", "in_channels", "dtype", "overrides")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def build_model(run: dict[str, Any], *, seed: int = 0) -> densenet.DenseNet:
+  """The model described by a ``run.json`` dict, freshly initialised."""
+  return densenet.create_densenet(
+      run["preset"], num_classes=run["num_classes"], in_channels=run["in_channels"],
+      dtype=jnp.dtype(run["dtype"]), rngs=nnx.Rngs(seed), **run.get("overrides", {}))
+
+
+def check_or_write_run(workdir: Path, run: dict[str, Any]) -> None:
+  """Writes run.json, or checks that an existing one describes the same model.
+
+  Raises:
+    ValueError: the workdir holds a different model (nothing is overwritten).
+  """
+  path = Path(workdir) / RUN_FILE
+  if path.exists():
+    old = json.loads(path.read_text())
+    diff = {k: (old.get(k), run.get(k)) for k in _MODEL_FIELDS if old.get(k) != run.get(k)}
+    if diff:
+      raise ValueError(
+          f"Workdir {workdir} holds a checkpoint of a different model; mismatched "
+          f"fields (workdir, config): {diff}. Use a new --workdir; nothing was "
+          "overwritten.")
+    return
+  write_json_atomic(path, run)
+
+
+def read_run(workdir: Path) -> dict[str, Any]:
+  path = Path(workdir) / RUN_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} not found: {workdir} is not a cejax workdir (train.py writes it).")
+  return json.loads(path.read_text())
+
+
+class Checkpointer:
+  """Keeps the last ``keep`` checkpoints and the best one by a validation metric."""
+
+  def __init__(self, workdir: Path, *, keep: int = 2, best_metric: str | None = None,
+               best_mode: str = "max"):
+    if keep < 1:
+      raise ValueError(f"keep must be at least 1, got {keep}.")
+    policies = [pp.LatestN(n=keep)]
+    if best_metric:
+      policies.append(pp.BestN(
+          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+    self.best_metric = best_metric
+    self.best_mode = best_mode
+    self.manager = ocp.CheckpointManager(
+        Path(workdir).absolute() / "checkpoints",
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            # best_fn makes Orbax store each step's metrics; retention is
+            # decided by the preservation policy above.
+            best_fn=(lambda m: m[best_metric]) if best_metric else None,
+            best_mode=best_mode,
+            enable_async_checkpointing=False,
+            create=True,
+        ),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the best ``best_metric``, or None."""
+    if not self.best_metric:
+      return None
+    step = self.manager.best_step()
+    # Orbax falls back to the latest step when none has metrics; we do not.
+    return step if step is not None and self.manager.metrics(step) else None
+
+  def save(self, step: int, state, *, metrics: dict | None = None) -> None:
+    if metrics is not None:
+      metrics = {k: float(v) for k, v in metrics.items()}
+    self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, target):
+    """Restores ``step`` into the structure (and shardings) of ``target``.
+
+    Raises:
+      ValueError: the checkpoint's structure does not match ``target``.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(
+          f"Checkpoint step {step} in {self.manager.directory} does not match the "
+          f"model being restored: {e}") from e
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _model_variables(model: nnx.Module):
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
+
+
+def load_model(workdir: Path, *, step: int | str = "best"):
+  """Restores ``(graphdef, params, batch_stats, run)`` in eval mode.
+
+  Args:
+    workdir: a training workdir.
+    step: ``"best"`` (by the validation metric; the latest when none), ``"latest"``
+      or a step number.
+  """
+  run = read_run(workdir)
+  model = build_model(run)
+  model.eval()
+  graphdef, params, batch_stats = _model_variables(model)
+  ckpt = Checkpointer(workdir, best_metric=run.get("best_metric"))
+  try:
+    if step == "best":
+      step = ckpt.best_step() or ckpt.latest_step()
+    elif step == "latest":
+      step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
+    # Restore the weights only; the optimizer state is not needed for analysis.
+    restored = ckpt.manager.restore(step, args=ocp.args.PyTreeRestore(
+        item={"params": params, "batch_stats": batch_stats},
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                  {"params": params, "batch_stats": batch_stats}),
+        partial_restore=True))
+  finally:
+    ckpt.close()
+  params = jax.tree.map(jnp.asarray, restored["params"])
+  batch_stats = jax.tree.map(jnp.asarray, restored["batch_stats"])
+  return graphdef, params, batch_stats, dict(run, step=int(step))
+
+
+def make_logits_fn(graphdef, params, batch_stats) -> Callable[[jax.Array], jax.Array]:
+  """A pure ``images (n, h, w, c) -> logits (n, k)`` closure over eval-mode weights."""
+
+  def logits_fn(images: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params, batch_stats)(images)
+
+  return logits_fn
+
+
+def load_logits_fn(workdir: Path, *, step: int | str = "best"):
+  """The trained model of ``workdir`` as a pure ``images -> logits`` function.
+
+  The function is in eval mode (BatchNorm uses running statistics) and safe under
+  ``jit``, ``vmap`` and ``grad``. Images are normalized NHWC float32 as the run's
+  pipeline produced them; ``run["mean"]``/``run["std"]`` give the normalization.
+
+  Returns:
+    ``(logits_fn, run)``, where ``run`` is the workdir's run.json plus ``step``.
+  """
+  graphdef, params, batch_stats, run = load_model(workdir, step=step)
+  return make_logits_fn(graphdef, params, batch_stats), run

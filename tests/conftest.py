@@ -1,0 +1,54 @@
+"""Test set-up: 8 fake CPU devices, and shared small data sets and trained runs.
+
+The device count must be set before JAX initialises its backend, so it is set here,
+at import time, before any test module imports JAX computations.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+# Deterministic CPU math across runs (the resume and multi-device tests compare bitwise
+# or near-bitwise results).
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # configs/ is a plain directory of modules
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def smoke_config(data_dir):
+  from configs import smoke
+
+  config = smoke.get_config()
+  config.data.data_dir = str(data_dir)
+  return config
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def trained_smoke(tmp_path_factory, data_dir):
+  """A smoke run trained once for the session: ``(config, workdir)``."""
+  from cejax import training
+
+  workdir = tmp_path_factory.mktemp("smoke_run")
+  config = smoke_config(data_dir)
+  training.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+@pytest.fixture(scope="session")
+def chestxray_dir():
+  path = SHARED_DATA / "chestxray14"
+  if not (path / "images").is_dir():
+    pytest.skip(f"real ChestX-ray14 samples not present at {path}")
+  return path

@@ -1,0 +1,100 @@
+"""DenseNet architecture, stage splits and the pure logits_fn contract."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import test_util as jtu
+
+from cejax import checkpoint
+from cejax.models import densenet
+
+
+@pytest.mark.parametrize("preset,num_classes,expected", [
+    ("densenet121", 1000, 7_978_856),   # torchvision.models.densenet121()
+    ("densenet121", 14, 6_968_206),     # CheXNet head
+    ("densenet169", 1000, 14_149_480),
+    ("densenet201", 1000, 20_013_928),
+])
+def test_parameter_counts_match_torchvision(preset, num_classes, expected):
+  model = nnx.eval_shape(lambda: densenet.create_densenet(
+      preset, num_classes=num_classes, rngs=nnx.Rngs(0)))
+  assert densenet.count_params(model) == expected
+
+
+def _randomize_batch_stats(model, seed=0):
+  """Non-trivial running statistics, so eval mode differs from train mode."""
+  rng = np.random.default_rng(seed)
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.BatchNorm):
+      var.mean.value = jnp.asarray(rng.normal(0, 0.1, var.mean.value.shape), jnp.float32)
+      var.var.value = jnp.asarray(rng.uniform(0.5, 1.5, var.var.value.shape), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = densenet.DenseNetTiny(num_classes=5, in_channels=1, rngs=nnx.Rngs(0))
+  _randomize_batch_stats(model)
+  model.eval()
+  return model
+
+
+def test_suffix_of_prefix_equals_forward_at_every_stage(tiny):
+  x = jax.random.normal(jax.random.key(0), (3, 64, 64, 1))
+  full = tiny(x)
+  assert tiny.stage_names == ("stem", "block1", "transition1", "block2", "transition2",
+                              "block3")
+  for stage in tiny.stage_names:
+    h = tiny.forward_to(x, stage)
+    np.testing.assert_array_equal(np.asarray(tiny.forward_from(h, stage)), np.asarray(full))
+
+
+def test_densenet121_stage_split_and_feature_map():
+  model = densenet.DenseNet121(num_classes=14, rngs=nnx.Rngs(1))
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
+  full = model(x)
+  for stage in ("stem", "block2", "transition3", "block4"):
+    np.testing.assert_array_equal(
+        np.asarray(model.forward_from(model.forward_to(x, stage), stage)), np.asarray(full))
+  assert model.features(x).shape == (1, 2, 2, 1024)
+  np.testing.assert_allclose(model.classify(model.features(x)), full, rtol=1e-6)
+
+
+def test_unknown_stage_lists_valid_ones(tiny):
+  with pytest.raises(ValueError, match="valid stages are.*block1"):
+    tiny.forward_to(jnp.zeros((1, 32, 32, 1)), "block9")
+
+
+def test_unknown_preset_lists_valid_ones():
+  with pytest.raises(ValueError, match="valid presets are.*densenet121"):
+    densenet.create_densenet("resnet50", rngs=nnx.Rngs(0))
+
+
+def _logits_fn(model):
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return checkpoint.make_logits_fn(graphdef, nnx.to_pure_dict(params),
+                                   nnx.to_pure_dict(stats))
+
+
+def test_logits_fn_is_jit_vmap_grad_safe(tiny):
+  logits_fn = _logits_fn(tiny)
+  x = jax.random.normal(jax.random.key(2), (4, 32, 32, 1))
+  eager = logits_fn(x)
+  np.testing.assert_allclose(jax.jit(logits_fn)(x), eager, rtol=1e-5, atol=1e-6)
+  # Eval mode: each example is independent of the others in its batch.
+  per_example = jax.vmap(lambda im: logits_fn(im[None])[0])(x)
+  np.testing.assert_allclose(per_example, eager, rtol=1e-5, atol=1e-6)
+  # Gradients agree with finite differences (in float64-free central differences).
+  f = lambda im: jnp.sum(jax.nn.log_softmax(logits_fn(im))[:, 1])
+  jtu.check_grads(f, (x,), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
+
+
+def test_non_finite_input_stays_in_its_example(tiny):
+  logits_fn = _logits_fn(tiny)
+  x = jax.random.normal(jax.random.key(3), (3, 32, 32, 1))
+  x = x.at[1, 5, 5, 0].set(jnp.nan)
+  out = np.asarray(logits_fn(x))
+  assert np.isnan(out[1]).all()
+  assert np.isfinite(out[[0, 2]]).all()
