@@ -184,6 +184,23 @@ def make_logits_fn(graphdef, params, batch_stats) -> Callable[[jax.Array], jax.A
   return logits_fn
 
 
+def make_stage_fns(graphdef, params, batch_stats, stage: str):
+  """Pure ``(prefix_fn, suffix_fn)`` split at ``stage``: ``suffix(prefix(x))`` is the model.
+
+  Raises:
+    ValueError: unknown stage (the message lists the valid ones).
+  """
+  nnx.merge(graphdef, params, batch_stats)._check_stage(stage)
+
+  def prefix_fn(images):
+    return nnx.merge(graphdef, params, batch_stats).forward_to(images, stage)
+
+  def suffix_fn(features):
+    return nnx.merge(graphdef, params, batch_stats).forward_from(features, stage)
+
+  return prefix_fn, suffix_fn
+
+
 def load_logits_fn(workdir: Path, *, step: int | str = "best"):
   """The trained model of ``workdir`` as a pure ``images -> logits`` function.
 

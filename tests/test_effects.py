@@ -1,0 +1,266 @@
+"""The CE estimator against independent references (loops, closed forms, 1 device)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import test_util as jtu
+
+from cejax import checkpoint, effects, masks
+from cejax.models import densenet
+
+H = W = 12
+C = 2
+K = 4
+
+
+def make_logits_fn(seed=0):
+  """A small nonlinear CNN: conv 3x3 -> tanh -> mean pool -> dense."""
+  rng = np.random.default_rng(seed)
+  kernel = jnp.asarray(rng.normal(0, 0.5, (3, 3, C, 6)), jnp.float32)
+  dense = jnp.asarray(rng.normal(0, 1.0, (6, K)), jnp.float32)
+  bias = jnp.asarray(rng.normal(0, 0.1, (K,)), jnp.float32)
+
+  def logits_fn(x):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.tanh(y).mean((1, 2)) @ dense * 3 + bias
+
+  return logits_fn
+
+
+@pytest.fixture(scope="module")
+def setup():
+  image = jax.random.normal(jax.random.key(1), (H, W, C))
+  mask_set = jnp.concatenate([
+      masks.grid_masks(shape=(H, W), n=3),
+      masks.sliding_window_masks(shape=(H, W), window=5, stride=4),
+      jax.random.uniform(jax.random.key(2), (3, H, W)),  # soft masks
+  ])
+  return make_logits_fn(), image, mask_set
+
+
+def reference_effect(logits_fn, image, mask, intervention, estimand, target, activation,
+                     key, index):
+  """One mask, straight numpy where possible: the definition, written out."""
+  image = np.asarray(image, np.float64)
+  mask = np.asarray(mask, np.float64)[..., None]
+  act = (lambda z: np.exp(z - z.max()) / np.exp(z - z.max()).sum()) if activation == "softmax" \
+      else (lambda z: 1 / (1 + np.exp(-z)))
+  clean = np.asarray(logits_fn(jnp.asarray(image[None], jnp.float32))[0], np.float64)
+  p = act(clean)
+  t = int(np.argmax(clean)) if target is None else target
+  do_logits, do_probs = [], []
+  for d in range(intervention.num_draws):
+    k = jax.random.fold_in(jax.random.fold_in(key, index), d)
+    v = np.asarray(intervention.fill(jnp.asarray(image, jnp.float32), k), np.float64)
+    x = image * (1 - mask) + v * mask
+    z = np.asarray(logits_fn(jnp.asarray(x[None], jnp.float32))[0], np.float64)
+    do_logits.append(z)
+    do_probs.append(act(z))
+  z, q = np.mean(do_logits, 0), np.mean(do_probs, 0)
+  if estimand == "expected":
+    return np.sum(p * (q - p))
+  if estimand == "probability":
+    return q[t] - p[t]
+  if estimand == "logit":
+    return z[t] - clean[t]
+  if estimand == "per_class":
+    return q - p
+  if activation == "softmax":
+    return np.sum(p * (np.log(p) - np.log(q)))
+  return np.sum(p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q)))
+
+
+INTERVENTIONS = {
+    "zero": effects.Constant(),
+    "pixel": effects.Constant(0.2, space="pixel", mean=[0.5, 0.4], std=[0.25, 0.2]),
+    "mean": effects.ImageMean(),
+    "blur": effects.Blur(sigma=1.5),
+    "reference": effects.Reference(np.linspace(-1, 1, H * W * C).reshape(H, W, C)),
+    "noise": effects.GaussianNoise(std=0.7, num_draws=3),
+    "imageset": effects.ImageSet(np.random.default_rng(0).normal(size=(5, H, W, C)),
+                                 num_draws=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTERVENTIONS))
+@pytest.mark.parametrize("estimand", effects.ESTIMANDS)
+def test_sweep_equals_python_loop(setup, name, estimand):
+  logits_fn, image, mask_set = setup
+  intervention = INTERVENTIONS[name]
+  activation = "sigmoid" if estimand in ("per_class", "kl") and name == "zero" else "softmax"
+  key = jax.random.key(7)
+  result = effects.causal_effect(logits_fn, image, mask_set, intervention=intervention,
+                                 estimand=estimand, batch_size=4, key=key,
+                                 activation=activation)
+  expected = np.stack([
+      reference_effect(logits_fn, image, m, intervention, estimand, None, activation, key, i)
+      for i, m in enumerate(mask_set)])
+  np.testing.assert_allclose(result.effects, expected, rtol=1e-5, atol=1e-6)
+  assert int(result.target) == int(np.argmax(logits_fn(image[None])[0]))
+
+
+def test_empty_mask_is_zero_and_full_mask_replaces_the_image(setup):
+  logits_fn, image, _ = setup
+  two = jnp.stack([jnp.zeros((H, W)), jnp.ones((H, W))])
+  ref = jnp.asarray(INTERVENTIONS["reference"].image, jnp.float32)
+  for estimand in effects.ESTIMANDS:
+    r = effects.causal_effect(logits_fn, image, two, intervention=effects.Reference(ref),
+                              estimand=estimand, target=1)
+    np.testing.assert_allclose(r.effects[0], 0.0, atol=1e-6)
+    whole = effects.estimand_value(
+        estimand, logits_fn(image[None])[0], logits_fn(ref[None])[0],
+        jax.nn.softmax(logits_fn(ref[None])[0]), 1, "softmax")
+    np.testing.assert_allclose(r.effects[1], whole, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 13, 100])
+def test_every_batch_size_gives_the_same_result(setup, batch_size):
+  logits_fn, image, mask_set = setup
+  kw = dict(intervention=effects.GaussianNoise(num_draws=2), estimand="probability",
+            key=jax.random.key(3))
+  base = effects.causal_effect(logits_fn, image, mask_set, batch_size=len(mask_set), **kw)
+  other = effects.causal_effect(logits_fn, image, mask_set, batch_size=batch_size, **kw)
+  np.testing.assert_allclose(other.effects, base.effects, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_devices", [1, 4, 8])
+def test_sharded_sweep_equals_one_device(setup, num_devices):
+  logits_fn, image, mask_set = setup
+  mesh = jax.make_mesh((num_devices,), ("masks",), devices=jax.devices()[:num_devices])
+  kw = dict(intervention=effects.GaussianNoise(num_draws=2), estimand="expected",
+            key=jax.random.key(3), batch_size=2)
+  base = effects.causal_effect(logits_fn, image, mask_set, **kw)
+  sharded = jax.jit(lambda im: effects.causal_effect(logits_fn, im, mask_set, mesh=mesh,
+                                                     **kw))(image)
+  np.testing.assert_allclose(sharded.effects, base.effects, rtol=1e-6, atol=1e-7)
+
+
+def test_rise_recipe_sharded_equals_materialized(setup):
+  logits_fn, image, _ = setup
+  recipe = masks.rise_masks(jax.random.key(5), num=37, shape=(H, W), cells=3, p=0.5)
+  materialized = recipe(jnp.arange(37))
+  mesh = jax.make_mesh((8,), ("masks",))
+  a = effects.causal_effect(logits_fn, image, recipe, batch_size=3, mesh=mesh)
+  b = effects.causal_effect(logits_fn, image, materialized, batch_size=5)
+  np.testing.assert_allclose(a.effects, b.effects, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(effects.ce_map(a.effects, recipe, batch_size=4),
+                             effects.ce_map(b.effects, materialized), rtol=1e-5, atol=1e-7)
+
+
+def test_sweep_is_traced_once(setup):
+  logits_fn, image, mask_set = setup
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def run(im, ms):
+    return effects.causal_effect(logits_fn, im, ms, batch_size=4).effects
+
+  for s in range(3):
+    run(image + s, mask_set)
+
+
+def test_vmap_over_images_equals_loop(setup):
+  logits_fn, image, mask_set = setup
+  images = jnp.stack([image, -image, image * 0.5])
+  f = lambda im: effects.causal_effect(logits_fn, im, mask_set, estimand="logit",
+                                       batch_size=4).effects
+  batched = jax.jit(jax.vmap(f))(images)
+  for i in range(3):
+    np.testing.assert_allclose(batched[i], f(images[i]), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_matches_finite_differences(setup):
+  logits_fn, image, mask_set = setup
+  f = lambda im: effects.causal_effect(logits_fn, im, mask_set[:5], estimand="expected",
+                                       intervention=effects.Blur(sigma=1.0),
+                                       batch_size=2).effects.sum()
+  jtu.check_grads(f, (image,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_ce_map_coverage_and_sliding_borders():
+  sliding = masks.sliding_window_masks(shape=(10, 10), window=4, stride=3)
+  # starts 0, 3, 6 in each direction; last window flush with the edge
+  coverage = np.asarray(sliding.sum(0))
+  np.testing.assert_array_equal(coverage[0], [1, 1, 1, 2, 1, 1, 2, 1, 1, 1])
+  np.testing.assert_array_equal(coverage[:, 9], [1, 1, 1, 2, 1, 1, 2, 1, 1, 1])
+  effects_ = jnp.arange(len(sliding), dtype=jnp.float32)
+  cmap = effects.ce_map(effects_, sliding, batch_size=4)
+  loop = sum(e * m for e, m in zip(np.asarray(effects_), np.asarray(sliding))) / coverage
+  np.testing.assert_allclose(cmap, loop, rtol=1e-6)
+  # grid blocks partition the image
+  grid = masks.grid_masks(shape=(10, 7), n=3)
+  np.testing.assert_array_equal(grid.sum(0), np.ones((10, 7)))
+
+
+def test_rise_masks_keep_fraction_p():
+  for p in (0.3, 0.5, 0.8):
+    recipe = masks.rise_masks(jax.random.key(0), num=400, shape=(32, 32), cells=6, p=p)
+    kept = 1.0 - recipe(jnp.arange(400))
+    assert float(kept.mean()) == pytest.approx(p, abs=0.03)
+    assert float(kept.min()) >= 0.0 and float(kept.max()) <= 1.0
+
+
+def test_box_masks_cover_fractional_pixels():
+  m = masks.box_masks([[1.5, 0, 3, 2]], shape=(3, 4))
+  np.testing.assert_allclose(m[0], [[0, .5, 1, 0], [0, .5, 1, 0], [0, 0, 0, 0]])
+
+
+def test_bad_input_raises_clear_errors(setup):
+  logits_fn, image, mask_set = setup
+  ce = lambda **kw: effects.causal_effect(logits_fn, kw.pop("image", image),
+                                          kw.pop("masks", mask_set), **kw)
+  with pytest.raises(ValueError, match="spatial shape"):
+    ce(masks=jnp.zeros((2, H + 1, W)))
+  with pytest.raises(ValueError, match="empty"):
+    ce(masks=jnp.zeros((0, H, W)))
+  with pytest.raises(ValueError, match="NaN or infinite"):
+    ce(image=image.at[0, 0, 0].set(jnp.inf))
+  with pytest.raises(ValueError, match="batch_size must be a positive"):
+    ce(batch_size=0)
+  with pytest.raises(ValueError, match="target must be a class index in \\[0, 4\\)"):
+    ce(target=4, estimand="probability")
+  with pytest.raises(ValueError, match="valid estimands"):
+    ce(estimand="ate")
+  with pytest.raises(ValueError, match="Unknown intervention"):
+    ce(intervention="gray")
+  with pytest.raises(ValueError, match="pass key="):
+    ce(intervention=effects.GaussianNoise())
+
+
+# --- latent --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_stage():
+  model = densenet.DenseNetTiny(num_classes=5, in_channels=1, rngs=nnx.Rngs(0))
+  model.eval()
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+def test_latent_prefix_reuse_equals_full_recomputation(tiny_stage):
+  graphdef, params, stats = tiny_stage
+  stage = "block2"
+  prefix, suffix = checkpoint.make_stage_fns(graphdef, params, stats, stage)
+  image = jax.random.normal(jax.random.key(4), (32, 32, 1))
+  h_shape = prefix(image[None]).shape[1:]
+  regions = masks.grid_masks(shape=h_shape[:2], n=2)
+  interventions = effects.latent_interventions(channels=[0, 5, 17], values=[0.0, 2.0],
+                                               regions=regions)
+  mesh = jax.make_mesh((4,), ("masks",), devices=jax.devices()[:4])
+  result = effects.latent_causal_effect(prefix, suffix, image, interventions,
+                                        estimand="probability", batch_size=5, mesh=mesh)
+  model = nnx.merge(graphdef, params, stats)
+  for i in range(len(interventions.channels)):
+    h = model.forward_to(image[None], stage)[0]  # recomputed every time
+    h = h.at[..., interventions.channels[i]].set(
+        h[..., interventions.channels[i]] * (1 - interventions.regions[i])
+        + interventions.values[i] * interventions.regions[i])
+    p = jax.nn.softmax(model(image[None])[0])
+    q = jax.nn.softmax(model.forward_from(h[None], stage)[0])
+    t = int(result.target)
+    np.testing.assert_allclose(result.effects[i], q[t] - p[t], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(result.clean_logits, model(image[None])[0], rtol=1e-6)
