@@ -36,6 +36,7 @@ def parse():
   p.add_argument("--baseline", action="store_true")
   p.add_argument("--loop-masks", type=int, default=16)
   p.add_argument("--rise", type=int, default=0, help="sweep this many RISE masks instead")
+  p.add_argument("--latent", default="", help="also sweep channel interventions here")
   p.add_argument("--json", default="")
   return p.parse_args()
 
@@ -101,6 +102,31 @@ def main():
                "seconds": t, "masks_per_s": num / t, "compile_s": compile_s,
                "gflop_per_forward": forward_flops / 1e9,
                "gflop_per_s": flops / t / 1e9,
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    if args.latent:
+      prefix, suffix = checkpoint.make_stage_fns(g, nnx.to_pure_dict(params),
+                                                 nnx.to_pure_dict(stats), args.latent)
+      width = prefix(image[None]).shape[-1]
+      inter = effects.latent_interventions(
+          channels=np.arange(num) % width, values=[0.0])
+      for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        fn = jax.jit(lambda im: effects.latent_causal_effect(
+            prefix, suffix, im, inter, batch_size=batch_size).effects)
+        t0 = time.perf_counter()
+        compiled = fn.lower(image).compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(compiled(image))
+        times = []
+        for _ in range(args.repeats):
+          t0 = time.perf_counter()
+          jax.block_until_ready(compiled(image))
+          times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        rec = {"model": name, "image_size": size, "dtype": args.dtype, "masks": num,
+               "batch_size": batch_size, "devices": 1, "mode": f"latent@{args.latent}",
+               "seconds": t, "masks_per_s": num / t, "compile_s": compile_s,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         records.append(rec)
         print(json.dumps(rec), flush=True)

@@ -268,10 +268,12 @@ def _check_batch_size(batch_size, num):
 
 
 def _check_image(image):
-  if image.ndim != 3:
-    raise ValueError(f"image must be (h, w, c); got shape {image.shape}. Use jax.vmap "
+  if np.ndim(image) != 3:
+    raise ValueError(f"image must be (h, w, c); got shape {np.shape(image)}. Use jax.vmap "
                      "over causal_effect for a batch of images.")
-  if not isinstance(image, jax.core.Tracer) and not bool(jnp.isfinite(image).all()):
+  # Value checks only where values exist (not under tracing); numpy, so that jit
+  # around a closed-over image does not turn the check itself into a tracer.
+  if not isinstance(image, jax.core.Tracer) and not np.isfinite(np.asarray(image)).all():
     raise ValueError("image contains NaN or infinite values.")
 
 
@@ -326,8 +328,8 @@ def causal_effect(logits_fn: Callable, image, masks, *, intervention="zero",
       bad batch size, target out of range, unknown estimand, intervention or
       activation, or a random intervention without ``key``.
   """
-  image = jnp.asarray(image)
   _check_image(image)
+  image = jnp.asarray(image)
   intervention = _intervention(intervention)
   if estimand not in ESTIMANDS:
     raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are {list(ESTIMANDS)}.")
@@ -496,13 +498,14 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
     image: ``(h, w, c)``.
     interventions: a ``LatentInterventions``.
   """
-  image = jnp.asarray(image)
   _check_image(image)
+  image = jnp.asarray(image)
   if estimand not in ESTIMANDS:
     raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are {list(ESTIMANDS)}.")
   if activation not in ACTIVATIONS:
     raise ValueError(f"Unknown activation {activation!r}; valid are {list(ACTIVATIONS)}.")
   h = prefix_fn(image[None])[0]
+  raw_channels = interventions.channels
   channels = jnp.asarray(interventions.channels, jnp.int32)
   values = jnp.asarray(interventions.values, jnp.float32)
   num = int(channels.shape[0])
@@ -510,8 +513,8 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
     raise ValueError("interventions is empty.")
   if values.shape != (num,):
     raise ValueError(f"values must have shape ({num},), got {values.shape}.")
-  if not isinstance(channels, jax.core.Tracer) and (
-      int(channels.min()) < 0 or int(channels.max()) >= h.shape[-1]):
+  if not isinstance(raw_channels, jax.core.Tracer) and (
+      np.asarray(raw_channels).min() < 0 or np.asarray(raw_channels).max() >= h.shape[-1]):
     raise ValueError(f"channels must be in [0, {h.shape[-1]}).")
   regions = interventions.regions
   if regions is not None:

@@ -264,3 +264,19 @@ def test_latent_prefix_reuse_equals_full_recomputation(tiny_stage):
     t = int(result.target)
     np.testing.assert_allclose(result.effects[i], q[t] - p[t], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(result.clean_logits, model(image[None])[0], rtol=1e-6)
+
+
+def test_latent_sweep_under_jit_and_bad_channels(tiny_stage):
+  graphdef, params, stats = tiny_stage
+  prefix, suffix = checkpoint.make_stage_fns(graphdef, params, stats, "transition1")
+  image = jax.random.normal(jax.random.key(4), (32, 32, 1))
+  inter = effects.latent_interventions(channels=[1, 2, 3], values=[0.0, 1.0])
+  eager = effects.latent_causal_effect(prefix, suffix, image, inter, batch_size=4)
+  jitted = jax.jit(lambda im: effects.latent_causal_effect(prefix, suffix, im, inter,
+                                                           batch_size=4))(image)
+  np.testing.assert_allclose(jitted.effects, eager.effects, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="channels must be in"):
+    effects.latent_causal_effect(prefix, suffix, image,
+                                 effects.latent_interventions(channels=[999]))
+  with pytest.raises(ValueError, match="valid stages"):
+    checkpoint.make_stage_fns(graphdef, params, stats, "block7")
