@@ -134,7 +134,6 @@ def main():
       forward = jax.jit(logits_fn)
       ms = np.asarray(mask_set(jnp.arange(args.loop_masks)) if args.rise
                       else mask_set[: args.loop_masks])
-      clean = forward(image[None])
       jax.block_until_ready(forward(effects.intervene(image, ms[0], 0.0)[None]))
       t0 = time.perf_counter()
       for m in ms:  # the notebooks' way: one masked image per forward call
@@ -143,7 +142,6 @@ def main():
       rec = {"model": name, "image_size": size, "dtype": args.dtype,
              "masks": len(ms), "batch_size": 1, "devices": 1, "mode": "loop",
              "seconds": t, "masks_per_s": len(ms) / t}
-      del clean
       records.append(rec)
       print(json.dumps(rec), flush=True)
   meta = {"machine": platform.processor() or platform.machine(),
