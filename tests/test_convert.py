@@ -1,0 +1,204 @@
+"""Weight import from PyTorch, checked against PyTorch itself.
+
+The reference network below is torchvision's DenseNet written out in plain PyTorch
+(same module names, so its state dict has torchvision's keys), so the test needs
+only ``torch``, not torchvision.
+"""
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+
+from cejax import checkpoint, convert
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+
+class _DenseLayer(nn.Module):
+  def __init__(self, cin, growth, bn_size):
+    super().__init__()
+    self.norm1 = nn.BatchNorm2d(cin)
+    self.relu1 = nn.ReLU()
+    self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+    self.norm2 = nn.BatchNorm2d(bn_size * growth)
+    self.relu2 = nn.ReLU()
+    self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+  def forward(self, x):
+    y = self.conv1(self.relu1(self.norm1(x)))
+    return torch.cat([x, self.conv2(self.relu2(self.norm2(y)))], 1)
+
+
+class _Transition(nn.Sequential):
+  def __init__(self, cin, cout):
+    super().__init__(collections.OrderedDict(
+        norm=nn.BatchNorm2d(cin), relu=nn.ReLU(), conv=nn.Conv2d(cin, cout, 1, bias=False),
+        pool=nn.AvgPool2d(2, 2)))
+
+
+class TorchDenseNet(nn.Module):
+  """torchvision.models.DenseNet, module for module."""
+
+  def __init__(self, growth=32, blocks=(6, 12, 24, 16), init=64, bn_size=4, classes=14,
+               in_channels=3):
+    super().__init__()
+    layers = collections.OrderedDict(
+        conv0=nn.Conv2d(in_channels, init, 7, 2, 3, bias=False), norm0=nn.BatchNorm2d(init),
+        relu0=nn.ReLU(), pool0=nn.MaxPool2d(3, 2, 1))
+    c = init
+    for i, n in enumerate(blocks):
+      block = nn.Sequential()
+      for j in range(n):
+        block.add_module(f"denselayer{j + 1}", _DenseLayer(c + j * growth, growth, bn_size))
+      layers[f"denseblock{i + 1}"] = block
+      c += n * growth
+      if i != len(blocks) - 1:
+        layers[f"transition{i + 1}"] = _Transition(c, c // 2)
+        c //= 2
+    layers[f"norm{len(blocks) + 1}"] = nn.BatchNorm2d(c)
+    self.features = nn.Sequential(layers)
+    self.classifier = nn.Linear(c, classes)
+
+  def forward(self, x):
+    h = F.relu(self.features(x))
+    return self.classifier(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def _randomize(model, seed):
+  """Non-trivial BatchNorm statistics and affine parameters, eval mode."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, nn.BatchNorm2d):
+        m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+        m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+  return model.eval()
+
+
+def _tiny(seed=0, *, classes=5, in_channels=1):
+  torch.manual_seed(seed)
+  return _randomize(TorchDenseNet(growth=12, blocks=(3, 3, 3), init=24, classes=classes,
+                                  in_channels=in_channels), seed)
+
+
+def _chexnet_layout(state):
+  """zoogzog/arnoweng CheXNet keys: DataParallel prefix, torch<0.4 names, Sequential head."""
+  out = {}
+  for k, v in state.items():
+    for new, old in (("norm1", "norm.1"), ("norm2", "norm.2"), ("conv1", "conv.1"),
+                     ("conv2", "conv.2")):
+      k = k.replace(f".{new}.", f".{old}.")
+    k = k.replace("classifier.", "classifier.0.")
+    out["module.densenet121." + k] = v
+  return out
+
+
+def _jax_logits(graphdef, params, stats, x_nchw):
+  x = jax.numpy.asarray(x_nchw.numpy().transpose(0, 2, 3, 1))
+  return np.asarray(checkpoint.make_logits_fn(graphdef, params, stats)(x))
+
+
+@pytest.fixture(scope="module")
+def densenet121():
+  torch.manual_seed(0)
+  model = _randomize(TorchDenseNet(), 0)
+  x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    ref = model(x).numpy()
+  return model, x, ref
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "chexnet"])
+def test_densenet121_parity_with_pytorch(densenet121, layout, tmp_path):
+  model, x, ref = densenet121
+  state = model.state_dict()
+  path = tmp_path / "model.pth.tar"
+  if layout == "chexnet":
+    torch.save({"epoch": 3, "state_dict": _chexnet_layout(state), "best_loss": 0.1}, path)
+  else:
+    torch.save(state, path)
+  graphdef, params, stats, arch = convert.import_densenet(path)
+  assert arch == {"preset": "densenet121", "overrides": {}, "num_classes": 14,
+                  "in_channels": 3}
+  got = _jax_logits(graphdef, params, stats, x)
+  assert np.abs(ref).max() > 0.1  # the comparison is not between near-zero outputs
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_tiny_formats_agree_and_whole_model_pickle_needs_trust(tmp_path):
+  model = _tiny()
+  x = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+  with torch.no_grad():
+    ref = model(x).numpy()
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  np.savez(tmp_path / "w.npz", **state)
+  from safetensors.numpy import save_file
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp_path / "w.safetensors")
+  torch.save({"model": model, "best_loss": 0.2, "epoch": 1}, tmp_path / "whole.pth")
+  with pytest.raises(ValueError, match="trust_pickle"):
+    convert.import_densenet(tmp_path / "whole.pth")
+  for name, kwargs in (("w.npz", {}), ("w.safetensors", {}),
+                       ("whole.pth", {"trust_pickle": True})):
+    graphdef, params, stats, arch = convert.import_densenet(tmp_path / name, **kwargs)
+    assert arch["preset"] == "tiny" and arch["num_classes"] == 5
+    np.testing.assert_allclose(_jax_logits(graphdef, params, stats, x), ref, atol=1e-5)
+
+
+def test_mismatched_keys_are_listed_and_nothing_loads(tmp_path):
+  state = dict(_tiny().state_dict())
+  del state["features.denseblock2.denselayer1.conv1.weight"]
+  state["features.extra.weight"] = torch.zeros(3)
+  with pytest.raises(ValueError) as err:
+    convert.import_densenet(state)
+  msg = str(err.value)
+  assert "features.denseblock2.denselayer1.conv1.weight" in msg
+  assert "features.extra.weight" in msg and "nothing was loaded" in msg
+  state = dict(_tiny().state_dict())
+  state["features.norm0.weight"] = torch.zeros(7)
+  with pytest.raises(ValueError, match="features.norm0.weight: checkpoint"):
+    convert.import_densenet(state)
+  with pytest.raises(ValueError, match="Not a torchvision-layout DenseNet"):
+    convert.import_densenet({"fc.weight": torch.zeros(2, 2)})
+  with pytest.raises(FileNotFoundError):
+    convert.import_densenet(tmp_path / "missing.pth")
+
+
+def test_non_preset_architecture_becomes_overrides():
+  torch.manual_seed(0)
+  model = _randomize(TorchDenseNet(growth=8, blocks=(2, 2), init=16, bn_size=2, classes=3,
+                                   in_channels=1), 0)
+  x = torch.randn(1, 1, 32, 32)
+  with torch.no_grad():
+    ref = model(x).numpy()
+  graphdef, params, stats, arch = convert.import_densenet(model.state_dict())
+  assert arch["overrides"] == {"growth_rate": 8, "block_config": [2, 2],
+                               "num_init_features": 16, "bn_size": 2}
+  np.testing.assert_allclose(_jax_logits(graphdef, params, stats, x), ref, atol=1e-5)
+
+
+def test_convert_command_writes_a_workdir_that_loads(tmp_path):
+  model = _tiny(classes=14, in_channels=3)
+  state = _chexnet_layout(model.state_dict())
+  torch.save({"state_dict": state}, tmp_path / "m.pth.tar")
+  workdir = tmp_path / "run"
+  convert.main(["--input", str(tmp_path / "m.pth.tar"), "--workdir", str(workdir)])
+  with pytest.raises(ValueError, match="already holds checkpoints"):
+    convert.convert(tmp_path / "m.pth.tar", workdir)
+  logits_fn, run = checkpoint.load_logits_fn(workdir)
+  assert run["preset"] == "tiny" and run["multi_label"] is True and run["step"] == 0
+  assert run["class_names"][1] == "Cardiomegaly"
+  x = torch.randn(2, 3, 64, 64)
+  with torch.no_grad():
+    ref = model(x).numpy()
+  got = np.asarray(logits_fn(jax.numpy.asarray(x.numpy().transpose(0, 2, 3, 1))))
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  # The CheXNet profile expects 14 classes; a 5-class head is refused.
+  torch.save(_tiny().state_dict(), tmp_path / "five.pth")
+  with pytest.raises(ValueError, match="5-class head"):
+    convert.convert(tmp_path / "five.pth", tmp_path / "run2", profile="chexnet")
