@@ -201,6 +201,23 @@ def make_stage_fns(graphdef, params, batch_stats, stage: str):
   return prefix_fn, suffix_fn
 
 
+def make_cam_fns(graphdef, params, batch_stats):
+  """Pure ``(features_fn, classify_fn)`` for the CAM family (``cejax.saliency``).
+
+  ``features_fn(images)`` is the last feature map after the final BN + ReLU,
+  ``(n, h', w', C)``; ``classify_fn(features)`` is global average pooling and the
+  linear head, so ``classify_fn(features_fn(x))`` is the model.
+  """
+
+  def features_fn(images):
+    return nnx.merge(graphdef, params, batch_stats).features(images)
+
+  def classify_fn(features):
+    return nnx.merge(graphdef, params, batch_stats).classify(features)
+
+  return features_fn, classify_fn
+
+
 def load_logits_fn(workdir: Path, *, step: int | str = "best"):
   """The trained model of ``workdir`` as a pure ``images -> logits`` function.
 

@@ -11,8 +11,9 @@ inside the sweep. Mask ``i`` depends only on ``(key, i)``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,8 +116,14 @@ def rise_mask(key, *, shape, cells: int, p: float) -> jax.Array:
   return 1.0 - kept
 
 
-class RiseMasks(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["key"],
+                   meta_fields=["num", "shape", "cells", "p"])
+@dataclasses.dataclass(frozen=True)
+class RiseMasks:
   """``num`` random RISE masks, drawn chunk by chunk on the device.
+
+  A pytree whose only leaf is ``key``: it can be passed through ``jit`` as an
+  argument, and its size and shape stay static.
 
   Attributes:
     key: PRNG key; mask ``i`` uses ``fold_in(key, i)``.
