@@ -1,0 +1,188 @@
+"""Attacks and defenses: closed forms on linear models, budgets, and the trained model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cejax import attacks, checkpoint, defenses, sharding
+from cejax.data import pipeline
+
+H = W = 6
+
+
+def _linear(k=3, c=1, seed=0):
+  w = jax.random.normal(jax.random.key(seed), (H * W * c, k))
+  return (lambda x: x.reshape(len(x), -1) @ w), w
+
+
+def test_fgsm_equals_closed_form_on_a_linear_model():
+  logits_fn, w = _linear()
+  x = jax.random.uniform(jax.random.key(1), (4, H, W, 1), minval=0.3, maxval=0.7)
+  y = jnp.array([0, 1, 2, 1])
+  eps = 0.05
+  # d CE / dx = W (softmax(z) - onehot(y)), by hand.
+  z = x.reshape(4, -1) @ w
+  grad = ((jax.nn.softmax(z) - jax.nn.one_hot(y, 3)) @ w.T).reshape(x.shape)
+  res = attacks.fgsm(logits_fn, x, y, eps=eps)
+  np.testing.assert_allclose(res.images, x + eps * jnp.sign(grad), atol=1e-6)
+  np.testing.assert_allclose(res.linf, eps, rtol=1e-5)
+  targeted = attacks.fgsm(logits_fn, x, y, eps=eps, targeted=True)
+  np.testing.assert_allclose(targeted.images, x - eps * jnp.sign(grad), atol=1e-6)
+
+
+def test_gradient_matches_finite_differences_through_normalization():
+  logits_fn, _ = _linear(c=1)
+  f = lambda x: jnp.tanh(logits_fn(x)) * 3.0  # non-linear
+  space = attacks.PixelSpace(mean=0.4, std=0.2)
+  x = jax.random.uniform(jax.random.key(2), (2, H, W, 1), minval=0.2, maxval=0.8)
+  y = jnp.array([2, 0])
+  g = attacks._grad(f, space, y, targeted=False, multi_label=False)(x)
+  loss = attacks._loss_fn(f, space, y, targeted=False, multi_label=False)
+  h = 1e-3
+  for idx in [(0, 1, 2, 0), (1, 5, 0, 0), (1, 3, 3, 0)]:
+    e = jnp.zeros_like(x).at[idx].set(h)
+    fd = (loss(x + e).sum() - loss(x - e).sum()) / (2 * h)
+    np.testing.assert_allclose(g[idx], fd, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_every_pgd_iterate_stays_in_the_ball_and_the_pixel_range(norm):
+  logits_fn, _ = _linear()
+  x = jax.random.uniform(jax.random.key(3), (5, H, W, 1))  # touches both bounds
+  y = jnp.array([0, 1, 2, 0, 1])
+  eps = 0.1 if norm == "linf" else 0.5
+  # Iterate s of a run equals the result of a run with steps=s (same key, step size).
+  for steps in range(1, 6):
+    res = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=steps,
+                      step_size=eps / 2, norm=norm)
+    assert float(res.images.min()) >= 0.0 and float(res.images.max()) <= 1.0
+    bound = res.linf if norm == "linf" else res.l2
+    assert float(bound.max()) <= eps * (1 + 1e-5), (steps, bound)
+
+
+def test_deepfool_reaches_the_analytic_boundary_of_a_linear_binary_model():
+  w = jax.random.normal(jax.random.key(4), (H * W,))
+  b = 0.3
+  logits_fn = lambda x: jnp.stack([jnp.zeros(len(x)), x.reshape(len(x), -1) @ w + b], 1)
+  x = jax.random.normal(jax.random.key(5), (4, H, W, 1))
+  labels = jnp.argmax(logits_fn(x), -1)
+  space = attacks.PixelSpace(low=-100.0, high=100.0)
+  res = attacks.deepfool(logits_fn, x, labels, overshoot=0.0, space=space)
+  dist = jnp.abs(x.reshape(4, -1) @ w + b) / jnp.linalg.norm(w)
+  np.testing.assert_allclose(res.l2, dist, rtol=1e-3, atol=2e-4)
+  assert bool(res.success.all())
+
+
+def test_multi_label_attack_turns_a_finding_on():
+  logits_fn, _ = _linear(k=4)
+  x = jax.random.uniform(jax.random.key(6), (3, H, W, 1))
+  on = (logits_fn(x) > 0).astype(jnp.float32)
+  goal = on.at[:, 2].set(1 - on[:, 2])  # switch finding 2
+  res = attacks.pgd(logits_fn, x, goal, key=jax.random.key(1), eps=0.5, steps=40,
+                    targeted=True, multi_label=True)
+  assert bool(res.success.all())
+  with pytest.raises(ValueError, match="multi-hot"):
+    attacks.pgd(logits_fn, x, jnp.array([0, 1, 2]), key=jax.random.key(1), eps=0.1,
+                multi_label=True)
+  with pytest.raises(ValueError, match="pixel space"):
+    attacks.fgsm(logits_fn, x * 3 - 1, jnp.array([0, 1, 2]), eps=0.1)
+
+
+def test_defenses():
+  x = jax.random.uniform(jax.random.key(7), (2, 9, 11, 2))
+  # Floyd-Steinberg against a plain numpy loop.
+  ref = np.array(x).copy()
+  out = np.zeros_like(ref)
+  for n in range(2):
+    for c in range(2):
+      img = ref[n, :, :, c].astype(np.float64)
+      for i in range(9):
+        for j in range(11):
+          old = img[i, j]
+          new = float(old >= 0.5)
+          out[n, i, j, c] = new
+          err = old - new
+          if j + 1 < 11: img[i, j + 1] += err * 7 / 16
+          if i + 1 < 9:
+            if j > 0: img[i + 1, j - 1] += err * 3 / 16
+            img[i + 1, j] += err * 5 / 16
+            if j + 1 < 11: img[i + 1, j + 1] += err * 1 / 16
+  np.testing.assert_array_equal(defenses.error_diffusion(x), out)
+  # Halftones keep the mean grey level approximately; outputs are binary.
+  flat = jnp.full((1, 16, 16, 1), 0.3)
+  for fn in (defenses.ordered_dither, defenses.error_diffusion):
+    h = fn(flat)
+    assert set(np.unique(h)) <= {0.0, 1.0}
+    assert abs(float(h.mean()) - 0.3) < 0.05
+  np.testing.assert_allclose(defenses.bit_depth(jnp.array([0.0, 0.2, 0.9]), bits=1),
+                             [0, 0, 1])
+  spike = jnp.zeros((1, 5, 5, 1)).at[0, 2, 2, 0].set(1.0)
+  assert float(defenses.median_smoothing(spike).max()) == 0.0
+
+
+@pytest.fixture(scope="module")
+def trained(trained_tiny):
+  config, workdir = trained_tiny
+  graphdef, params, stats, run = checkpoint.load_model(workdir)
+  logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
+  data = pipeline.load_dataset(config.data)
+  batch = data.batch("test", np.arange(64))
+  space = attacks.PixelSpace(mean=np.asarray(run["mean"], np.float32),
+                             std=np.asarray(run["std"], np.float32))
+  pixels = np.clip(data.normalization.invert(batch["image"]), 0, 1).astype(np.float32)
+  logits = logits_fn(space.normalize(jnp.asarray(pixels)))
+  correct = np.asarray(jnp.argmax(logits, -1) == batch["label"])
+  assert correct.sum() >= 16, "the smoke model should classify some test images"
+  return logits_fn, space, pixels[correct][:32], batch["label"][correct][:32]
+
+
+def test_pgd_beats_random_noise_on_the_trained_model_and_is_deterministic(trained):
+  logits_fn, space, x, y = trained
+  eps = 8 / 255
+  res = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=20, space=space)
+  assert float(res.success.mean()) >= 0.9
+
+  def noise_success(e):
+    noisy = jnp.clip(x + e * jnp.sign(jax.random.normal(jax.random.key(1), x.shape)), 0, 1)
+    return float((jnp.argmax(logits_fn(space.normalize(noisy)), -1) != y).mean())
+
+  # Random sign noise of the same L-inf norm flips fewer predictions. This small model,
+  # trained on clean images only, is noise-fragile at 8/255 (about half flip), so
+  # "far fewer" is checked at 2/255, where PGD still succeeds almost everywhere.
+  assert noise_success(eps) < float(res.success.mean())
+  small = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=2 / 255, steps=20,
+                      space=space)
+  assert noise_success(2 / 255) <= 0.25 * float(small.success.mean())
+  again = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=20, space=space)
+  np.testing.assert_array_equal(res.images, again.images)
+  # The same attack with the batch split over 4 devices gives the same images.
+  mesh = sharding.mask_mesh(jax.devices()[:4])
+  n = len(x) // 4 * 4
+  attack = lambda a, b: attacks.pgd(logits_fn, a, b, key=jax.random.key(0), eps=eps,
+                                    steps=20, space=space).images
+  np.testing.assert_allclose(attacks.shard_batch(attack, mesh)(x[:n], y[:n]),
+                             attack(x[:n], y[:n]), atol=1e-6)
+
+
+def test_cw_finds_smaller_perturbations_than_pgd_l2(trained):
+  logits_fn, space, x, y = trained
+  x, y = x[:12], y[:12]
+  pgd = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=1.0, steps=20, norm="l2",
+                    space=space)
+  cw = attacks.carlini_wagner_l2(logits_fn, x, y, steps=60, learning_rate=0.01, c=1.0,
+                                 search_steps=4, space=space)
+  both = np.asarray(pgd.success & cw.success)
+  assert both.sum() >= 6
+  assert float(cw.l2[both].mean()) < float(pgd.l2[both].mean())
+
+
+def test_epsilon_sweep_is_one_vmapped_call(trained):
+  logits_fn, space, x, y = trained
+  eps = jnp.array([0.0, 2 / 255, 8 / 255])
+  res = attacks.epsilon_sweep(attacks.fgsm, logits_fn, x, y, eps=eps, space=space)
+  assert res.images.shape == (3,) + x.shape
+  np.testing.assert_allclose(res.linf.max(1), np.minimum(eps, 1.0), atol=1e-6)
+  single = attacks.fgsm(logits_fn, x, y, eps=8 / 255, space=space)
+  np.testing.assert_allclose(res.images[2], single.images, atol=1e-6)
+  assert float(res.success[0].mean()) == 0.0  # eps 0 changes nothing on correct images
