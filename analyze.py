@@ -1,10 +1,17 @@
-"""Analyzes a trained run: ``python analyze.py --config=configs/synthetic.py --workdir=DIR``.
+"""Analyzes a trained run and writes a report.
 
-Short on purpose. Until the analysis report lands, it loads the model through
-``cejax.checkpoint.load_logits_fn`` and reports its test metrics.
+    python analyze.py --config=configs/synthetic.py --workdir=runs/synthetic
+
+For ``--config.analysis.num_images`` test images: CE maps (grid, sliding-window and
+RISE masks; expected and per-class estimands; latent CE) and the saliency baselines,
+localization and faithfulness metrics, attacks with CE under attack and a detector,
+and input-transform defenses. Writes ``report.html``, ``metrics.json`` and CSV tables
+to ``--out`` (default ``WORKDIR/analysis``). Per-image results are saved chunk by
+chunk, so a killed run resumes where it stopped.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -12,7 +19,9 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "A training workdir.")
+flags.DEFINE_string("workdir", None, "A training workdir (or one written by cejax.convert).")
+flags.DEFINE_string("out", "", "Output directory; default WORKDIR/analysis.")
+flags.DEFINE_bool("fresh", False, "Discard per-image results of an earlier analysis.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -20,13 +29,58 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from cejax import checkpoint
+  import jax
+  import numpy as np
+  from tqdm import tqdm
 
-  _, run = checkpoint.load_logits_fn(FLAGS.workdir)
-  test = Path(FLAGS.workdir) / "test_metrics.json"
-  print(f"Loaded step {run['step']} of {run['preset']} ({run['num_classes']} classes).")
-  if test.exists():
-    print(json.dumps(json.loads(test.read_text()), indent=2))
+  from cejax import analysis, checkpoint, report
+  from cejax.data import pipeline
+
+  config = FLAGS.config
+  if "analysis" not in config:
+    raise ValueError("The config has no 'analysis' section; see configs/synthetic.py.")
+  settings = config.analysis
+  out = Path(FLAGS.out or Path(FLAGS.workdir) / "analysis")
+  graphdef, params, stats, run = checkpoint.load_model(FLAGS.workdir)
+  dataset = pipeline.load_dataset(config.data)
+  if dataset.num_classes != run["num_classes"] or dataset.channels != run["in_channels"]:
+    raise ValueError(
+        f"The data set ({dataset.num_classes} classes, {dataset.channels} channels) does not "
+        f"match the model in {FLAGS.workdir} ({run['num_classes']} classes, "
+        f"{run['in_channels']} channels).")
+  model = analysis.make_model(graphdef, params, stats, run, latent_stage=settings.latent_stage)
+  rand = analysis.random_model(run, latent_stage=settings.latent_stage)
+
+  recorded = dict(settings.to_dict(), data=config.data.name, step=run["step"],
+                  workdir=str(Path(FLAGS.workdir).resolve()))
+  if FLAGS.fresh and out.exists():
+    shutil.rmtree(out / "chunks", ignore_errors=True)
+  settings_file = out / "settings.json"
+  if settings_file.exists() and (out / "chunks").exists():
+    old = json.loads(settings_file.read_text())
+    if old != json.loads(json.dumps(recorded)):
+      diff = sorted(k for k in set(old) | set(recorded)
+                    if old.get(k) != json.loads(json.dumps(recorded)).get(k))
+      raise ValueError(f"{out} holds results of different settings ({diff}); pass --fresh "
+                       "to discard them or --out for a new directory.")
+  checkpoint.write_json_atomic(settings_file, recorded)
+
+  num = min(settings.num_images, dataset.num_examples(settings.split))
+  indices = np.arange(num)
+  with tqdm(total=num, unit="image", desc="analyze") as bar:
+    paths = analysis.run_chunks(model, rand, dataset, out_dir=out, settings=settings,
+                                indices=indices, key=jax.random.key(settings.seed),
+                                progress=bar)
+  results = analysis.load_chunks(paths)
+  summary = analysis.summarize(results, settings=settings)
+  path = report.write_report(out, results, summary, settings=recorded,
+                             class_names=dataset.class_names, run=run)
+  ce = summary["methods"].get("ce_sliding", {})
+  if ce:
+    print(f"CE (sliding) pointing game {ce['pointing'][0]:.3f}, "
+          f"Grad-CAM {summary['methods']['grad_cam']['pointing'][0]:.3f} "
+          f"over {summary['num_with_box']} boxed images.")
+  print(f"Report: {path.resolve()}")
 
 
 if __name__ == "__main__":

@@ -19,4 +19,18 @@ def get_config():
   config.train.checkpoint_every_steps = 4
   config.train.log_every_steps = 2
   config.train.eval_batch_size = 32
+  config.analysis.num_images = 8
+  config.analysis.chunk_size = 4
+  config.analysis.batch_size = 32
+  config.analysis.grid_cells = 4
+  config.analysis.stride_div = 8
+  config.analysis.rise_masks = 64
+  config.analysis.rise_cells = 4
+  config.analysis.noise_samples = 2
+  config.analysis.ig_steps = 4
+  config.analysis.deletion_steps = 4
+  config.analysis.attacks = ("fgsm", "pgd")
+  config.analysis.epsilons = (8 / 255,)
+  config.analysis.attack_steps = 3
+  config.analysis.defenses = ("error_diffusion", "bit_depth")
   return config

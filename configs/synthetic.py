@@ -48,4 +48,27 @@ def get_config():
   config.train.best_metric = "accuracy"  # validation metric that picks the best checkpoint
   config.train.log_every_steps = 20
   config.train.eval_batch_size = 250
+
+  # analyze.py: CE maps vs baselines, attacks, detector and defenses on test images.
+  config.analysis = ml_collections.ConfigDict()
+  config.analysis.split = "test"
+  config.analysis.num_images = 64
+  config.analysis.chunk_size = 16  # images per resumable unit of work
+  config.analysis.seed = 0
+  config.analysis.batch_size = 64  # masks per forward call
+  config.analysis.grid_cells = 8  # grid masks: n x n blocks
+  config.analysis.window_div = 4  # sliding window = image size / 4 ...
+  config.analysis.stride_div = 16  # ... moved by image size / 16
+  config.analysis.rise_masks = 500
+  config.analysis.rise_cells = 8
+  config.analysis.latent_stage = "block2"
+  config.analysis.noise_samples = 8  # SmoothGrad and Smooth Grad-CAM++
+  config.analysis.ig_steps = 32
+  config.analysis.deletion_steps = 16
+  config.analysis.sanity = True
+  config.analysis.attacks = ("fgsm", "bim", "pgd")
+  config.analysis.epsilons = (2 / 255, 8 / 255)
+  config.analysis.attack_steps = 10
+  config.analysis.defenses = ("ordered_dither", "error_diffusion", "bit_depth", "median")
+  config.analysis.defense_eps = 8 / 255
   return config

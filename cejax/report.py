@@ -1,0 +1,239 @@
+"""A self-contained HTML report (images embedded as PNG data URIs), and CSV tables."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+FIGURE_METHODS = ("ce_sliding", "ce_grid", "grad_cam", "grad_cam_pp", "smoothgrad",
+                  "integrated_gradients", "rise")
+TITLES = {
+    "ce_sliding": "CE (sliding)", "ce_grid": "CE (grid)", "ce_per_class": "CE per-class",
+    "ce_rise": "CE (RISE masks)", "ce_latent": "latent CE", "gradient": "gradient",
+    "gradient_x_input": "grad x input", "smoothgrad": "SmoothGrad",
+    "integrated_gradients": "Integrated Grad.", "cam": "CAM", "grad_cam": "Grad-CAM",
+    "grad_cam_pp": "Grad-CAM++", "smooth_grad_cam_pp": "Smooth Grad-CAM++",
+    "rise": "RISE", "occlusion": "occlusion",
+}
+
+
+def _png(fig) -> str:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+  plt.close(fig)
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _box_outline(ax, box):
+  ys, xs = np.nonzero(box)
+  if len(ys):
+    ax.add_patch(plt.Rectangle((xs.min() - 0.5, ys.min() - 0.5), xs.max() - xs.min() + 1,
+                               ys.max() - ys.min() + 1, fill=False, ec="lime", lw=1.5))
+
+
+def figure_grid(results, *, class_names, num: int = 6) -> str:
+  """Per image: the image with its box, then each map (box outlined on every panel)."""
+  order = np.nonzero(results["has_box"])[0][:num]
+  if len(order) == 0:
+    order = np.arange(min(num, len(results["index"])))
+  methods = [m for m in FIGURE_METHODS if f"map/{m}" in results]
+  fig, axes = plt.subplots(len(order), len(methods) + 1,
+                           figsize=(1.9 * (len(methods) + 1), 2.0 * len(order)), squeeze=False)
+  for r, i in enumerate(order):
+    pix = results["pixels"][i].astype(np.float32)
+    img = pix[..., 0] if pix.shape[-1] == 1 else pix
+    label = results["label"][i]
+    name = (class_names[int(label)] if np.ndim(label) == 0
+            else ", ".join(class_names[j] for j in np.nonzero(label > 0.5)[0]) or "none")
+    target = class_names[int(results["target"][i])]
+    axes[r, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
+    axes[r, 0].set_title(f"#{results['index'][i]}: {name}\ntarget: {target}", fontsize=7)
+    _box_outline(axes[r, 0], results["box"][i])
+    for c, m in enumerate(methods, start=1):
+      axes[r, c].imshow(img, cmap="gray", vmin=0, vmax=1)
+      axes[r, c].imshow(results[f"map/{m}"][i].astype(np.float32), cmap="jet", alpha=0.5)
+      _box_outline(axes[r, c], results["box"][i])
+      if r == 0:
+        axes[r, c].set_title(TITLES.get(m, m), fontsize=8)
+  for ax in axes.ravel():
+    ax.set_xticks([]), ax.set_yticks([])
+  return _png(fig)
+
+
+def histograms(results) -> str:
+  """Per-mask expected CE, clean vs each attack (pooled over images)."""
+  names = sorted(k.split("/", 1)[1] for k in results if k.startswith("effects/")
+                 and k != "effects/clean")
+  if not names:
+    return ""
+  fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.6), squeeze=False)
+  clean = results["effects/clean"].astype(np.float32).ravel()
+  for ax, name in zip(axes[0], names):
+    adv = results[f"effects/{name}"].astype(np.float32).ravel()
+    lo, hi = np.percentile(np.r_[clean, adv], [0.5, 99.5])
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 40)
+    ax.hist(clean, bins=bins, alpha=0.6, density=True, label="clean")
+    ax.hist(adv, bins=bins, alpha=0.6, density=True, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("per-mask expected CE", fontsize=8)
+    ax.set_title(name, fontsize=9)
+    ax.legend(fontsize=7)
+  return _png(fig)
+
+
+def roc_figure(summary) -> str:
+  detect = summary["detection"]
+  if not detect:
+    return ""
+  fig, axes = plt.subplots(1, len(detect), figsize=(3.0 * len(detect), 2.9), squeeze=False)
+  for ax, (attack, dets) in zip(axes[0], detect.items()):
+    for name, d in dets.items():
+      if d["fpr"]:
+        ax.plot(d["fpr"], d["tpr"], label=f"{name} ({d['auroc']:.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_title(attack, fontsize=9)
+    ax.set_xlabel("false-positive rate", fontsize=8)
+    ax.set_ylabel("true-positive rate", fontsize=8)
+    ax.legend(fontsize=6, loc="lower right")
+  return _png(fig)
+
+
+def _fmt(ci) -> str:
+  mean, lo, hi = ci
+  return "n/a" if not np.isfinite(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def metrics_table(summary) -> str:
+  cols = ("pointing", "mass", "iou", "deletion", "insertion")
+  rows = []
+  for m, row in summary["methods"].items():
+    cells = "".join(f"<td>{_fmt(row[c])}</td>" for c in cols)
+    t_iou = " / ".join(f"{v:.2f}" for v in row["t_iou"]) if row["t_iou"] else "n/a"
+    sanity = _fmt(row["sanity_spearman"]) if "sanity_spearman" in row else "—"
+    rows.append(f"<tr><th>{html.escape(TITLES.get(m, m))}</th>{cells}<td>{t_iou}</td>"
+                f"<td>{sanity}</td></tr>")
+  head = ("<tr><th>method</th><th>pointing game &uarr;</th><th>mass in box &uarr;</th>"
+          "<th>IoU@0.5 &uarr;</th><th>deletion AUC &darr;</th><th>insertion AUC &uarr;</th>"
+          "<th>T(IoU) at " + ", ".join(str(t) for t in summary["iou_thresholds"])
+          + "</th><th>rank corr. with random model &darr;</th></tr>")
+  return f"<table>{head}{''.join(rows)}</table>"
+
+
+def detection_table(summary) -> str:
+  rows = []
+  for attack, dets in summary["detection"].items():
+    succ = summary["attack_success"].get(attack, float("nan"))
+    for name, d in dets.items():
+      rows.append(f"<tr><td>{html.escape(attack)}</td><td>{succ:.2f}</td>"
+                  f"<td>{html.escape(name)}</td><td>{d['auroc']:.3f}</td>"
+                  f"<td>{d['tpr_at_5fpr']:.3f}</td><td>{d['n_train']} / {d['n_test']}</td></tr>")
+  head = ("<tr><th>attack@eps(/255)</th><th>success rate</th><th>detector</th><th>AUROC</th>"
+          "<th>TPR at 5% FPR</th><th>images train / test</th></tr>")
+  return f"<table>{head}{''.join(rows)}</table>"
+
+
+def defense_table(summary) -> str:
+  d = summary["defenses"]
+  if not d:
+    return "<p>No defenses configured.</p>"
+  names = sorted({k.split("/")[0] for k in d}, key=lambda n: (n != "none", n))
+  cols = ("clean", "fgsm", "bim", "pgd", "bpda_pgd")
+  rows = "".join(
+      "<tr><th>" + html.escape(n) + "</th>" + "".join(
+          f"<td>{d[f'{n}/{c}']:.3f}</td>" if f"{n}/{c}" in d else "<td>—</td>" for c in cols)
+      + "</tr>" for n in names)
+  head = "<tr><th>defense</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
+  return f"<table>{head}{rows}</table>"
+
+
+_CSS = """body{font-family:sans-serif;max-width:1400px;margin:1em auto;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:0.5em 0}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}
+img{max-width:100%}pre{background:#f6f6f6;padding:8px;font-size:12px;overflow:auto}
+.note{color:#555;font-size:13px;max-width:1100px}"""
+
+
+def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
+                 class_names, run: dict[str, Any]) -> Path:
+  """Writes ``report.html``, ``metrics.json`` and the CSV tables; returns the HTML path."""
+  out_dir = Path(out_dir)
+  from cejax.checkpoint import write_json_atomic
+
+  write_json_atomic(out_dir / "metrics.json", summary)
+  with open(out_dir / "localization.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["method", "metric", "mean", "ci_low", "ci_high"])
+    for m, row in summary["methods"].items():
+      for metric, v in row.items():
+        if metric != "t_iou":
+          w.writerow([m, metric, *v])
+  with open(out_dir / "detection.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["attack", "detector", "auroc", "tpr_at_5fpr", "n_train", "n_test"])
+    for attack, dets in summary["detection"].items():
+      for name, d in dets.items():
+        w.writerow([attack, name, d["auroc"], d["tpr_at_5fpr"], d["n_train"], d["n_test"]])
+  with open(out_dir / "per_image.csv", "w", newline="") as f:
+    keys = [k for k in results if results[k].ndim == 1 and "/" in k]
+    w = csv.writer(f)
+    w.writerow(["index", "has_box", "correct"] + keys)
+    for i in range(len(results["index"])):
+      w.writerow([int(results["index"][i]), bool(results["has_box"][i]),
+                  float(results["correct"][i])] + [float(results[k][i]) for k in keys])
+  sections = [
+      f"<h1>cejax analysis: {html.escape(run.get('preset', ''))} on "
+      f"{html.escape(str(settings.get('data', '')))}</h1>",
+      f"<p>{summary['num_images']} {html.escape(settings['split'])} images "
+      f"({summary['num_with_box']} with a box); clean accuracy "
+      f"{summary['clean_accuracy']:.3f}; checkpoint step {run.get('step')}.</p>",
+      "<h2>Maps</h2><p class=note>Larger = more important for the target class (the boxed "
+      "finding). CE maps show <i>minus</i> the expected causal effect "
+      "&Sigma;<sub>c</sub> p(c|x)(p(c|do(X<sub>M</sub>=v)) &minus; p(c|x)) of filling each "
+      "mask with the data mean, averaged over the masks covering each pixel. The green "
+      "rectangle is the ground-truth box.</p>",
+      f"<img src='{figure_grid(results, class_names=class_names)}'>",
+      "<h2>Localization and faithfulness</h2><p class=note>Mean and 95% bootstrap interval "
+      "over images (localization over images with a box). Pointing game: the map's peak "
+      "region must lie mostly inside the box; flat maps and even ties are misses. IoU: "
+      "the region above half the map's range vs the box. T(IoU): fraction of images whose "
+      "IoU exceeds each threshold (the ChestX-ray14 protocol). Deletion/insertion: target "
+      "probability as the top pixels are removed/restored.</p>",
+      metrics_table(summary),
+      "<h2>Causal effects under attack</h2><p class=note>Distribution of per-mask expected "
+      "CE (grid masks) on clean and adversarial versions of the same images.</p>",
+      f"<img src='{histograms(results)}'>",
+      "<h2>Detecting adversarial images</h2><p class=note>Logistic regressions (Optax) on "
+      "CE features (effect mean, spread, minimum, peak, entropy, spatial dispersion, "
+      "active fraction, and latent-CE mean/spread/minimum), against two baselines: "
+      "maximum confidence, and feature squeezing (prediction change under 4-bit + median "
+      "squeezing). Images are split by index into train and test halves; only images "
+      "classified correctly whose attack succeeded are used. With few images, the "
+      "intervals are wide: read these as indicative.</p>",
+      detection_table(summary), f"<img src='{roc_figure(summary)}'>",
+      "<h2>Input-transform defenses</h2><p class=note>Accuracy with each defense, on clean "
+      "images and under attacks crafted on the undefended model, and under BPDA-PGD, an "
+      "adaptive attack that differentiates through the defense as the identity. These "
+      "defenses are weak against adaptive attacks: compare the last column.</p>",
+      defense_table(summary),
+      "<h2>Settings</h2><pre>" + html.escape(json.dumps(
+          {"analysis": settings, "run": run}, indent=2, sort_keys=True, default=str))
+      + "</pre>",
+  ]
+  page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cejax report</title>"
+          f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
+  path = out_dir / "report.html"
+  tmp = path.with_suffix(".html.tmp")
+  tmp.write_text(page)
+  tmp.replace(path)
+  return path
