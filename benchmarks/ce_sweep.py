@@ -32,7 +32,8 @@ def parse():
   p.add_argument("--batch-sizes", default="16,32")
   p.add_argument("--devices", default="1")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3,
+                 help="timed runs after a warm-up; 0 times the warm-up run itself")
   p.add_argument("--baseline", action="store_true")
   p.add_argument("--loop-masks", type=int, default=16)
   p.add_argument("--rise", type=int, default=0, help="sweep this many RISE masks instead")
@@ -90,8 +91,11 @@ def main():
         compiled = fn.lower(image, mask_set).compile()
         compile_s = time.perf_counter() - t0
         flops = forward_flops * (num + 1)  # every mask, plus the clean image
-        jax.block_until_ready(compiled(image, mask_set))  # warm-up
         times = []
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(image, mask_set))  # warm-up
+        if not args.repeats:  # one long sweep (e.g. 10k RISE masks): time the only run
+          times.append(time.perf_counter() - t0)
         for _ in range(args.repeats):
           t0 = time.perf_counter()
           jax.block_until_ready(compiled(image, mask_set))
