@@ -30,7 +30,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   import jax
-  import numpy as np
   from tqdm import tqdm
 
   from cejax import analysis, checkpoint, report
@@ -65,9 +64,8 @@ def main(argv):
                        "to discard them or --out for a new directory.")
   checkpoint.write_json_atomic(settings_file, recorded)
 
-  num = min(settings.num_images, dataset.num_examples(settings.split))
-  indices = np.arange(num)
-  with tqdm(total=num, unit="image", desc="analyze") as bar:
+  indices = analysis.image_list(dataset, settings.split, settings.num_images)
+  with tqdm(total=len(indices), unit="image", desc="analyze") as bar:
     paths = analysis.run_chunks(model, rand, dataset, out_dir=out, settings=settings,
                                 indices=indices, key=jax.random.key(settings.seed),
                                 progress=bar)

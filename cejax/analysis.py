@@ -351,9 +351,26 @@ def analyze_chunk(model, fns, batch, *, space, key, settings):
   yield out
 
 
+def image_list(dataset, split: str, num: int) -> list[tuple[str, int]]:
+  """The first ``num`` images of ``split`` (``"all"``: every split in turn)."""
+  splits = list(dataset.sources) if split == "all" else [split]
+  items = [(s, i) for s in splits for i in range(dataset.num_examples(s))]
+  return items[:num]
+
+
+def _batch(dataset, items):
+  parts = []
+  for split in dict.fromkeys(s for s, _ in items):
+    rows = [k for k, (s, _) in enumerate(items) if s == split]
+    parts.append((rows, dataset.batch(split, [items[k][1] for k in rows])))
+  order = np.argsort(np.concatenate([rows for rows, _ in parts]), kind="stable")
+  return {key: np.concatenate([b[key] for _, b in parts])[order] for key in parts[0][1]}
+
+
 def run_chunks(model, rand_model, dataset, *, out_dir: Path, settings, indices, key,
                progress=None) -> list[Path]:
-  """Analyzes ``indices`` of the settings' split chunk by chunk, skipping chunks on disk."""
+  """Analyzes ``indices`` (``(split, index)`` pairs, see ``image_list``) chunk by chunk,
+  skipping chunks already on disk. Results are numbered by position in ``indices``."""
   chunk_dir = Path(out_dir) / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
   size = settings.chunk_size
@@ -367,10 +384,9 @@ def run_chunks(model, rand_model, dataset, *, out_dir: Path, settings, indices, 
       if progress:
         progress.update(len(indices[start:start + size]))
       continue
-    idx = np.asarray(indices[start:start + size])
+    idx = np.arange(start, min(start + size, len(indices)))
     # Pad the last chunk by repeating images, so every chunk has one compiled shape.
-    padded = np.resize(idx, size)
-    batch = dataset.batch(settings.split, padded)
+    batch = _batch(dataset, [indices[i] for i in np.resize(idx, size)])
     steps = analyze_chunk(model, fns, batch, space=space, key=jax.random.fold_in(key, c),
                           settings=settings)
     for stage in steps:

@@ -49,7 +49,7 @@ def figure_grid(results, *, class_names, num: int = 6) -> str:
     order = np.arange(min(num, len(results["index"])))
   methods = [m for m in FIGURE_METHODS if f"map/{m}" in results]
   fig, axes = plt.subplots(len(order), len(methods) + 1,
-                           figsize=(1.9 * (len(methods) + 1), 2.0 * len(order)), squeeze=False)
+                           figsize=(1.9 * (len(methods) + 1), 2.35 * len(order)), squeeze=False)
   for r, i in enumerate(order):
     pix = results["pixels"][i].astype(np.float32)
     img = pix[..., 0] if pix.shape[-1] == 1 else pix

@@ -202,3 +202,33 @@ def test_convert_command_writes_a_workdir_that_loads(tmp_path):
   torch.save(_tiny().state_dict(), tmp_path / "five.pth")
   with pytest.raises(ValueError, match="5-class head"):
     convert.convert(tmp_path / "five.pth", tmp_path / "run2", profile="chexnet")
+
+
+def test_imported_chexnet_layout_analyzes_real_chestxray14_images(tmp_path, chestxray_dir):
+  """Smoke test on the real NIH images: a CheXNet-layout checkpoint (random weights,
+  tiny architecture for speed) converted and analyzed with CheXNet preprocessing."""
+  import json
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+
+  torch.save({"state_dict": _chexnet_layout(_tiny(classes=14, in_channels=3).state_dict())},
+             tmp_path / "chexnet.pth.tar")
+  workdir = tmp_path / "run"
+  convert.main(["--input", str(tmp_path / "chexnet.pth.tar"), "--workdir", str(workdir)])
+  cmd = [sys.executable, str(ROOT / "analyze.py"), "--config=configs/chexnet.py",
+         f"--workdir={workdir}", f"--config.data.manual_dir={chestxray_dir}",
+         f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.image_size=72",
+         "--config.data.crop_size=64", "--config.analysis.num_images=4",
+         "--config.analysis.chunk_size=4", "--config.analysis.grid_cells=4",
+         "--config.analysis.rise_masks=16", "--config.analysis.noise_samples=2",
+         "--config.analysis.ig_steps=2", "--config.analysis.deletion_steps=2",
+         "--config.analysis.attack_steps=2", "--config.analysis.defenses=()",
+         "--config.analysis.epsilons=(0.01,)", "--config.analysis.attacks=('fgsm',)"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((workdir / "analysis" / "metrics.json").read_text())
+  assert summary["num_images"] == 4 and summary["num_with_box"] >= 1
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["multi_label"] and run["mean"] == list(convert.IMAGENET_MEAN)
