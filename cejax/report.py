@@ -224,7 +224,10 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       "<h2>Input-transform defenses</h2><p class=note>Accuracy with each defense, on clean "
       "images and under attacks crafted on the undefended model, and under BPDA-PGD, an "
       "adaptive attack that differentiates through the defense as the identity. These "
-      "defenses are weak against adaptive attacks: compare the last column.</p>",
+      "defenses are weak against adaptive attacks: compare the last column. The model was "
+      "trained on unmodified images, so a defense that changes the image a lot (binary "
+      "halftones) also costs clean accuracy; training on transformed inputs, as the "
+      "halftoning papers do, is not part of this analysis.</p>",
       defense_table(summary),
       "<h2>Settings</h2><pre>" + html.escape(json.dumps(
           {"analysis": settings, "run": run}, indent=2, sort_keys=True, default=str))
