@@ -245,6 +245,17 @@ def defense_accuracy(model, pixels, labels, *, space, key, settings):
   return out
 
 
+def defended_maps(model, pixels, targets, *, space, settings):
+  """Grid CE maps (importance = -expected CE) of each defended input, ``{name: maps}``."""
+  grid = masks.grid_masks(shape=pixels.shape[1:3], n=settings.grid_cells)
+  out = {}
+  for name in settings.defenses:
+    x = space.normalize(defenses.DEFENSES[name](pixels))
+    out[name] = jax.lax.map(lambda a: -effects.ce_map(
+        _ce(model, a[0], grid, a[1], "expected", settings).effects, grid), (x, targets))
+  return out
+
+
 def localization(model, images, maps, boxes, targets, *, settings):
   """Per-image metrics for each map: pointing, mass, IoU@0.5, deletion, insertion."""
   out = {}
@@ -294,6 +305,8 @@ def make_stage_fns(model, rand_model, *, space, settings) -> dict[str, Callable]
       "features": jax.jit(lambda x, t: ce_features(model, x, t, settings=settings)),
       "defenses": jax.jit(lambda p, y, k: defense_accuracy(model, p, y, space=space, key=k,
                                                            settings=settings)),
+      "defended_maps": jax.jit(lambda p, t: defended_maps(model, p, t, space=space,
+                                                          settings=settings)),
   }
 
 
@@ -348,6 +361,9 @@ def analyze_chunk(model, fns, batch, *, space, key, settings):
     yield "defenses"
     acc = fns["defenses"](pixels, attack_labels, key)
     out.update({f"defense/{k}": np.asarray(v) for k, v in acc.items()})
+    for name, m in fns["defended_maps"](pixels, targets).items():
+      out[f"defmap/{name}"] = np.asarray(m, np.float16)
+      out[f"defpix/{name}"] = np.asarray(defenses.DEFENSES[name](pixels), np.float16)
   yield out
 
 

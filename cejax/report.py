@@ -109,6 +109,39 @@ def roc_figure(summary) -> str:
   return _png(fig)
 
 
+def defended_figure(results, *, num: int = 4) -> str:
+  """Per image: each defended input and its grid CE map (box outlined)."""
+  names = sorted(k.split("/", 1)[1] for k in results if k.startswith("defmap/"))
+  if not names:
+    return ""
+  order = np.nonzero(results["has_box"])[0][:num]
+  if len(order) == 0:
+    order = np.arange(min(num, len(results["index"])))
+  fig, axes = plt.subplots(len(order), 2 * len(names) + 1,
+                           figsize=(1.7 * (2 * len(names) + 1), 1.9 * len(order)),
+                           squeeze=False)
+  gray = lambda a: a[..., 0] if a.shape[-1] == 1 else a
+  for r, i in enumerate(order):
+    axes[r, 0].imshow(gray(results["pixels"][i].astype(np.float32)), cmap="gray", vmin=0,
+                      vmax=1)
+    _box_outline(axes[r, 0], results["box"][i])
+    if r == 0:
+      axes[r, 0].set_title("input", fontsize=8)
+    for c, name in enumerate(names):
+      pix = gray(results[f"defpix/{name}"][i].astype(np.float32))
+      a, b = axes[r, 1 + 2 * c], axes[r, 2 + 2 * c]
+      a.imshow(pix, cmap="gray", vmin=0, vmax=1)
+      b.imshow(pix, cmap="gray", vmin=0, vmax=1)
+      b.imshow(results[f"defmap/{name}"][i].astype(np.float32), cmap="jet", alpha=0.5)
+      _box_outline(b, results["box"][i])
+      if r == 0:
+        a.set_title(name, fontsize=8)
+        b.set_title(f"CE map, {name}", fontsize=8)
+  for ax in axes.ravel():
+    ax.set_xticks([]), ax.set_yticks([])
+  return _png(fig)
+
+
 def _fmt(ci) -> str:
   mean, lo, hi = ci
   return "n/a" if not np.isfinite(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -229,6 +262,8 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       "halftones) also costs clean accuracy; training on transformed inputs, as the "
       "halftoning papers do, is not part of this analysis.</p>",
       defense_table(summary),
+      "<p class=note>CE maps (grid masks) of the defended inputs:</p>",
+      f"<img src='{defended_figure(results)}'>",
       "<h2>Settings</h2><pre>" + html.escape(json.dumps(
           {"analysis": settings, "run": run}, indent=2, sort_keys=True, default=str))
       + "</pre>",

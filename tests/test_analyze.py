@@ -34,8 +34,8 @@ def test_analyze_writes_a_complete_report_and_resumes(trained_tiny):
                   "pointing game", "T(IoU)", "Grad-CAM++", "SmoothGrad",
                   "Integrated Grad.", "RISE", "bpda_pgd", "AUROC", "TPR at 5% FPR"):
     assert section in page, section
-  # Figures are embedded (no external files): grid, histograms, ROC curves.
-  assert page.count("data:image/png;base64,") == 3
+  # Figures are embedded (no external files).
+  assert page.count("data:image/png;base64,") == 4  # grid, histograms, ROC, defenses
   summary = json.loads((out / "metrics.json").read_text())
   assert summary["num_images"] == 8
   methods = summary["methods"]
