@@ -187,3 +187,22 @@ def test_epsilon_sweep_is_one_vmapped_call(trained):
   single = attacks.fgsm(logits_fn, x, y, eps=8 / 255, space=space)
   np.testing.assert_allclose(res.images[2], single.images, atol=1e-6)
   assert float(res.success[0].mean()) == 0.0  # eps 0 changes nothing on correct images
+
+
+def test_fgsm_and_pgd_agree_with_foolbox():
+  """Independent reference: Foolbox 3's JAX backend (through eagerpy)."""
+  fb = pytest.importorskip("foolbox")
+  w = jax.random.normal(jax.random.key(8), (H * W * 1, 4))
+  logits_fn = lambda x: jnp.tanh(x.reshape(len(x), -1) @ w) * 4.0
+  x = jax.random.uniform(jax.random.key(9), (6, H, W, 1))
+  y = jnp.array([0, 1, 2, 3, 0, 1])
+  model = fb.JAXModel(logits_fn, bounds=(0, 1))
+  eps = 0.03
+  _, ref, _ = fb.attacks.FGSM()(model, x, y, epsilons=eps)
+  ours = attacks.fgsm(logits_fn, x, y, eps=eps)
+  np.testing.assert_allclose(ours.images, np.asarray(ref), atol=1e-6)
+  pgd_ref = fb.attacks.LinfPGD(abs_stepsize=0.01, steps=7, random_start=False)
+  _, ref, _ = pgd_ref(model, x, y, epsilons=eps)
+  ours = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=7,
+                     step_size=0.01, random_start=False)
+  np.testing.assert_allclose(ours.images, np.asarray(ref), atol=1e-6)
