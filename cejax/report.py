@@ -142,6 +142,13 @@ def defended_figure(results, *, num: int = 4) -> str:
   return _png(fig)
 
 
+def _img(uri: str, caption: str = "") -> str:
+  """An embedded figure, or nothing when there is nothing to draw."""
+  if not uri:
+    return ""
+  return (f"<p class=note>{caption}</p>" if caption else "") + f"<img src='{uri}'>"
+
+
 def _fmt(ci) -> str:
   mean, lo, hi = ci
   return "n/a" if not np.isfinite(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -245,7 +252,7 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       metrics_table(summary),
       "<h2>Causal effects under attack</h2><p class=note>Distribution of per-mask expected "
       "CE (grid masks) on clean and adversarial versions of the same images.</p>",
-      f"<img src='{histograms(results)}'>",
+      _img(histograms(results)),
       "<h2>Detecting adversarial images</h2><p class=note>Logistic regressions (Optax) on "
       "CE features (effect mean, spread, minimum, peak, entropy, spatial dispersion, "
       "active fraction, and latent-CE mean/spread/minimum), against two baselines: "
@@ -253,7 +260,7 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       "squeezing). Images are split by index into train and test halves; only images "
       "classified correctly whose attack succeeded are used. With few images, the "
       "intervals are wide: read these as indicative.</p>",
-      detection_table(summary), f"<img src='{roc_figure(summary)}'>",
+      detection_table(summary), _img(roc_figure(summary)),
       "<h2>Input-transform defenses</h2><p class=note>Accuracy with each defense, on clean "
       "images and under attacks crafted on the undefended model, and under BPDA-PGD, an "
       "adaptive attack that differentiates through the defense as the identity. These "
@@ -262,8 +269,7 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       "halftones) also costs clean accuracy; training on transformed inputs, as the "
       "halftoning papers do, is not part of this analysis.</p>",
       defense_table(summary),
-      "<p class=note>CE maps (grid masks) of the defended inputs:</p>",
-      f"<img src='{defended_figure(results)}'>",
+      _img(defended_figure(results), "CE maps (grid masks) of the defended inputs:"),
       "<h2>Settings</h2><pre>" + html.escape(json.dumps(
           {"analysis": settings, "run": run}, indent=2, sort_keys=True, default=str))
       + "</pre>",
