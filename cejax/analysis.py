@@ -178,7 +178,7 @@ def ce_features(model: Model, images, targets, *, settings):
 
 
 def _probs(model, logits):
-  return jax.nn.sigmoid(logits) if model.activation == "sigmoid" else jax.nn.softmax(logits)
+  return effects._activate(logits, model.activation)
 
 
 def confidence(model, logits):

@@ -42,11 +42,15 @@ def _box_outline(ax, box):
                                ys.max() - ys.min() + 1, fill=False, ec="lime", lw=1.5))
 
 
+def _shown_images(results, num: int) -> np.ndarray:
+  """The first ``num`` images with a box (the first ``num`` images if none has one)."""
+  order = np.nonzero(results["has_box"])[0][:num]
+  return order if len(order) else np.arange(min(num, len(results["index"])))
+
+
 def figure_grid(results, *, class_names, num: int = 6) -> str:
   """Per image: the image with its box, then each map (box outlined on every panel)."""
-  order = np.nonzero(results["has_box"])[0][:num]
-  if len(order) == 0:
-    order = np.arange(min(num, len(results["index"])))
+  order = _shown_images(results, num)
   methods = [m for m in FIGURE_METHODS if f"map/{m}" in results]
   fig, axes = plt.subplots(len(order), len(methods) + 1,
                            figsize=(1.9 * (len(methods) + 1), 2.35 * len(order)), squeeze=False)
@@ -114,9 +118,7 @@ def defended_figure(results, *, num: int = 4) -> str:
   names = sorted(k.split("/", 1)[1] for k in results if k.startswith("defmap/"))
   if not names:
     return ""
-  order = np.nonzero(results["has_box"])[0][:num]
-  if len(order) == 0:
-    order = np.arange(min(num, len(results["index"])))
+  order = _shown_images(results, num)
   fig, axes = plt.subplots(len(order), 2 * len(names) + 1,
                            figsize=(1.7 * (2 * len(names) + 1), 1.9 * len(order)),
                            squeeze=False)

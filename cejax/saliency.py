@@ -21,7 +21,8 @@ from cejax import masks as masks_lib
 
 
 def _score_fn(logits_fn: Callable, targets):
-  """Sum of the target logits over the batch: its gradient is per-image."""
+  """Sum of the target logits over the batch: its gradient is per-image (the input may
+  be images, or features for a ``classify_fn``)."""
 
   def score(images):
     logits = logits_fn(images).astype(jnp.float32)
@@ -101,12 +102,7 @@ def _upsample(maps, shape):
 
 def _feature_grads(features_fn, classify_fn, images, targets):
   feats = features_fn(images).astype(jnp.float32)
-
-  def score(a):
-    logits = classify_fn(a).astype(jnp.float32)
-    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
-
-  return feats, jax.grad(score)(feats)
+  return feats, jax.grad(_score_fn(classify_fn, targets))(feats)
 
 
 def cam(features_fn, classify_fn, images, targets):
