@@ -22,6 +22,11 @@ config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=
 flags.DEFINE_string("workdir", None, "A training workdir (or one written by cejax.convert).")
 flags.DEFINE_string("out", "", "Output directory; default WORKDIR/analysis.")
 flags.DEFINE_bool("fresh", False, "Discard per-image results of an earlier analysis.")
+flags.DEFINE_integer("num_workers", 1, "Processes sharing this analysis (e.g. one per CPU "
+                     "core, as XLA:CPU runs each convolution on one thread).")
+flags.DEFINE_integer("worker", 0, "This process's index in [0, num_workers): it computes "
+                     "chunks c with c % num_workers == worker; whichever worker finds every "
+                     "chunk done writes the report.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -52,6 +57,9 @@ def main(argv):
 
   recorded = dict(settings.to_dict(), data=config.data.name, step=run["step"],
                   workdir=str(Path(FLAGS.workdir).resolve()))
+  if FLAGS.fresh and FLAGS.num_workers > 1:
+    raise ValueError("--fresh with several workers would let one delete another's "
+                     "results: clear the output directory once, then start the workers.")
   if FLAGS.fresh and out.exists():
     shutil.rmtree(out / "chunks", ignore_errors=True)
   settings_file = out / "settings.json"
@@ -68,7 +76,13 @@ def main(argv):
   with tqdm(total=len(indices), unit="image", desc="analyze") as bar:
     paths = analysis.run_chunks(model, rand, dataset, out_dir=out, settings=settings,
                                 indices=indices, key=jax.random.key(settings.seed),
-                                progress=bar)
+                                progress=bar, worker=FLAGS.worker,
+                                num_workers=FLAGS.num_workers)
+  missing = [p.name for p in paths if not p.exists()]
+  if missing:
+    print(f"Worker {FLAGS.worker} done; {len(missing)} chunks are other workers' "
+          "(the last worker to finish writes the report).")
+    return
   results = analysis.load_chunks(paths)
   summary = analysis.summarize(results, settings=settings)
   path = report.write_report(out, results, summary, settings=recorded,

@@ -29,7 +29,10 @@ from flax import nnx
 
 from cejax import attacks, checkpoint, defenses, effects, masks, metrics, saliency
 
-MAP_METHODS = ("ce_sliding", "ce_grid", "ce_per_class", "ce_rise", "ce_latent", "gradient",
+# "occlusion" is the CE map of the target-probability estimand with sliding windows
+# (Captum's Occlusion); the "ce_*" maps use the expected estimand, which sums over
+# classes and so does not depend on the target.
+MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
                "gradient_x_input", "smoothgrad", "integrated_gradients", "cam", "grad_cam",
                "grad_cam_pp", "smooth_grad_cam_pp", "rise", "occlusion")
 SANITY_METHODS = ("ce_grid", "gradient", "gradient_x_input", "grad_cam")
@@ -110,10 +113,6 @@ def compute_maps(model: Model, images, targets, *, key, settings,
   if "ce_grid" in methods:
     out["ce_grid"] = per_image(lambda x, t: -effects.ce_map(
         _ce(model, x, sets["grid"], t, "expected", settings).effects, sets["grid"]))
-  if "ce_per_class" in methods:
-    out["ce_per_class"] = per_image(lambda x, t: -effects.ce_map(
-        _ce(model, x, sets["sliding"], t, "per_class", settings).effects,
-        sets["sliding"])[..., t])
   if "ce_rise" in methods:
     out["ce_rise"] = per_image(lambda x, t: -effects.ce_map(
         _ce(model, x, sets["rise"], t, "expected", settings).effects, sets["rise"],
@@ -131,14 +130,16 @@ def compute_maps(model: Model, images, targets, *, key, settings,
       "gradient": lambda: saliency.vanilla_gradient(model.logits_fn, images, targets),
       "gradient_x_input": lambda: saliency.gradient_x_input(model.logits_fn, images, targets),
       "smoothgrad": lambda: saliency.smoothgrad(model.logits_fn, images, targets, key=k1,
-                                                num_samples=settings.noise_samples),
+                                                num_samples=settings.noise_samples,
+                                                sigma=settings.noise_level),
       "integrated_gradients": lambda: saliency.integrated_gradients(
           model.logits_fn, images, targets, steps=settings.ig_steps),
       "cam": lambda: saliency.cam(f, fc, images, targets),
       "grad_cam": lambda: saliency.grad_cam(f, fc, images, targets),
       "grad_cam_pp": lambda: saliency.grad_cam_pp(f, fc, images, targets),
       "smooth_grad_cam_pp": lambda: saliency.smooth_grad_cam_pp(
-          f, fc, images, targets, key=k2, num_samples=settings.noise_samples),
+          f, fc, images, targets, key=k2, num_samples=settings.noise_samples,
+          sigma=settings.noise_level),
       "rise": lambda: saliency.rise(model.logits_fn, images, targets, key=k3,
                                     num_masks=settings.rise_masks, cells=settings.rise_cells,
                                     batch_size=settings.batch_size,
@@ -178,7 +179,7 @@ def ce_features(model: Model, images, targets, *, settings):
 
 
 def _probs(model, logits):
-  return effects._activate(logits, model.activation)
+  return effects.activate(logits, model.activation)
 
 
 def confidence(model, logits):
@@ -256,18 +257,24 @@ def defended_maps(model, pixels, targets, *, space, settings):
   return out
 
 
+LOCALIZATION_METRICS = ("pointing", "mass", "iou")
+FAITHFULNESS_METRICS = metrics.CURVES  # deletion_zero, deletion_blur, insertion_blur
+
+
 def localization(model, images, maps, boxes, targets, *, settings):
-  """Per-image metrics for each map: pointing, mass, IoU@0.5, deletion, insertion."""
+  """Per-image metrics for each map: the standard pointing game (Zhang et al.'s
+  tolerance scaled to the image, first maximum), mass in box, IoU@0.5, and the
+  deletion/insertion AUCs of ``metrics.CURVES``."""
   out = {}
   for name, m in maps.items():
     out[f"pointing/{name}"] = metrics.pointing_game(m, boxes).astype(jnp.float32)
     out[f"mass/{name}"] = metrics.mass_in_box(m, boxes)
     out[f"iou/{name}"] = metrics.iou(m, boxes)
-    d, i = metrics.deletion_insertion(model.logits_fn, images, m, targets,
+    aucs = metrics.deletion_insertion(model.logits_fn, images, m, targets,
                                       steps=settings.deletion_steps,
                                       activation=model.activation,
                                       batch_size=settings.batch_size)
-    out[f"deletion/{name}"], out[f"insertion/{name}"] = d, i
+    out.update({f"{curve}/{name}": v for curve, v in aucs.items()})
   return out
 
 
@@ -384,9 +391,16 @@ def _batch(dataset, items):
 
 
 def run_chunks(model, rand_model, dataset, *, out_dir: Path, settings, indices, key,
-               progress=None) -> list[Path]:
+               progress=None, worker: int = 0, num_workers: int = 1) -> list[Path]:
   """Analyzes ``indices`` (``(split, index)`` pairs, see ``image_list``) chunk by chunk,
-  skipping chunks already on disk. Results are numbered by position in ``indices``."""
+  skipping chunks already on disk. Results are numbered by position in ``indices``.
+
+  With ``num_workers > 1`` this process computes only chunks ``c`` with ``c %
+  num_workers == worker`` (several processes share one output directory, e.g. one per
+  CPU core); the paths of all chunks are returned either way.
+  """
+  if not 0 <= worker < num_workers:
+    raise ValueError(f"worker must be in [0, {num_workers}), got {worker}.")
   chunk_dir = Path(out_dir) / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
   size = settings.chunk_size
@@ -396,6 +410,8 @@ def run_chunks(model, rand_model, dataset, *, out_dir: Path, settings, indices, 
   for c, start in enumerate(range(0, len(indices), size)):
     path = chunk_dir / f"{c:04d}.npz"
     paths.append(path)
+    if c % num_workers != worker:
+      continue
     if path.exists():
       if progress:
         progress.update(len(indices[start:start + size]))
@@ -501,9 +517,9 @@ def summarize(results, *, settings) -> dict[str, Any]:
   table = {}
   for m in methods:
     row = {}
-    for metric in ("pointing", "mass", "iou"):
+    for metric in LOCALIZATION_METRICS:
       row[metric] = metrics.bootstrap_interval(results[f"{metric}/{m}"][boxed])
-    for metric in ("deletion", "insertion"):
+    for metric in FAITHFULNESS_METRICS:
       row[metric] = metrics.bootstrap_interval(results[f"{metric}/{m}"])
     ious = results[f"iou/{m}"][boxed]
     row["t_iou"] = np.asarray(metrics.localization_accuracy(ious)).tolist() if len(ious) \
@@ -517,7 +533,9 @@ def summarize(results, *, settings) -> dict[str, Any]:
              if (results["correct"] > 0.5).any() else float("nan") for a in attack_names}
   defense = {k.split("/", 1)[1]: float(v.mean()) for k, v in results.items()
              if k.startswith("defense/")}
+  h, w = results["box"].shape[1:3]
   return {"num_images": int(len(results["index"])), "num_with_box": int(boxed.sum()),
+          "pointing_tolerance_px": metrics.pointing_tolerance((h, w)),
           "clean_accuracy": float(results["correct"].mean()), "methods": table,
           "iou_thresholds": list(metrics.IOU_THRESHOLDS), "attack_success": success,
           "detection": detect, "defenses": defense}

@@ -2,9 +2,11 @@
 
 Every attack is a pure function ``attack(logits_fn, images, labels, *, key, ...)``
 with keyword-only hyperparameters, returning an ``AttackResult``. Images and the
-budget live in **pixel space** (``space.low``..``space.high``, [0, 1] by default); the
-model sees ``space.normalize(x)``, so attacks on models trained with normalised
-inputs need no conversion by the caller. Iterates are clipped to valid pixels.
+budget live in **pixel space** (``space.low``..``space.high``); the model sees
+``space.normalize(x)``. ``space`` is required: a model trained on normalised inputs
+attacked without its normalisation would be attacked on the wrong input distribution
+without any error, so even a model that takes [0, 1] pixels says so with
+``space=PixelSpace()``. Iterates are clipped to valid pixels.
 
 Labels: int ``(n,)`` classes (softmax models) or multi-hot ``(n, k)`` findings
 (``multi_label=True``, sigmoid models; targeted attacks then ask for a whole target
@@ -29,7 +31,8 @@ from jax.sharding import PartitionSpec as P
 class PixelSpace(NamedTuple):
   """Valid pixel range and the normalisation the model applies to pixels.
 
-  ``normalize(x) = (x - mean) / std``; the default is the identity on [0, 1].
+  ``normalize(x) = (x - mean) / std``; ``PixelSpace()`` is the identity on [0, 1] (a
+  model that takes raw [0, 1] pixels).
   """
 
   low: float = 0.0
@@ -135,7 +138,7 @@ def _step(g, norm):
 
 
 def fgsm(logits_fn, images, labels, *, key=None, eps, targeted=False, multi_label=False,
-         space: PixelSpace = PixelSpace()) -> AttackResult:
+         space: PixelSpace) -> AttackResult:
   """Goodfellow et al. (2015): ``x + eps * sign(grad loss)`` (minus for targeted)."""
   del key  # deterministic; accepted for a uniform signature
   images, labels = _check(images, labels, space, multi_label)
@@ -163,7 +166,7 @@ def _iterate(logits_fn, images, labels, start, *, eps, steps, step_size, norm, d
 
 
 def bim(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None,
-        targeted=False, multi_label=False, space: PixelSpace = PixelSpace()) -> AttackResult:
+        targeted=False, multi_label=False, space: PixelSpace) -> AttackResult:
   """I-FGSM / BIM (Kurakin et al., 2017): iterated FGSM steps projected to the eps-ball."""
   del key
   images, labels = _check(images, labels, space, multi_label)
@@ -176,7 +179,7 @@ def bim(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None,
 
 def mifgsm(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None,
            decay=1.0, targeted=False, multi_label=False,
-           space: PixelSpace = PixelSpace()) -> AttackResult:
+           space: PixelSpace) -> AttackResult:
   """MI-FGSM (Dong et al., 2018): I-FGSM with a momentum of L1-normalised gradients."""
   del key
   images, labels = _check(images, labels, space, multi_label)
@@ -189,7 +192,7 @@ def mifgsm(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None
 
 def pgd(logits_fn, images, labels, *, key, eps, steps=20, step_size=None, norm="linf",
         restarts=1, random_start=True, targeted=False, multi_label=False,
-        space: PixelSpace = PixelSpace()) -> AttackResult:
+        space: PixelSpace) -> AttackResult:
   """PGD (Madry et al., 2018) under L-infinity or L2, with random restarts.
 
   Each restart starts uniformly in the eps-ball (L-inf) or at a random direction of
@@ -231,7 +234,7 @@ def pgd(logits_fn, images, labels, *, key, eps, steps=20, step_size=None, norm="
 
 def bpda_pgd(logits_fn, images, labels, *, key, defense: Callable, eps, steps=20,
              step_size=None, norm="linf", restarts=1, targeted=False, multi_label=False,
-             space: PixelSpace = PixelSpace()) -> AttackResult:
+             space: PixelSpace) -> AttackResult:
   """PGD through a non-differentiable input defense with BPDA (Athalye et al., 2018).
 
   The forward pass applies ``defense`` (pixels -> pixels); the backward pass treats
@@ -248,13 +251,20 @@ def bpda_pgd(logits_fn, images, labels, *, key, defense: Callable, eps, steps=20
 
 
 def carlini_wagner_l2(logits_fn, images, labels, *, key=None, steps=100,
-                      learning_rate=0.01, c=1.0, confidence=0.0, search_steps=5,
-                      targeted=False, space: PixelSpace = PixelSpace()) -> AttackResult:
+                      learning_rate=0.01, c=1e-3, confidence=0.0, search_steps=9,
+                      targeted=False, space: PixelSpace) -> AttackResult:
   """Carlini & Wagner (2017) L2 attack for softmax models, with a binary search on ``c``.
 
-  Optimises ``w`` with Adam, ``x = low + (high - low) (tanh(w) + 1) / 2``, minimising
-  ``||x - x0||^2 + c * f(x)`` with the margin loss ``f``; keeps, per example, the
-  smallest-L2 successful iterate over all search steps (the clean image if none).
+  Optimises ``w`` with Adam from the clean image, ``x = low + (high - low) (tanh(w) +
+  1) / 2``, minimising ``||x - x0||^2 + c * f(x)`` with the margin loss ``f = max(Z_y -
+  max_{j != y} Z_j, -confidence)`` (targeted: ``max(max_{j != y} Z_j - Z_y,
+  -confidence)``). An iterate succeeds when it is misclassified by at least
+  ``confidence`` logits (targeted: classified as ``y`` by that margin). After each of
+  ``search_steps`` runs, per example: success at ``c`` sets the upper bound to ``c``,
+  failure sets the lower bound; ``c`` becomes the bounds' midpoint, or ten times
+  itself while no success has been seen (Carlini's search; Foolbox's
+  ``L2CarliniWagnerAttack``). Returns, per example, the smallest-L2 successful iterate
+  over all runs (the clean image if none).
   """
   del key
   images, labels = _check(images, labels, space, False)
@@ -269,83 +279,94 @@ def carlini_wagner_l2(logits_fn, images, labels, *, key=None, steps=100,
     onehot = jax.nn.one_hot(labels, logits.shape[-1])
     own = (logits * onehot).sum(-1)
     other = jnp.max(logits - 1e9 * onehot, -1)
-    return jnp.maximum((own - other) if not targeted else (other - own), -confidence)
+    return (own - other) if not targeted else (other - own)
 
   def objective(w, cs):
     x = to_x(w)
     logits = logits_fn(space.normalize(x)).astype(jnp.float32)
     dist = ((x - images) ** 2).reshape(n, -1).sum(-1)
-    return (dist + cs * margin(logits)).sum(), (dist, logits)
+    m = margin(logits)
+    return (dist + cs * jnp.maximum(m, -confidence)).sum(), (dist, m, x)
 
   def run(cs, best):
     def body(_, carry):
-      w, state, best_x, best_d = carry
-      (_, (dist, logits)), g = jax.value_and_grad(objective, has_aux=True)(w, cs)
-      ok = success(logits, labels, targeted=targeted)
+      w, state, best_x, best_d, found = carry
+      (_, (dist, m, x)), g = jax.value_and_grad(objective, has_aux=True)(w, cs)
+      ok = m <= -confidence
       better = ok & (dist < best_d)
-      best_x = jnp.where(better[:, None, None, None], to_x(w), best_x)
+      best_x = jnp.where(better[:, None, None, None], x, best_x)
       best_d = jnp.where(better, dist, best_d)
       updates, state = opt.update(g, state)
-      return optax.apply_updates(w, updates), state, best_x, best_d
+      return optax.apply_updates(w, updates), state, best_x, best_d, found | ok
 
-    _, _, best_x, best_d = jax.lax.fori_loop(0, steps, body, (w0, opt.init(w0)) + best)
-    return best_x, best_d
+    init = (w0, opt.init(w0)) + best + (jnp.zeros(n, bool),)
+    _, _, best_x, best_d, found = jax.lax.fori_loop(0, steps, body, init)
+    return (best_x, best_d), found
 
   def search(carry, _):
     lo, hi, cs, best = carry
-    before = best[1]
-    best = run(cs, best)
-    found = best[1] < before
-    hi = jnp.where(found, jnp.minimum(hi, cs), hi)
-    lo = jnp.where(found, lo, jnp.maximum(lo, cs))
-    cs = jnp.where(hi < 1e9, (lo + hi) / 2, cs * 10)
+    best, found = run(cs, best)
+    hi = jnp.where(found, cs, hi)
+    lo = jnp.where(found, lo, cs)
+    cs = jnp.where(jnp.isinf(hi), cs * 10, (lo + hi) / 2)
     return (lo, hi, cs, best), None
 
   init_best = (images, jnp.full((n,), jnp.inf))
   (_, _, _, (adv, _)), _ = jax.lax.scan(
-      search, (jnp.zeros(n), jnp.full((n,), 1e10), jnp.full((n,), c), init_best), None,
+      search, (jnp.zeros(n), jnp.full((n,), jnp.inf), jnp.full((n,), c), init_best), None,
       length=search_steps)
   return _result(logits_fn, space, images, adv, labels, targeted, False)
 
 
 def deepfool(logits_fn, images, labels, *, key=None, steps=50, overshoot=0.02,
-             space: PixelSpace = PixelSpace()) -> AttackResult:
-  """DeepFool (Moosavi-Dezfooli et al., 2016), untargeted, softmax models.
+             candidates: int | None = 10, space: PixelSpace) -> AttackResult:
+  """DeepFool L2 (Moosavi-Dezfooli et al., 2016), untargeted, softmax models.
 
-  Each step linearises every class's margin to the label and moves to the nearest
-  linearised boundary; the total perturbation is scaled by ``1 + overshoot``.
-  Examples stop moving once misclassified.
+  Foolbox 3's ``L2DeepFoolAttack`` (logit loss): the reference class is the clean
+  image's top class and only the next ``candidates - 1`` classes by clean logit are
+  considered (``None``: all), so the Jacobian held per step is ``(candidates - 1)``
+  images per example and 1000-class models fit. Each step linearises every
+  candidate's margin ``Z_k - Z_ref`` and moves to the nearest linearised boundary
+  (plus 1e-4 for stability); ``x = clip(x0 + (1 + overshoot) * sum of steps)``.
+  Examples stop moving once misclassified (with respect to ``labels``).
   """
   del key
   images, labels = _check(images, labels, space, False)
   n = len(images)
+  clean_logits = logits_fn(space.normalize(images)).astype(jnp.float32)
+  k = clean_logits.shape[-1]
+  num = k if candidates is None else min(int(candidates), k)
+  if num < 2:
+    raise ValueError(f"candidates must be >= 2 (the model has {k} classes), got "
+                     f"{candidates}.")
+  # Stable descending order, as Foolbox's argsort().flip() for distinct logits.
+  classes = jnp.argsort(-clean_logits, axis=-1, stable=True)[:, :num]  # (n, num)
 
-  def margins(x):
+  def losses(x):
     logits = logits_fn(space.normalize(x)).astype(jnp.float32)
-    own = jnp.take_along_axis(logits, labels[:, None], 1)
-    return logits - own, logits  # (n, k): f_k - f_label, 0 at the label
+    picked = jnp.take_along_axis(logits, classes, 1)
+    return picked[:, 1:] - picked[:, :1], logits  # (n, num - 1)
 
-  def body(_, r):
-    x = jnp.clip(images + (1 + overshoot) * r, space.low, space.high)
-    f, logits = margins(x)
-    k = f.shape[-1]
-    # Row j: the gradient of every example's margin f_j (examples are independent).
-    _, vjp_fn = jax.vjp(lambda y: margins(y)[0], x)
-    jac = jax.vmap(lambda e: vjp_fn(e)[0])(
-        jnp.broadcast_to(jnp.eye(k)[:, None, :], (k, n, k)))  # (k, n, h, w, c)
-    norms = jnp.sqrt((jac.reshape(k, n, -1) ** 2).sum(-1)).T  # (n, k)
-    dist = jnp.abs(f) / jnp.maximum(norms, 1e-12)
-    dist = jnp.where(jax.nn.one_hot(labels, k) > 0, jnp.inf, dist)
-    best = jnp.argmin(dist, -1)
-    w = jnp.take_along_axis(jac, best[None, :, None, None, None], 0)[0]
-    d = jnp.take_along_axis(dist, best[:, None], 1)[:, 0]
-    wn = jnp.sqrt((w.reshape(n, -1) ** 2).sum(-1))
-    step = (d + 1e-4) / jnp.maximum(wn, 1e-12)
+  def norm(v):
+    return jnp.sqrt((v.reshape(v.shape[0], -1) ** 2).sum(-1))
+
+  def body(_, carry):
+    x, p_total = carry
+    f, logits = losses(x)
     done = jnp.argmax(logits, -1) != labels
-    return r + jnp.where(done[:, None, None, None], 0.0, step[:, None, None, None] * w)
+    _, vjp_fn = jax.vjp(lambda y: losses(y)[0], x)
+    basis = jnp.broadcast_to(jnp.eye(num - 1)[:, None, :], (num - 1, n, num - 1))
+    grads = jax.vmap(lambda e: vjp_fn(e)[0])(basis)  # (num - 1, n, h, w, c)
+    grad_norms = jax.vmap(norm)(grads).T  # (n, num - 1)
+    dist = jnp.abs(f) / (grad_norms + 1e-8)
+    best = jnp.argmin(dist, -1)
+    g = jnp.take_along_axis(grads, best[None, :, None, None, None], 0)[0]
+    d = jnp.take_along_axis(dist, best[:, None], 1)[:, 0] + 1e-4
+    p_total = p_total + (d / (norm(g) + 1e-8))[:, None, None, None] * g
+    moved = jnp.clip(images + (1 + overshoot) * p_total, space.low, space.high)
+    return jnp.where(done[:, None, None, None], x, moved), p_total
 
-  r = jax.lax.fori_loop(0, steps, body, jnp.zeros_like(images))
-  adv = jnp.clip(images + (1 + overshoot) * r, space.low, space.high)
+  adv, _ = jax.lax.fori_loop(0, steps, body, (images, jnp.zeros_like(images)))
   return _result(logits_fn, space, images, adv, labels, False, False)
 
 

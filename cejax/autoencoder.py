@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cejax import effects
+
 
 class FeatureAutoencoder(nnx.Module):
   """Conv encoder/decoder on ``(n, h, w, features)`` maps; code ``(n, h, w, code)``."""
@@ -105,18 +107,21 @@ def fidelity(logits_fn: Callable, prefix_fn: Callable, suffix_fn: Callable,
              model: FeatureAutoencoder, images, *, activation: str = "softmax"):
   """How closely ``suffix(AE(prefix(x)))`` reproduces ``logits_fn(x)``.
 
+  Raises:
+    ValueError: ``activation`` is not ``"softmax"`` or ``"sigmoid"``.
+
   Returns:
     dict: ``top1_agreement`` (softmax; for sigmoid, the fraction of findings with the
     same decision), ``mean_abs_prob_diff``, ``max_abs_prob_diff``, ``relative_l1`` of
     the feature reconstruction.
   """
+  effects.check_activation(activation)
   images = jnp.asarray(images)
   logits = logits_fn(images).astype(jnp.float32)
   h = prefix_fn(images)
   recon = model(h)
   logits_ae = suffix_fn(recon).astype(jnp.float32)
-  act = jax.nn.softmax if activation == "softmax" else jax.nn.sigmoid
-  p, q = act(logits), act(logits_ae)
+  p, q = effects.activate(logits, activation), effects.activate(logits_ae, activation)
   if activation == "softmax":
     agree = (jnp.argmax(logits, -1) == jnp.argmax(logits_ae, -1)).mean()
   else:

@@ -6,13 +6,24 @@ mask ``M`` the intervention ``do(X_M = v)`` gives the input ``x * (1 - M) + v * 
 clean one. With ``p = act(logits(x))`` and ``q = act(logits(do))``, ``act`` softmax
 (multi-class) or sigmoid (multi-label), target class ``t``:
 
-========== ================================================================
-expected   ``sum_c p_c (q_c - p_c)``: the paper's expected causal effect (ECE)
+=========== ================================================================
+expected    softmax: ``sum_c p_c (q_c - p_c)``, the paper's expected causal effect
+            (ECE). Sigmoid: each finding ``c`` is its own binary variable, and the
+            paper's definition applied to it gives ``p_c (q_c - p_c) + (1 - p_c)
+            ((1 - q_c) - (1 - p_c)) = (2 p_c - 1)(q_c - p_c)``; ``expected`` is
+            the sum of these over findings. It does not depend on ``target``.
 probability ``q_t - p_t``
-logit      ``z'_t - z_t``
-kl         ``KL(p || q)`` (softmax), or the sum of per-class Bernoulli KLs (sigmoid)
-per_class  ``q - p`` for every class, shape ``(m, k)`` (per-finding effects)
-========== ================================================================
+logit       ``z'_t - z_t``
+kl          ``KL(p || q)`` (softmax), or the sum of per-finding Bernoulli KLs (sigmoid)
+per_class   ``q - p`` for every class, shape ``(m, k)`` (per-finding effects)
+=========== ================================================================
+
+Bad values and transformations: called eagerly, a non-finite image, a mask outside
+[0, 1] or a target outside ``[0, k)`` raise ``ValueError``. Under ``jit``/``vmap``/
+``grad`` the values are not known when the function is traced, so the contract is a
+visible failure instead: the effects of a non-finite image are all NaN, those of a
+mask outside [0, 1] are NaN for that mask, and with a target out of range the target
+estimands (``probability``, ``logit``) are NaN (never a silently clamped class).
 
 Random interventions (``GaussianNoise``, ``ImageSet``) average the prediction over
 ``num_draws`` draws, the Monte Carlo form of ``E[Y | do(X_M = V)]``: probabilities
@@ -35,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from cejax import filters
 from cejax import masks as masks_lib
 
 ESTIMANDS = ("expected", "probability", "logit", "kl", "per_class")
@@ -95,21 +107,18 @@ class ImageMean(NamedTuple):
 
 
 class Blur(NamedTuple):
-  """Fill with a Gaussian-blurred copy of the image (``sigma`` in pixels)."""
+  """Fill with a Gaussian-blurred copy of the image (``sigma`` in pixels).
+
+  Equal to ``scipy.ndimage.gaussian_filter(image, (sigma, sigma, 0), mode="nearest")``
+  (``filters.gaussian_blur``).
+  """
 
   sigma: float = 5.0
   num_draws: int = 1
 
   def fill(self, image, key):
     del key
-    radius = max(1, int(3 * self.sigma))
-    t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-    kernel = jnp.exp(-0.5 * (t / self.sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    k2 = jnp.outer(kernel, kernel).astype(image.dtype)
-    padded = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
-    conv = lambda ch: jax.scipy.signal.convolve2d(ch, k2, mode="valid")
-    return jax.vmap(conv, in_axes=2, out_axes=2)(padded)
+    return filters.gaussian_blur(image, sigma=self.sigma)
 
 
 class Reference(NamedTuple):
@@ -172,15 +181,58 @@ def _intervention(spec):
 
 
 def intervene(image, mask, value):
-  """``do(X_M = v)``: ``image * (1 - mask) + value * mask``; mask ``(h, w)``."""
-  m = mask[..., None].astype(image.dtype)
+  """``do(X_M = v)``: ``image * (1 - mask) + value * mask``; mask ``(h, w)`` in [0, 1].
+
+  Raises:
+    ValueError: the image is not floating point (a soft mask would be rounded away),
+      or a concrete mask has values outside [0, 1].
+  """
+  _check_floating(image)
+  _check_mask_range(mask)
+  m = jnp.asarray(mask).astype(image.dtype)[..., None]
   return image * (1 - m) + value * m
+
+
+def _check_floating(image):
+  if not jnp.issubdtype(jnp.result_type(image), jnp.floating):
+    raise ValueError(f"image must be floating point, got dtype {jnp.result_type(image)}; "
+                     "convert it (e.g. image.astype(jnp.float32)) in the model's input "
+                     "space first.")
+
+
+def _check_mask_range(masks):
+  if isinstance(masks, jax.core.Tracer):
+    return
+  m = np.asarray(masks)
+  if m.size and (not np.isfinite(m).all() or m.min() < 0 or m.max() > 1):
+    raise ValueError(f"masks must lie in [0, 1] (1 = intervene); got values in "
+                     f"[{np.nanmin(m):.3g}, {np.nanmax(m):.3g}].")
 
 
 # --- estimands --------------------------------------------------------------------
 
-def _activate(logits, activation):
+def check_activation(activation: str) -> str:
+  """``activation`` if it is one of ``ACTIVATIONS``, else a ``ValueError``."""
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"Unknown activation {activation!r}; valid are {list(ACTIVATIONS)}.")
+  return activation
+
+
+def activate(logits, activation: str):
+  """Probabilities: softmax over the last axis, or an elementwise sigmoid."""
+  check_activation(activation)
   return jax.nn.softmax(logits, -1) if activation == "softmax" else jax.nn.sigmoid(logits)
+
+
+_activate = activate
+
+
+def _take_class(values, target):
+  """``values[..., target]``, NaN when ``target`` is outside ``[0, k)`` (never clamped,
+  never wrapped like a negative numpy index)."""
+  k = values.shape[-1]
+  picked = jnp.take(values, jnp.clip(target, 0, k - 1), axis=-1)
+  return jnp.where((target >= 0) & (target < k), picked, jnp.nan)
 
 
 def estimand_value(estimand, clean_logits, do_logits, do_probs, target, activation):
@@ -188,11 +240,12 @@ def estimand_value(estimand, clean_logits, do_logits, do_probs, target, activati
   p = _activate(clean_logits, activation)
   q = do_probs
   if estimand == "expected":
-    return jnp.sum(p * (q - p), -1)
+    weight = p if activation == "softmax" else 2 * p - 1
+    return jnp.sum(weight * (q - p), -1)
   if estimand == "probability":
-    return q[..., target] - p[target]
+    return _take_class(q, target) - _take_class(p, target)
   if estimand == "logit":
-    return do_logits[..., target] - clean_logits[target]
+    return _take_class(do_logits, target) - _take_class(clean_logits, target)
   if estimand == "per_class":
     return q - p
   if estimand == "kl":
@@ -271,6 +324,7 @@ def _check_image(image):
   if np.ndim(image) != 3:
     raise ValueError(f"image must be (h, w, c); got shape {np.shape(image)}. Use jax.vmap "
                      "over causal_effect for a batch of images.")
+  _check_floating(image)
   # Value checks only where values exist (not under tracing); numpy, so that jit
   # around a closed-over image does not turn the check itself into a tracer.
   if not isinstance(image, jax.core.Tracer) and not np.isfinite(np.asarray(image)).all():
@@ -333,8 +387,7 @@ def causal_effect(logits_fn: Callable, image, masks, *, intervention="zero",
   intervention = _intervention(intervention)
   if estimand not in ESTIMANDS:
     raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are {list(ESTIMANDS)}.")
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"Unknown activation {activation!r}; valid are {list(ACTIVATIONS)}.")
+  check_activation(activation)
   random = isinstance(intervention, _RANDOM)
   if random and key is None:
     raise ValueError(f"{type(intervention).__name__} is random: pass key=.")
@@ -346,6 +399,8 @@ def causal_effect(logits_fn: Callable, image, masks, *, intervention="zero",
   if masks_lib.mask_shape(masks) != image.shape[:2]:
     raise ValueError(f"masks have spatial shape {masks_lib.mask_shape(masks)} but the "
                      f"image is {image.shape[:2]}.")
+  if not recipe:
+    _check_mask_range(masks)
   num = masks_lib.num_masks(masks)
   if num == 0:
     raise ValueError("masks is empty: pass at least one mask.")
@@ -375,7 +430,10 @@ def causal_effect(logits_fn: Callable, image, masks, *, intervention="zero",
       logits = logits.mean(1)
     else:
       probs = _activate(logits, activation)
-    return estimand_value(estimand, clean_logits, logits, probs, t, activation)
+    value = estimand_value(estimand, clean_logits, logits, probs, t, activation)
+    # Traced inputs cannot raise: make bad values visible as NaN (see module doc).
+    ok = ((chunk >= 0) & (chunk <= 1)).all((1, 2)) & jnp.isfinite(image).all()
+    return jnp.where(ok.reshape(ok.shape + (1,) * (value.ndim - 1)), value, jnp.nan)
 
   effects = sweep(chunk_fn, num, None if recipe else masks, batch_size=batch_size,
                   mesh=mesh, args=(image, key))
@@ -391,9 +449,13 @@ def ce_map(effects, masks, *, weighting: str = "coverage",
   are averaged this way, as Captum's Occlusion does. For estimands that fall when
   evidence is removed (``probability``, ``logit``), important pixels are negative.
 
-  ``weighting="rise"``: ``sum_i e_i (1 - M_i) / (N p)``, RISE's importance, which
-  weights each effect by the pixels *kept*; ``p`` is the RISE keep probability
-  (masks must be a ``RiseMasks`` recipe).
+  ``weighting="rise"``: ``sum_i e_i (1 - M_i) / (N p)``, RISE's weighting of each
+  value by the pixels *kept* (``1 - M_i``); ``p`` is the RISE keep probability (masks
+  must be a ``RiseMasks`` recipe). Given the target probabilities ``f_t(I * kept_i)``
+  as ``effects`` this is RISE itself (``saliency.rise``). Given CE effects it is a
+  RISE-weighted CE map; note that ``sum_i kept_i(x) / (N p)`` varies from pixel to
+  pixel at finite ``N``, so it is *not* RISE shifted by a constant and can rank
+  pixels differently.
 
   Args:
     effects: ``(m,)`` or ``(m, k)``.
@@ -502,8 +564,7 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
   image = jnp.asarray(image)
   if estimand not in ESTIMANDS:
     raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are {list(ESTIMANDS)}.")
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"Unknown activation {activation!r}; valid are {list(ACTIVATIONS)}.")
+  check_activation(activation)
   h = prefix_fn(image[None])[0]
   raw_channels = interventions.channels
   channels = jnp.asarray(interventions.channels, jnp.int32)
@@ -532,8 +593,9 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
     del indices
     hs = jax.vmap(lambda *a: intervene_latent(h, *a))(*chunk)
     logits = suffix_fn(hs).astype(jnp.float32)
-    return estimand_value(estimand, clean_logits, logits, _activate(logits, activation), t,
-                          activation)
+    value = estimand_value(estimand, clean_logits, logits, _activate(logits, activation), t,
+                           activation)
+    return jnp.where(jnp.isfinite(h).all(), value, jnp.nan)  # see the module doc
 
   effects = sweep(chunk_fn, num, data, batch_size=batch_size, mesh=mesh, args=(h,))
   return CEResult(effects, clean_logits, t)

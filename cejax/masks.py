@@ -42,15 +42,31 @@ def grid_masks(*, shape, n: int = 10) -> jax.Array:
   return jnp.asarray(block[None] == np.arange(n * n)[:, None, None], jnp.float32)
 
 
-def sliding_window_masks(*, shape, window, stride) -> jax.Array:
-  """Square or rectangular windows slid over the image (as Captum's Occlusion).
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+  """Window offsets along one axis, exactly as Captum's ``Occlusion``.
 
-  Windows start at 0 and step by ``stride``; a last window is added flush with the
-  far edge when the steps do not reach it, so every pixel is covered. Overlaps are
-  averaged by ``ce_map``'s coverage normalisation.
+  ``1 + ceil((size - window) / stride)`` windows at ``0, stride, 2 stride, ...``; when
+  the steps do not end flush with the far edge, the last window runs past it and is
+  cut there (Captum adds no extra flush window).
+  """
+  count = 1 + -(-(size - window) // stride)
+  return [i * stride for i in range(count)]
+
+
+def sliding_window_masks(*, shape, window, stride) -> jax.Array:
+  """Square or rectangular windows slid over the image, as Captum's ``Occlusion``.
+
+  Window positions follow ``window_starts`` per axis (row-major over positions); a
+  window past the far edge is truncated, so every pixel is covered. As in Captum,
+  ``stride`` may not exceed ``window`` (that would leave pixels uncovered), and
+  overlapping windows are averaged by ``ce_map``'s coverage normalisation.
 
   Returns:
     float32 ``(m, h, w)``.
+
+  Raises:
+    ValueError: a window larger than the image, a non-positive stride, or a stride
+      larger than the window.
   """
   h, w = _check_shape(shape)
   wh, ww = (window, window) if np.isscalar(window) else window
@@ -58,19 +74,13 @@ def sliding_window_masks(*, shape, window, stride) -> jax.Array:
   if not (0 < wh <= h and 0 < ww <= w) or sh < 1 or sw < 1:
     raise ValueError(
         f"window must fit in {shape} and stride be positive; got {window}, {stride}.")
-
-  def starts(size, win, step):
-    s = list(range(0, size - win + 1, step))
-    if s[-1] != size - win:
-      s.append(size - win)
-    return s
-
-  masks = np.zeros((len(starts(h, wh, sh)) * len(starts(w, ww, sw)), h, w), np.float32)
-  k = 0
-  for y in starts(h, wh, sh):
-    for x in starts(w, ww, sw):
-      masks[k, y:y + wh, x:x + ww] = 1.0
-      k += 1
+  if sh > wh or sw > ww:
+    raise ValueError(f"stride {stride} is larger than window {window}: pixels between "
+                     "windows would never be intervened on (Captum refuses this too).")
+  ys, xs = window_starts(h, wh, sh), window_starts(w, ww, sw)
+  masks = np.zeros((len(ys) * len(xs), h, w), np.float32)
+  for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
+    masks[k, y:y + wh, x:x + ww] = 1.0
   return jnp.asarray(masks)
 
 
@@ -93,27 +103,74 @@ def box_masks(boxes, *, shape) -> jax.Array:
   return ys[:, :, None] * xs[:, None, :]
 
 
-def rise_mask(key, *, shape, cells: int, p: float) -> jax.Array:
-  """One RISE mask (Petsiuk et al., 2018).
+def _mirror(index: np.ndarray, size: int) -> np.ndarray:
+  """scikit-image's ``mode="reflect"`` (scipy's 'mirror'): ``d c b | a b c d | c b a``."""
+  if size == 1:
+    return np.zeros_like(index)
+  period = 2 * (size - 1)
+  index = np.abs(index) % period
+  return np.where(index >= size, period - index, index)
 
-  A ``cells x cells`` grid of Bernoulli(p) *kept* cells is upsampled bilinearly to
-  ``(cells + 1) * cell_size`` and cropped at a random shift. RISE masks mark what is
-  **kept**, so the returned intervention mask is ``1 - kept``: the fraction of
-  pixels left untouched is ``p`` on average.
+
+def _linear_upsample_matrix(cells: int, size: int) -> np.ndarray:
+  """``(size, cells)`` rows of bilinear weights, equal to ``skimage.transform.resize``
+  with ``order=1, mode="reflect", anti_aliasing=False`` (half-pixel centres)."""
+  coord = (np.arange(size) + 0.5) * cells / size - 0.5
+  lo = np.floor(coord).astype(np.int64)
+  frac = coord - lo
+  rows = np.arange(size)
+  out = np.zeros((size, cells), np.float64)
+  np.add.at(out, (rows, _mirror(lo, cells)), 1 - frac)
+  np.add.at(out, (rows, _mirror(lo + 1, cells)), frac)
+  return out.astype(np.float32)
+
+
+def rise_cell_size(shape, cells: int) -> tuple[int, int]:
+  """RISE's cell size ``ceil(shape / cells)`` per axis."""
+  return math.ceil(shape[0] / cells), math.ceil(shape[1] / cells)
+
+
+def rise_grid(key, *, cells: int, p: float, cell_size) -> tuple[jax.Array, jax.Array]:
+  """The random parts of one RISE mask: a ``(cells, cells)`` 0/1 grid of *kept* cells
+  (each kept with probability ``p``) and a shift ``(dy, dx)``, uniform in
+  ``[0, cell_size)`` per axis."""
+  grid_key, shift_key = jax.random.split(key)
+  grid = jax.random.bernoulli(grid_key, p, (cells, cells)).astype(jnp.float32)
+  shift = jax.random.randint(shift_key, (2,), 0, jnp.asarray(cell_size))
+  return grid, shift
+
+
+def rise_upsample(grid, shift, *, shape) -> jax.Array:
+  """A RISE grid upsampled and cropped as in Petsiuk et al.'s code, ``(h, w)`` kept mask.
+
+  ``resize(grid, (cells + 1) * cell_size, order=1, mode="reflect")`` (scikit-image),
+  cropped to ``shape`` at ``shift``: every cell spans ``(cells + 1) * cell / cells``
+  upsampled pixels, and the crop hides the last partial one.
+  """
+  cells = grid.shape[0]
+  (h, w), (ch, cw) = shape, rise_cell_size(shape, cells)
+  rows = jnp.asarray(_linear_upsample_matrix(cells, (cells + 1) * ch))
+  cols = jnp.asarray(_linear_upsample_matrix(cells, (cells + 1) * cw))
+  rows = jax.lax.dynamic_slice_in_dim(rows, shift[0], h, 0)
+  cols = jax.lax.dynamic_slice_in_dim(cols, shift[1], w, 0)
+  hi = jax.lax.Precision.HIGHEST
+  return jnp.matmul(jnp.matmul(rows, grid, precision=hi), cols.T, precision=hi)
+
+
+def rise_mask(key, *, shape, cells: int, p: float) -> jax.Array:
+  """One RISE mask (Petsiuk et al., 2018), as an intervention mask.
+
+  A ``cells x cells`` grid of Bernoulli(p) *kept* cells, upsampled bilinearly to
+  ``(cells + 1) * cell_size`` and cropped at a random shift in ``[0, cell_size)``
+  (``rise_grid``, ``rise_upsample``). RISE masks mark what is **kept**, so the
+  returned intervention mask is ``1 - kept``: the fraction of pixels left untouched
+  is ``p`` on average.
 
   Returns:
     float32 ``(h, w)`` intervention mask.
   """
-  h, w = shape
-  ch, cw = math.ceil(h / cells), math.ceil(w / cells)
-  grid_key, shift_key = jax.random.split(key)
-  grid = jax.random.bernoulli(grid_key, p, (cells, cells)).astype(jnp.float32)
-  # Pad by one cell so the random shift never samples outside the grid.
-  grid = jnp.pad(grid, ((0, 1), (0, 1)), mode="edge")
-  up = jax.image.resize(grid, ((cells + 1) * ch, (cells + 1) * cw), "bilinear")
-  dy, dx = jax.random.randint(shift_key, (2,), 0, jnp.array([ch, cw]))
-  kept = jax.lax.dynamic_slice(up, (dy, dx), (h, w))
-  return 1.0 - kept
+  grid, shift = rise_grid(key, cells=cells, p=p, cell_size=rise_cell_size(shape, cells))
+  return 1.0 - rise_upsample(grid, shift, shape=shape)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["key"],
@@ -143,6 +200,13 @@ class RiseMasks:
     """Masks ``indices`` (any integer array shape ``(b,)``) as ``(b, h, w)``."""
     return jax.vmap(lambda i: rise_mask(jax.random.fold_in(self.key, i), shape=self.shape,
                                         cells=self.cells, p=self.p))(indices)
+
+  def grids(self, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The kept-cell grids ``(b, cells, cells)`` and shifts ``(b, 2)`` of masks
+    ``indices``: ``1 - rise_upsample(grid, shift)`` is the mask."""
+    size = rise_cell_size(self.shape, self.cells)
+    return jax.vmap(lambda i: rise_grid(jax.random.fold_in(self.key, i), cells=self.cells,
+                                        p=self.p, cell_size=size))(indices)
 
 
 def rise_masks(key, *, num: int, shape, cells: int = 8, p: float = 0.5) -> RiseMasks:

@@ -8,11 +8,17 @@ under ``jit`` with no per-image host loops. Maps are "larger = more important".
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cejax import filters
+from cejax.effects import activate as effects_activate
+from cejax.effects import check_activation
 
 # The ChestX-ray14 localization protocol (Wang et al., 2017): T(IoU) at these levels.
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -85,25 +91,72 @@ def _check_maps(maps, boxes):
   return maps, boxes
 
 
-def pointing_game(maps, boxes, *, ties: str = "majority", rtol: float = 1e-6):
-  """Whether each map's peak falls in the box (Zhang et al., 2016), ``(n,)`` bool.
+POINTING_TOLERANCE_224 = 15.0  # Zhang et al.'s tolerance, in pixels at 224 x 224
+POINTING_TIES = ("first", "any", "majority", "strict")
 
-  Ties: the *peak* is every pixel within ``rtol`` of the maximum (relative to the
-  map's range). A flat map (max == min) is never a hit. Otherwise the hit needs more
-  than half of the peak inside the box (``ties="majority"``, which lets coarse,
-  blocky maps such as grid CE maps score when their peak block is mostly inside) or
-  all of it (``ties="strict"``). Either way, a tie split evenly is a miss, and no
-  arbitrary argmax order decides a hit.
+
+def pointing_tolerance(shape) -> float:
+  """Zhang et al.'s 15 px at 224 px, scaled with the shorter image side."""
+  return POINTING_TOLERANCE_224 * min(shape) / 224.0
+
+
+def _dilate(boxes, radius: float):
+  """Pixels whose centre lies closer than ``radius`` (Euclidean) to a box pixel."""
+  if radius <= 1:
+    return boxes  # no other pixel centre is closer than 1
+  r = math.ceil(radius) - 1
+  t = np.arange(-r, r + 1)
+  disk = ((t[:, None] ** 2 + t[None, :] ** 2) < radius**2).astype(np.float32)
+  x = boxes.astype(jnp.float32)[:, :, :, None]
+  hits = jax.lax.conv_general_dilated(x, jnp.asarray(disk)[:, :, None, None], (1, 1),
+                                      [(r, r), (r, r)],
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return hits[..., 0] > 0.5
+
+
+def pointing_game(maps, boxes, *, tolerance: float | None = None, ties: str = "first",
+                  rtol: float = 0.0):
+  """The pointing game of Zhang et al. (2016), ``(n,)`` bool.
+
+  Standard form (the defaults): the map's maximum is a hit when it lies inside the
+  box or closer than ``tolerance`` pixels to it (Euclidean distance between pixel
+  centres, strictly less, as in TorchRay's ``PointingGame``). ``tolerance=None`` is
+  Zhang et al.'s 15 px at 224 px scaled to the image (``pointing_tolerance``);
+  ``tolerance=0`` asks for the box itself.
+
+  Ties: ``"first"`` (default) points at the first maximal pixel in row-major order,
+  ``numpy.argmax``'s and ``torch.argmax``'s choice. Documented alternatives: the tied
+  peak (every pixel within ``rtol`` of the maximum, relative to the map's range) hits
+  when ``"any"`` of it hits (Quantus' ``PointingGame``), a ``"majority"`` of it hits,
+  or all of it (``"strict"``). With any rule a flat map (max == min) is a miss, and an
+  image without a box is a miss.
+
+  Args:
+    maps: ``(n, h, w)``, larger = more important.
+    boxes: ``(n, h, w)`` bool ground-truth regions.
+    tolerance: pixels; ``None`` for the scaled standard.
+    ties: one of ``POINTING_TIES``.
+    rtol: peak width for the tie rules other than ``"first"``.
   """
   maps, boxes = _check_maps(maps, boxes)
-  if ties not in ("majority", "strict"):
-    raise ValueError(f"ties must be 'majority' or 'strict', got {ties!r}.")
+  if ties not in POINTING_TIES:
+    raise ValueError(f"ties must be one of {POINTING_TIES}, got {ties!r}.")
+  n, h, w = maps.shape
+  tolerance = pointing_tolerance((h, w)) if tolerance is None else float(tolerance)
+  if tolerance < 0:
+    raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}.")
+  accept = _dilate(boxes, tolerance)
   hi = maps.max((1, 2), keepdims=True)
   lo = maps.min((1, 2), keepdims=True)
-  peak = maps >= hi - rtol * (hi - lo)
-  inside = (peak & boxes).sum((1, 2))
-  total = peak.sum((1, 2))
-  hit = inside * 2 > total if ties == "majority" else inside == total
+  if ties == "first":
+    first = jnp.argmax(maps.reshape(n, -1), -1)
+    hit = jnp.take_along_axis(accept.reshape(n, -1), first[:, None], 1)[:, 0]
+  else:
+    peak = maps >= hi - rtol * (hi - lo)
+    inside = (peak & accept).sum((1, 2))
+    total = peak.sum((1, 2))
+    hit = {"any": inside > 0, "majority": inside * 2 > total,
+           "strict": inside == total}[ties]
   return hit & (hi[:, 0, 0] > lo[:, 0, 0]) & boxes.any((1, 2))
 
 
@@ -139,30 +192,67 @@ def localization_accuracy(ious, thresholds: Sequence[float] = IOU_THRESHOLDS):
   return (ious[None, :] > jnp.asarray(thresholds)[:, None]).mean(1)
 
 
-def _ranks(x):
-  """Ranks 0..n-1 of a flat array (ties broken by position)."""
-  return jnp.argsort(jnp.argsort(x)).astype(jnp.float32)
+def average_ranks(x):
+  """1-based ranks of a flat array, ties given their average rank (as scipy's
+  ``rankdata``)."""
+  order = jnp.sort(x)
+  below = jnp.searchsorted(order, x, side="left")
+  up_to = jnp.searchsorted(order, x, side="right")
+  return (below + up_to + 1).astype(jnp.float32) / 2
 
 
 def spearman(a, b):
-  """Spearman rank correlation between paired maps, ``(n,)`` (flattened per map)."""
+  """Spearman rank correlation between paired maps, ``(n,)`` (flattened per map).
+
+  Equal to ``scipy.stats.spearmanr``: ties get average ranks, and a constant map
+  (whose ranks have no variance) gives NaN.
+  """
   a = jnp.asarray(a, jnp.float32).reshape(len(a), -1)
   b = jnp.asarray(b, jnp.float32).reshape(len(b), -1)
-  ra, rb = jax.vmap(_ranks)(a), jax.vmap(_ranks)(b)
+  ra, rb = jax.vmap(average_ranks)(a), jax.vmap(average_ranks)(b)
   ra = ra - ra.mean(1, keepdims=True)
   rb = rb - rb.mean(1, keepdims=True)
-  return (ra * rb).sum(1) / jnp.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+  den = jnp.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+  return jnp.where(den > 0, (ra * rb).sum(1) / jnp.where(den > 0, den, 1.0), jnp.nan)
+
+
+SUBSTRATES = ("zero", "blur")
+CURVES = ("deletion_zero", "deletion_blur", "insertion_blur")
+
+
+def substrate(images, kind: str):
+  """What deleted pixels become, in the model's input space: ``"zero"`` (0, the data
+  mean for normalised inputs; Petsiuk et al.'s deletion) or ``"blur"`` (their
+  insertion start: ``filters.petsiuk_blur``, 11 x 11 kernel, sigma 5, zero padding)."""
+  if kind == "zero":
+    return jnp.zeros_like(images)
+  if kind == "blur":
+    return filters.petsiuk_blur(images)
+  raise ValueError(f"Unknown substrate {kind!r}; valid are {list(SUBSTRATES)}.")
 
 
 def deletion_insertion(logits_fn: Callable, images, maps, targets, *, steps: int = 16,
-                       fill=0.0, activation: str = "softmax", batch_size: int = 16):
-  """Deletion and insertion AUC (Petsiuk et al., 2018), ``((n,), (n,))``.
+                       curves=CURVES, activation: str = "softmax",
+                       batch_size: int = 16) -> dict[str, jax.Array]:
+  """Deletion and insertion AUCs (Petsiuk et al., 2018), ``{curve: (n,)}``.
 
   Pixels are taken in decreasing map order (ties by position), ``steps`` equal
-  fractions at a time. Deletion replaces the top pixels by ``fill`` in the original
-  image (a faithful map makes the target probability fall fast: low AUC is good);
-  insertion starts from an all-``fill`` image and restores them (high AUC is good).
-  The AUC is the trapezoid mean over the ``steps + 1`` fractions 0, 1/steps, ..., 1.
+  fractions at a time (``round(i * h * w / steps)`` pixels at step ``i``).
+  ``"deletion_<s>"`` replaces the top pixels of the image by substrate ``s`` (a
+  faithful map makes the target probability fall fast: low AUC is good);
+  ``"insertion_<s>"`` starts from substrate ``s`` and restores them (high AUC is
+  good). Petsiuk et al. delete to ``zero`` and insert into ``blur``; deleting to
+  ``blur`` as well scores maps with a perturbation they were not built from (CE and
+  occlusion maps are built from zero fills). The AUC is the trapezoid mean over the
+  ``steps + 1`` fractions 0, 1/steps, ..., 1 (their ``auc``).
+
+  Args:
+    logits_fn: pure ``images -> logits``.
+    images: ``(n, h, w, c)`` in the model's input space.
+    maps: ``(n, h, w)``.
+    targets: int ``(n,)``, the class whose probability is tracked.
+    curves: names ``"deletion_<substrate>"`` / ``"insertion_<substrate>"``.
+    activation: ``"softmax"`` or ``"sigmoid"``.
   """
   images = jnp.asarray(images, jnp.float32)
   maps = jnp.asarray(maps, jnp.float32)
@@ -170,20 +260,29 @@ def deletion_insertion(logits_fn: Callable, images, maps, targets, *, steps: int
   n, h, w, _ = images.shape
   if maps.shape != (n, h, w):
     raise ValueError(f"maps must be {(n, h, w)} to match images, got {maps.shape}.")
-  act = jax.nn.softmax if activation == "softmax" else jax.nn.sigmoid
+  act = functools.partial(effects_activate, activation=check_activation(activation))
+  parsed = []
+  for name in curves:
+    mode, _, kind = name.partition("_")
+    if mode not in ("deletion", "insertion") or kind not in SUBSTRATES:
+      raise ValueError(f"Unknown curve {name!r}; use 'deletion_<s>' or 'insertion_<s>' "
+                       f"with s in {list(SUBSTRATES)}.")
+    parsed.append((mode, kind))
   counts = jnp.round(jnp.linspace(0, h * w, steps + 1)).astype(jnp.int32)
 
   def one(image, saliency, target):
-    order = jnp.argsort(-saliency.reshape(-1))
+    order = jnp.argsort(-saliency.reshape(-1), stable=True)
     rank = jnp.zeros(h * w, jnp.int32).at[order].set(jnp.arange(h * w)).reshape(h, w)
     top = (rank[None] < counts[:, None, None]).astype(jnp.float32)[..., None]
-    deleted = image * (1 - top) + fill * top
-    inserted = image * top + fill * (1 - top)
-    x = jnp.concatenate([deleted, inserted])
+    xs = []
+    for mode, kind in parsed:
+      fill = substrate(image, kind)
+      xs.append(image * (1 - top) + fill * top if mode == "deletion"
+                else image * top + fill * (1 - top))
+    x = jnp.concatenate(xs)
     logits = jax.lax.map(lambda xi: logits_fn(xi[None])[0], x, batch_size=batch_size)
-    curve = act(logits.astype(jnp.float32))[:, target]
-    d, i = curve[: steps + 1], curve[steps + 1:]
-    auc = lambda c: (c[1:] + c[:-1]).mean() / 2
-    return auc(d), auc(i)
+    curve = act(logits.astype(jnp.float32))[:, target].reshape(len(parsed), steps + 1)
+    return (curve[:, 1:] + curve[:, :-1]).mean(1) / 2
 
-  return jax.lax.map(lambda a: one(*a), (images, maps, targets))
+  aucs = jax.lax.map(lambda a: one(*a), (images, maps, targets))
+  return {name: aucs[:, i] for i, name in enumerate(curves)}

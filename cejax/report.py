@@ -19,12 +19,12 @@ import numpy as np  # noqa: E402
 FIGURE_METHODS = ("ce_sliding", "ce_grid", "grad_cam", "grad_cam_pp", "smoothgrad",
                   "integrated_gradients", "rise")
 TITLES = {
-    "ce_sliding": "CE (sliding)", "ce_grid": "CE (grid)", "ce_per_class": "CE per-class",
+    "ce_sliding": "CE (sliding)", "ce_grid": "CE (grid)",
     "ce_rise": "CE (RISE masks)", "ce_latent": "latent CE", "gradient": "gradient",
     "gradient_x_input": "grad x input", "smoothgrad": "SmoothGrad",
     "integrated_gradients": "Integrated Grad.", "cam": "CAM", "grad_cam": "Grad-CAM",
     "grad_cam_pp": "Grad-CAM++", "smooth_grad_cam_pp": "Smooth Grad-CAM++",
-    "rise": "RISE", "occlusion": "occlusion",
+    "rise": "RISE", "occlusion": "occlusion (= CE, target probability)",
 }
 
 
@@ -157,7 +157,7 @@ def _fmt(ci) -> str:
 
 
 def metrics_table(summary) -> str:
-  cols = ("pointing", "mass", "iou", "deletion", "insertion")
+  cols = ("pointing", "mass", "iou", "deletion_zero", "deletion_blur", "insertion_blur")
   rows = []
   for m, row in summary["methods"].items():
     cells = "".join(f"<td>{_fmt(row[c])}</td>" for c in cols)
@@ -166,7 +166,8 @@ def metrics_table(summary) -> str:
     rows.append(f"<tr><th>{html.escape(TITLES.get(m, m))}</th>{cells}<td>{t_iou}</td>"
                 f"<td>{sanity}</td></tr>")
   head = ("<tr><th>method</th><th>pointing game &uarr;</th><th>mass in box &uarr;</th>"
-          "<th>IoU@0.5 &uarr;</th><th>deletion AUC &darr;</th><th>insertion AUC &uarr;</th>"
+          "<th>IoU@0.5 &uarr;</th><th>deletion AUC, zero fill &darr;</th>"
+          "<th>deletion AUC, blur fill &darr;</th><th>insertion AUC, from blur &uarr;</th>"
           "<th>T(IoU) at " + ", ".join(str(t) for t in summary["iou_thresholds"])
           + "</th><th>rank corr. with random model &darr;</th></tr>")
   return f"<table>{head}{''.join(rows)}</table>"
@@ -239,18 +240,29 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       f"<p>{summary['num_images']} {html.escape(settings['split'])} images "
       f"({summary['num_with_box']} with a box); clean accuracy "
       f"{summary['clean_accuracy']:.3f}; checkpoint step {run.get('step')}.</p>",
-      "<h2>Maps</h2><p class=note>Larger = more important for the target class (the boxed "
-      "finding). CE maps show <i>minus</i> the expected causal effect "
+      "<h2>Maps</h2><p class=note>Larger = more important. The gradient, CAM, RISE and "
+      "occlusion maps are for the target class (the boxed finding, else the prediction). "
+      "The CE maps show <i>minus</i> the expected causal effect "
       "&Sigma;<sub>c</sub> p(c|x)(p(c|do(X<sub>M</sub>=v)) &minus; p(c|x)) of filling each "
-      "mask with the data mean, averaged over the masks covering each pixel. The green "
-      "rectangle is the ground-truth box.</p>",
+      "mask with the data mean, averaged over the masks covering each pixel: it sums over "
+      "classes, so it is the same map whatever the target. Occlusion is the CE map of the "
+      "target's probability with sliding windows (equal to Captum's Occlusion). The "
+      "green rectangle is the ground-truth box.</p>",
       f"<img src='{figure_grid(results, class_names=class_names)}'>",
       "<h2>Localization and faithfulness</h2><p class=note>Mean and 95% bootstrap interval "
-      "over images (localization over images with a box). Pointing game: the map's peak "
-      "region must lie mostly inside the box; flat maps and even ties are misses. IoU: "
+      "over images (localization over images with a box). Pointing game (Zhang et al.): "
+      "a hit when the map's maximum (first in row-major order) lies in the box or closer "
+      f"than {summary.get('pointing_tolerance_px', float('nan')):.2f} px to it (their 15 "
+      "px at 224 px, scaled to the image); a flat map is a miss. IoU: "
       "the region above half the map's range vs the box. T(IoU): fraction of images whose "
-      "IoU exceeds each threshold (the ChestX-ray14 protocol). Deletion/insertion: target "
-      "probability as the top pixels are removed/restored.</p>",
+      "IoU exceeds each threshold (the ChestX-ray14 protocol). Deletion/insertion "
+      "(Petsiuk et al.): AUC of the target probability as the top pixels are replaced by "
+      "a substrate / restored into it. Their deletion substrate is zero (the data mean), "
+      "the same fill the CE and occlusion maps are built from, which favours those maps; "
+      "the blur-fill deletion column scores every map with a perturbation none was built "
+      "from. Insertion starts from their blurred copy (11 x 11 kernel, sigma 5). Rank "
+      "correlation: Spearman with average ranks for ties between the maps of the trained "
+      "and a re-initialised model (lower = the map depends more on the model).</p>",
       metrics_table(summary),
       "<h2>Causal effects under attack</h2><p class=note>Distribution of per-mask expected "
       "CE (grid masks) on clean and adversarial versions of the same images.</p>",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cejax import effects as effects_lib
 from cejax import masks as masks_lib
@@ -22,16 +23,30 @@ from cejax import masks as masks_lib
 
 def _score_fn(logits_fn: Callable, targets):
   """Sum of the target logits over the batch: its gradient is per-image (the input may
-  be images, or features for a ``classify_fn``)."""
+  be images, or features for a ``classify_fn``).
+
+  A target outside ``[0, k)`` raises when it is concrete; a traced one (under ``jit``)
+  cannot, so its image's score is scaled by NaN and every map built from it is NaN.
+  """
 
   def score(images):
     logits = logits_fn(images).astype(jnp.float32)
-    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
+    k = logits.shape[-1]
+    if not isinstance(targets, jax.core.Tracer):
+      t = np.asarray(targets)
+      if t.size and (t.min() < 0 or t.max() >= k):
+        raise ValueError(f"targets must be class indices in [0, {k}), got {t.tolist()}.")
+    valid = (targets >= 0) & (targets < k)
+    picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, k - 1)[:, None], axis=1)[:, 0]
+    return (picked * jnp.where(valid, 1.0, jnp.nan)).sum()
 
   return score
 
 
 def _check(images, targets):
+  if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
+    raise ValueError(f"images must be floating point in the model's input space, got "
+                     f"dtype {jnp.result_type(images)}.")
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4:
     raise ValueError(f"images must be (n, h, w, c), got shape {images.shape}.")
@@ -65,13 +80,25 @@ def _noisy(images, key, num_samples, sigma):
   return images[None] + sigma * spread[None, :, None, None, None] * noise
 
 
-def smoothgrad(logits_fn, images, targets, *, key, num_samples: int = 16,
+def smoothgrad(logits_fn, images, targets, *, key, num_samples: int = 50,
                sigma: float = 0.15):
-  """Smilkov et al. (2017): the vanilla gradient map averaged over noisy copies."""
+  """SmoothGrad (Smilkov et al., 2017): ``max_c mean_i |d logit_t / d x_c (x + e_i)|``.
+
+  The mean over ``num_samples`` noisy copies of the absolute gradient, then the
+  maximum over channels: Captum's ``NoiseTunnel(Saliency(model), nt_type="smoothgrad")``
+  followed by the channel max of Simonyan et al.'s map. Defaults follow the paper:
+  50 samples at 15 % noise (they recommend 10-20 % and see little change past 50).
+
+  Args:
+    key: PRNG key; noise ``e = sigma * (max(x) - min(x)) * normal(key, (num_samples,
+      n, h, w, c))``, the spread taken per image.
+    num_samples: noisy copies.
+    sigma: noise level relative to each image's range.
+  """
   images, targets = _check(images, targets)
   noisy = _noisy(images, key, num_samples, sigma)
-  maps = jax.lax.map(lambda x: vanilla_gradient(logits_fn, x, targets), noisy)
-  return maps.mean(0)
+  grads = jax.lax.map(lambda x: jnp.abs(input_gradient(logits_fn, x, targets)), noisy)
+  return grads.mean(0).max(-1)
 
 
 def integrated_gradients(logits_fn, images, targets, *, baseline=None, steps: int = 32,
@@ -125,13 +152,13 @@ def grad_cam(features_fn, classify_fn, images, targets):
   return _upsample(jax.nn.relu((alpha * feats).sum(-1)), images.shape[1:3])
 
 
-def _grad_cam_pp_maps(feats, grads):
-  # Chattopadhay et al. (2018), eq. 19 with an exponential score, whose higher
-  # derivatives are powers of the first one.
-  g2, g3 = grads**2, grads**3
-  denom = 2 * g2 + feats.sum((1, 2), keepdims=True) * g3
-  alpha = g2 / jnp.where(denom != 0, denom, 1.0)
-  weights = (alpha * jax.nn.relu(grads)).sum((1, 2), keepdims=True)
+def _grad_cam_pp_maps(feats, d1, d2, d3):
+  # Chattopadhay et al. (2018), eq. 19: alpha = d2 / (2 d2 + sum_ab A_ab d3), with the
+  # derivatives of exp(score), whose common factor exp(score) cancels; the weights
+  # are sum_ab alpha ReLU(d1).
+  denom = 2 * d2 + feats.sum((1, 2), keepdims=True) * d3
+  alpha = d2 / jnp.where(denom != 0, denom, 1.0)
+  weights = (alpha * jax.nn.relu(d1)).sum((1, 2), keepdims=True)
   return jax.nn.relu((weights * feats).sum(-1))
 
 
@@ -139,25 +166,41 @@ def grad_cam_pp(features_fn, classify_fn, images, targets):
   """Grad-CAM++ (Chattopadhay et al., 2018)."""
   images, targets = _check(images, targets)
   feats, grads = _feature_grads(features_fn, classify_fn, images, targets)
-  return _upsample(_grad_cam_pp_maps(feats, grads), images.shape[1:3])
+  return _upsample(_grad_cam_pp_maps(feats, grads, grads**2, grads**3), images.shape[1:3])
 
 
 def smooth_grad_cam_pp(features_fn, classify_fn, images, targets, *, key,
-                       num_samples: int = 16, sigma: float = 0.15):
-  """Smooth Grad-CAM++ (Omeiza et al., 2019): Grad-CAM++ averaged over noisy copies."""
+                       num_samples: int = 50, sigma: float = 0.15):
+  """Smooth Grad-CAM++ (Omeiza et al., 2019).
+
+  The first, second and third derivatives of the score with respect to the feature
+  map are each averaged over ``num_samples`` noisy copies of the input
+  (``D^k = mean_i (dS/dA (x + e_i))^k``), then Grad-CAM++'s coefficients are formed
+  from the averages and applied to the **clean** input's activations ``A(x)``. Noise
+  as in ``smoothgrad`` (50 samples at 15 % by default).
+  """
   images, targets = _check(images, targets)
   noisy = _noisy(images, key, num_samples, sigma)
-  maps = jax.lax.map(lambda x: grad_cam_pp(features_fn, classify_fn, x, targets), noisy)
-  return maps.mean(0)
+  clean = features_fn(images).astype(jnp.float32)
+
+  def moments(x):
+    _, g = _feature_grads(features_fn, classify_fn, x, targets)
+    return g, g**2, g**3
+
+  d1, d2, d3 = jax.tree.map(lambda m: m.mean(0), jax.lax.map(moments, noisy))
+  return _upsample(_grad_cam_pp_maps(clean, d1, d2, d3), images.shape[1:3])
 
 
-def rise(logits_fn, images, targets, *, key, num_masks: int = 1000, cells: int = 8,
+def rise(logits_fn, images, targets, *, key, num_masks: int = 4000, cells: int = 8,
          p: float = 0.5, batch_size: int = 100, activation: str = "softmax"):
-  """RISE (Petsiuk et al., 2018) on the CE machinery.
+  """RISE (Petsiuk et al., 2018): ``S(x) = sum_i f_t(I * M_i) M_i(x) / (N p)``.
 
-  ``ce_map(weighting="rise")`` of the probability effect: ``sum_i (q_i - p) kept_i /
-  (N p)``, which is RISE's saliency minus a constant (the clean probability), so it
-  ranks pixels identically. Mask draws come from ``key`` (the same for every image).
+  ``M_i`` are the *kept* masks of ``masks.rise_masks`` (Petsiuk's generator: an
+  ``s x s`` Bernoulli(p) grid upsampled bilinearly to ``(s + 1) x cell`` and cropped at
+  a random shift), ``I * M_i`` keeps the image where ``M_i`` is 1 and puts 0 (in the
+  model's input space, as in their code) elsewhere, and ``f_t`` is the target's
+  probability. Mask draws come from ``key`` and are the same for every image. The
+  default ``num_masks`` is Petsiuk's 4000 for ResNet-50 at 224 px (their ``s = 7``).
   """
   images, targets = _check(images, targets)
   recipe = masks_lib.rise_masks(key, num=num_masks, shape=images.shape[1:3], cells=cells,
@@ -167,16 +210,26 @@ def rise(logits_fn, images, targets, *, key, num_masks: int = 1000, cells: int =
     result = effects_lib.causal_effect(
         logits_fn, image, recipe, estimand="probability", target=target,
         batch_size=batch_size, activation=activation, intervention="zero")
-    return effects_lib.ce_map(result.effects, recipe, weighting="rise",
-                              batch_size=batch_size)
+    # effects are q_i - p_t: add p_t back for RISE's f_t(I * M_i).
+    clean = effects_lib.activate(result.clean_logits, activation)
+    probs = result.effects + clean[jnp.clip(result.target, 0, clean.shape[-1] - 1)]
+    return effects_lib.ce_map(probs, recipe, weighting="rise", batch_size=batch_size)
 
   return jax.lax.map(lambda a: one(*a), (images, targets))
 
 
 def occlusion(logits_fn, images, targets, *, window: int, stride: int, batch_size: int = 64,
               activation: str = "softmax"):
-  """Zeiler & Fergus (2014), averaged over overlapping windows like Captum's Occlusion:
-  the drop in target probability when a window is filled with zeros."""
+  """Occlusion (Zeiler & Fergus, 2014), equal to Captum's ``Occlusion``.
+
+  Each pixel gets the mean, over the windows covering it, of the drop in target
+  probability when the window is set to 0 (in the model's input space): Captum's
+  ``Occlusion(lambda x: softmax(model(x))).attribute(x, target=t,
+  sliding_window_shapes=(c, window, window), strides=(c, stride, stride),
+  baselines=0)``. Windows are placed as Captum places them
+  (``masks.sliding_window_masks``). This is the CE map of the ``probability``
+  estimand with sliding windows and the ``"zero"`` intervention, sign flipped.
+  """
   images, targets = _check(images, targets)
   mask_set = masks_lib.sliding_window_masks(shape=images.shape[1:3], window=window,
                                             stride=stride)

@@ -27,12 +27,12 @@ def get_config():
   a.num_images = 32
   a.chunk_size = 4
   a.batch_size = 16
-  a.grid_cells = 7  # 32-pixel blocks
+  a.grid_cells = 10  # the paper's 10 x 10 grid (22-pixel blocks)
   a.window_div = 4  # 56-pixel windows ...
   a.stride_div = 8  # ... every 28 pixels
-  a.rise_masks = 200
+  a.rise_masks = 4000  # Petsiuk et al.'s count and cells at 224 px
   a.rise_cells = 7
-  a.noise_samples = 4
+  a.noise_samples = 50
   a.ig_steps = 8
   a.deletion_steps = 8
   a.sanity = False

@@ -56,13 +56,14 @@ def get_config():
   config.analysis.chunk_size = 16  # images per resumable unit of work
   config.analysis.seed = 0
   config.analysis.batch_size = 64  # masks per forward call
-  config.analysis.grid_cells = 8  # grid masks: n x n blocks
+  config.analysis.grid_cells = 10  # grid masks: n x n blocks (the paper's 10 x 10)
   config.analysis.window_div = 4  # sliding window = image size / 4 ...
   config.analysis.stride_div = 16  # ... moved by image size / 16
   config.analysis.rise_masks = 500
   config.analysis.rise_cells = 8
   config.analysis.latent_stage = "block2"
-  config.analysis.noise_samples = 8  # SmoothGrad and Smooth Grad-CAM++
+  config.analysis.noise_samples = 50  # SmoothGrad and Smooth Grad-CAM++ (Smilkov: ~50)
+  config.analysis.noise_level = 0.15  # noise std / image range (Smilkov: 10-20 %)
   config.analysis.ig_steps = 32
   config.analysis.deletion_steps = 16
   config.analysis.sanity = True

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
 from flax import nnx
 from jax import test_util as jtu
 
@@ -42,9 +43,31 @@ def setup():
   return make_logits_fn(), image, mask_set
 
 
-def reference_effect(logits_fn, image, mask, intervention, estimand, target, activation,
-                     key, index):
+def reference_fill(name, image, key):
+  """What each intervention writes, from its definition (never the library's ``fill``):
+  scipy for the blur; the documented draws (``fold_in(fold_in(key, i), d)``) for the
+  random ones."""
+  image = np.asarray(image, np.float64)
+  if name == "zero":
+    return np.zeros_like(image)
+  if name == "pixel":
+    return np.broadcast_to((0.2 - np.array([0.5, 0.4])) / np.array([0.25, 0.2]), image.shape)
+  if name == "mean":
+    return np.broadcast_to(image.mean((0, 1)), image.shape)
+  if name == "blur":
+    return scipy.ndimage.gaussian_filter(image, (1.5, 1.5, 0), mode="nearest")
+  if name == "reference":
+    return np.asarray(INTERVENTIONS["reference"].image, np.float64)
+  if name == "noise":
+    return 0.7 * np.asarray(jax.random.normal(key, image.shape), np.float64)
+  pool = np.asarray(INTERVENTIONS["imageset"].images, np.float64)
+  return pool[int(jax.random.randint(key, (), 0, len(pool)))]
+
+
+def reference_effect(logits_fn, image, mask, name, estimand, target, activation, key,
+                     index):
   """One mask, straight numpy where possible: the definition, written out."""
+  intervention = INTERVENTIONS[name]
   image = np.asarray(image, np.float64)
   mask = np.asarray(mask, np.float64)[..., None]
   act = (lambda z: np.exp(z - z.max()) / np.exp(z - z.max()).sum()) if activation == "softmax" \
@@ -55,14 +78,16 @@ def reference_effect(logits_fn, image, mask, intervention, estimand, target, act
   do_logits, do_probs = [], []
   for d in range(intervention.num_draws):
     k = jax.random.fold_in(jax.random.fold_in(key, index), d)
-    v = np.asarray(intervention.fill(jnp.asarray(image, jnp.float32), k), np.float64)
+    v = reference_fill(name, image, k)
     x = image * (1 - mask) + v * mask
     z = np.asarray(logits_fn(jnp.asarray(x[None], jnp.float32))[0], np.float64)
     do_logits.append(z)
     do_probs.append(act(z))
   z, q = np.mean(do_logits, 0), np.mean(do_probs, 0)
-  if estimand == "expected":
+  if estimand == "expected" and activation == "softmax":
     return np.sum(p * (q - p))
+  if estimand == "expected":  # each finding a binary variable: sum_y p(y)(q(y) - p(y))
+    return np.sum(p * (q - p) + (1 - p) * ((1 - q) - (1 - p)))
   if estimand == "probability":
     return q[t] - p[t]
   if estimand == "logit":
@@ -91,13 +116,14 @@ INTERVENTIONS = {
 def test_sweep_equals_python_loop(setup, name, estimand):
   logits_fn, image, mask_set = setup
   intervention = INTERVENTIONS[name]
-  activation = "sigmoid" if estimand in ("per_class", "kl") and name == "zero" else "softmax"
+  sigmoid_cases = ("per_class", "kl", "expected", "probability")
+  activation = "sigmoid" if estimand in sigmoid_cases and name == "zero" else "softmax"
   key = jax.random.key(7)
   result = effects.causal_effect(logits_fn, image, mask_set, intervention=intervention,
                                  estimand=estimand, batch_size=4, key=key,
                                  activation=activation)
   expected = np.stack([
-      reference_effect(logits_fn, image, m, intervention, estimand, None, activation, key, i)
+      reference_effect(logits_fn, image, m, name, estimand, None, activation, key, i)
       for i, m in enumerate(mask_set)])
   np.testing.assert_allclose(result.effects, expected, rtol=1e-5, atol=1e-6)
   assert int(result.target) == int(np.argmax(logits_fn(image[None])[0]))
@@ -182,11 +208,16 @@ def test_gradient_matches_finite_differences(setup):
 
 
 def test_ce_map_coverage_and_sliding_borders():
-  sliding = masks.sliding_window_masks(shape=(10, 10), window=4, stride=3)
-  # starts 0, 3, 6 in each direction; last window flush with the edge
+  sliding = masks.sliding_window_masks(shape=(10, 10), window=4, stride=4)
+  # Captum's placement: starts 0, 4, 8; the last window is cut at the edge (no extra
+  # window flush with it).
+  assert masks.window_starts(10, 4, 4) == [0, 4, 8]
+  assert masks.window_starts(10, 4, 3) == [0, 3, 6]
   coverage = np.asarray(sliding.sum(0))
-  np.testing.assert_array_equal(coverage[0], [1, 1, 1, 2, 1, 1, 2, 1, 1, 1])
-  np.testing.assert_array_equal(coverage[:, 9], [1, 1, 1, 2, 1, 1, 2, 1, 1, 1])
+  np.testing.assert_array_equal(coverage, np.ones((10, 10)))
+  np.testing.assert_array_equal(sliding[2].sum(0), [0] * 8 + [4, 4])
+  with pytest.raises(ValueError, match="larger than window"):
+    masks.sliding_window_masks(shape=(10, 10), window=3, stride=4)
   effects_ = jnp.arange(len(sliding), dtype=jnp.float32)
   cmap = effects.ce_map(effects_, sliding, batch_size=4)
   loop = sum(e * m for e, m in zip(np.asarray(effects_), np.asarray(sliding))) / coverage
@@ -194,6 +225,26 @@ def test_ce_map_coverage_and_sliding_borders():
   # grid blocks partition the image
   grid = masks.grid_masks(shape=(10, 7), n=3)
   np.testing.assert_array_equal(grid.sum(0), np.ones((10, 7)))
+
+
+def test_ce_map_rise_weighting_is_the_kept_weighted_sum():
+  recipe = masks.rise_masks(jax.random.key(2), num=23, shape=(9, 7), cells=3, p=0.3)
+  values = np.asarray(jax.random.normal(jax.random.key(3), (23, 2)))
+  kept = 1 - np.asarray(recipe(jnp.arange(23)), np.float64)
+  ref = np.einsum("mk,mhw->hwk", values, kept) / (23 * 0.3)
+  np.testing.assert_allclose(effects.ce_map(values, recipe, weighting="rise", batch_size=5),
+                             ref, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="needs the RiseMasks recipe"):
+    effects.ce_map(values[:, 0], recipe(jnp.arange(23)), weighting="rise")
+
+
+def test_blur_equals_scipy_gaussian_filter():
+  image = np.asarray(jax.random.normal(jax.random.key(4), (13, 11, 2)))
+  for sigma in (0.8, 2.0, 5.0):
+    ref = scipy.ndimage.gaussian_filter(image.astype(np.float64), (sigma, sigma, 0),
+                                        mode="nearest")
+    np.testing.assert_allclose(effects.Blur(sigma=sigma).fill(jnp.asarray(image), None), ref,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_rise_masks_keep_fraction_p():
@@ -229,6 +280,34 @@ def test_bad_input_raises_clear_errors(setup):
     ce(intervention="gray")
   with pytest.raises(ValueError, match="pass key="):
     ce(intervention=effects.GaussianNoise())
+  with pytest.raises(ValueError, match="floating point"):
+    ce(image=jnp.round(image * 10).astype(jnp.int32))
+  with pytest.raises(ValueError, match=r"masks must lie in \[0, 1\]"):
+    ce(masks=mask_set * 2)
+  with pytest.raises(ValueError, match=r"masks must lie in \[0, 1\]"):
+    effects.intervene(image, -mask_set[0], 0.0)
+  with pytest.raises(ValueError, match="Unknown activation"):
+    ce(activation="softmx")
+
+
+def test_bad_values_under_jit_are_nan_never_silent(setup):
+  """Traced values cannot raise: the documented contract is a NaN result."""
+  logits_fn, image, mask_set = setup
+  ce = jax.jit(lambda im, m, t: effects.causal_effect(
+      logits_fn, im, m, estimand="probability", target=t, batch_size=4).effects)
+  good = np.asarray(ce(image, mask_set, 1))
+  assert np.isfinite(good).all()
+  for bad_target in (4, -1, 100):  # out of range: never clamped, never wrapped
+    assert np.isnan(np.asarray(ce(image, mask_set, bad_target))).all()
+  assert np.isnan(np.asarray(ce(image.at[3, 4, 1].set(jnp.nan), mask_set, 1))).all()
+  out = np.asarray(ce(image, mask_set.at[2, 0, 0].set(1.5), 1))
+  assert np.isnan(out[2]) and np.isfinite(np.delete(out, 2)).all()
+  np.testing.assert_allclose(np.delete(out, 2), np.delete(good, 2))
+  # vmap over images: the bad image only.
+  images = jnp.stack([image, image.at[0, 0, 0].set(jnp.inf)])
+  out = jax.vmap(lambda im: effects.causal_effect(logits_fn, im, mask_set,
+                                                  batch_size=4).effects)(images)
+  assert np.isfinite(np.asarray(out[0])).all() and np.isnan(np.asarray(out[1])).all()
 
 
 # --- latent --------------------------------------------------------------------------

@@ -1,0 +1,235 @@
+"""Saliency baselines against references nobody here wrote: Captum on the same network
+in PyTorch (imported with ``cejax.convert``), scikit-image for RISE's masks, and the
+papers' formulas written out in numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cejax import checkpoint, convert, masks, saliency
+
+torch = pytest.importorskip("torch")
+captum_attr = pytest.importorskip("captum.attr")
+from torch_densenet import tiny  # noqa: E402
+
+SIZE, CLASSES = 32, 5
+
+
+class _WithReLU(torch.nn.Module):
+  """The DenseNet with its final ReLU as a module, so Captum can hook the feature map."""
+
+  def __init__(self, net):
+    super().__init__()
+    self.net, self.relu = net, torch.nn.ReLU()
+
+  def forward(self, x):
+    h = self.relu(self.net.features(x))
+    return self.net.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+@pytest.fixture(scope="module")
+def pair():
+  """The same random tiny DenseNet in PyTorch and, imported, in JAX; images and targets."""
+  net = tiny(seed=3, classes=CLASSES, in_channels=1)
+  graphdef, params, stats, _ = convert.import_densenet(net.state_dict())
+  logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
+  features_fn, classify_fn = checkpoint.make_cam_fns(graphdef, params, stats)
+  x = np.asarray(jax.random.normal(jax.random.key(0), (3, SIZE, SIZE, 1)), np.float32)
+  targets = np.array([0, 3, 4])
+  return _WithReLU(net).eval(), logits_fn, features_fn, classify_fn, x, targets
+
+
+def _nchw(x):
+  return torch.tensor(np.asarray(x).transpose(0, 3, 1, 2)).requires_grad_(True)
+
+
+def _hw(attr):
+  return attr.detach().numpy().transpose(0, 2, 3, 1)  # NCHW -> NHWC
+
+
+def test_gradient_methods_equal_captum(pair):
+  torch_model, logits_fn, _, _, x, t = pair
+  target = torch.tensor(t)
+  ref = _hw(captum_attr.Saliency(torch_model).attribute(_nchw(x), target=target, abs=True))
+  np.testing.assert_allclose(saliency.vanilla_gradient(logits_fn, x, t), ref.max(-1),
+                             rtol=1e-4, atol=1e-6)
+  ref = _hw(captum_attr.InputXGradient(torch_model).attribute(_nchw(x), target=target))
+  np.testing.assert_allclose(saliency.gradient_x_input(logits_fn, x, t), ref.sum(-1),
+                             rtol=1e-4, atol=1e-6)
+  ig = captum_attr.IntegratedGradients(torch_model)
+  ref = _hw(ig.attribute(_nchw(x), baselines=0.0, target=target, n_steps=16,
+                         method="riemann_middle"))
+  np.testing.assert_allclose(saliency.integrated_gradients(logits_fn, x, t, steps=16),
+                             ref.sum(-1), rtol=1e-3, atol=1e-5)
+
+
+def test_smoothgrad_is_the_noise_tunnel_mean_of_captum_saliency(pair):
+  torch_model, logits_fn, _, _, x, t = pair
+  key, n, sigma = jax.random.key(7), 6, 0.15
+  ours = saliency.smoothgrad(logits_fn, x, t, key=key, num_samples=n, sigma=sigma)
+  # The documented noise, then NoiseTunnel's averaging of |gradient| as a loop.
+  spread = x.max((1, 2, 3)) - x.min((1, 2, 3))
+  noise = np.asarray(jax.random.normal(key, (n,) + x.shape))
+  sal = captum_attr.Saliency(torch_model)
+  ref = np.mean([_hw(sal.attribute(_nchw(x + sigma * spread[:, None, None, None] * e),
+                                   target=torch.tensor(t), abs=True)) for e in noise], 0)
+  np.testing.assert_allclose(ours, ref.max(-1), rtol=1e-4, atol=1e-6)
+
+
+def test_grad_cam_equals_captum_layer_grad_cam(pair):
+  torch_model, _, features_fn, classify_fn, x, t = pair
+  cam = captum_attr.LayerGradCam(torch_model, torch_model.relu)
+  attr = cam.attribute(_nchw(x), target=torch.tensor(t), relu_attributions=True)
+  ref = captum_attr.LayerAttribution.interpolate(attr, (SIZE, SIZE), "bilinear")
+  np.testing.assert_allclose(saliency.grad_cam(features_fn, classify_fn, x, t),
+                             _hw(ref)[..., 0], rtol=1e-4, atol=1e-6)
+
+
+def test_occlusion_equals_captum_including_a_truncated_last_window(pair):
+  torch_model, logits_fn, _, _, x, t = pair
+  probs = lambda inp: torch.softmax(torch_model(inp), -1)
+  # (32 - 7) % 5 == 0 and (32 - 6) % 4 == 2: the second leaves a cut last window.
+  for window, stride in ((7, 5), (6, 4)):
+    ref = captum_attr.Occlusion(probs).attribute(
+        _nchw(x), target=torch.tensor(t), sliding_window_shapes=(1, window, window),
+        strides=(1, stride, stride), baselines=0)
+    ours = saliency.occlusion(logits_fn, x, t, window=window, stride=stride)
+    np.testing.assert_allclose(ours, _hw(ref)[..., 0], rtol=1e-4, atol=2e-6)
+  with pytest.raises(ValueError, match="larger than window"):
+    saliency.occlusion(logits_fn, x, t, window=4, stride=5)
+
+
+def test_rise_is_petsiuks_formula():
+  """``S = sum_i f_t(I * M_i) M_i / (N p)``, in numpy from the materialised kept masks,
+  on a linear softmax model."""
+  rng = np.random.default_rng(0)
+  h, w, c, k = 12, 10, 2, 3
+  weights = rng.normal(size=(h * w * c, k)).astype(np.float32)
+  logits_fn = lambda x: x.reshape(len(x), -1) @ weights
+  x = rng.normal(size=(2, h, w, c)).astype(np.float32)
+  t = np.array([2, 0])
+  key, n, p = jax.random.key(3), 37, 0.4
+  ours = saliency.rise(logits_fn, x, t, key=key, num_masks=n, cells=3, p=p, batch_size=8)
+  kept = 1.0 - np.asarray(masks.rise_masks(key, num=n, shape=(h, w), cells=3, p=p)(
+      jnp.arange(n)), np.float64)
+  for i in range(2):
+    z = (x[i][None] * kept[..., None]).reshape(n, -1) @ weights.astype(np.float64)
+    prob = np.exp(z - z.max(1, keepdims=True))
+    prob = (prob / prob.sum(1, keepdims=True))[:, t[i]]
+    ref = np.tensordot(prob, kept, 1) / (n * p)
+    np.testing.assert_allclose(ours[i], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,cells", [((32, 32), 8), ((24, 17), 5), ((9, 9), 1)])
+def test_rise_masks_equal_petsiuks_generator(shape, cells):
+  """Petsiuk's code: ``resize(grid, (s + 1) * cell, order=1, mode='reflect')`` cropped at
+  a shift in [0, cell) (scikit-image is the reference for the upsampling)."""
+  resize = pytest.importorskip("skimage.transform").resize
+  recipe = masks.rise_masks(jax.random.key(1), num=40, shape=shape, cells=cells, p=0.5)
+  idx = jnp.arange(40)
+  grids, shifts = map(np.asarray, recipe.grids(idx))
+  ours = np.asarray(recipe(idx))
+  cell = np.ceil(np.array(shape) / cells).astype(int)
+  assert ((shifts >= 0) & (shifts < cell)).all()
+  for i in range(40):
+    up = resize(grids[i], (cells + 1) * cell, order=1, mode="reflect", anti_aliasing=False)
+    dy, dx = shifts[i]
+    np.testing.assert_allclose(1 - ours[i], up[dy:dy + shape[0], dx:dx + shape[1]],
+                               atol=1e-6)
+  # Every shift value is drawn; the grids are Bernoulli(0.5).
+  many = np.asarray(recipe.grids(jnp.arange(2000))[1])
+  for axis in (0, 1):
+    assert set(np.unique(many[:, axis])) == set(range(cell[axis]))
+  assert abs(float(np.asarray(recipe.grids(jnp.arange(2000))[0]).mean()) - 0.5) < 0.02
+
+
+def _quadratic_head(weights):
+  """Score ``S_t = sum_k W[k, t] mean_ab A_abk^2``: its feature gradient depends on A."""
+  classify_fn = lambda a: (a**2).mean((1, 2)) @ weights
+  grad = lambda a, t: 2 * a * weights[:, t][None, None, :] / (a.shape[0] * a.shape[1])
+  return classify_fn, grad
+
+
+def _grad_cam_pp_numpy(a, d1, d2, d3):
+  # Chattopadhay et al. (2018), eq. 19 with exp(S): alpha = d2 / (2 d2 + sum A d3).
+  denom = 2 * d2 + a.sum((0, 1), keepdims=True) * d3
+  alpha = np.where(denom != 0, d2 / np.where(denom != 0, denom, 1), 0)
+  weights = (alpha * np.maximum(d1, 0)).sum((0, 1))
+  return np.maximum((weights * a).sum(-1), 0)
+
+
+def test_grad_cam_pp_and_smooth_grad_cam_pp_equal_the_papers_formulas():
+  rng = np.random.default_rng(2)
+  weights = rng.normal(size=(3, 2)).astype(np.float32)
+  classify_fn, grad = _quadratic_head(weights)
+  features_fn = lambda x: x  # the 6x6x3 "image" is the feature map
+  x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+  t = np.array([1, 0])
+  pp = saliency.grad_cam_pp(features_fn, classify_fn, x, t)
+  for i in range(2):
+    g = grad(x[i].astype(np.float64), t[i])
+    np.testing.assert_allclose(pp[i], _grad_cam_pp_numpy(x[i], g, g**2, g**3),
+                               rtol=1e-4, atol=1e-6)
+  # Omeiza et al.: average D1, D2, D3 over noisy inputs, apply to the clean activations.
+  key, n, sigma = jax.random.key(5), 7, 0.2
+  ours = saliency.smooth_grad_cam_pp(features_fn, classify_fn, x, t, key=key,
+                                     num_samples=n, sigma=sigma)
+  spread = x.max((1, 2, 3)) - x.min((1, 2, 3))
+  noise = np.asarray(jax.random.normal(key, (n,) + x.shape), np.float64)
+  for i in range(2):
+    gs = np.stack([grad(x[i] + sigma * spread[i] * noise[j, i], t[i]) for j in range(n)])
+    ref = _grad_cam_pp_numpy(x[i], gs.mean(0), (gs**2).mean(0), (gs**3).mean(0))
+    np.testing.assert_allclose(ours[i], ref, rtol=1e-4, atol=1e-6)
+    # Not the mean of Grad-CAM++ maps of noisy inputs (the method it replaced).
+    naive = np.mean([_grad_cam_pp_numpy(x[i] + sigma * spread[i] * noise[j, i], g, g**2,
+                                        g**3) for j, g in enumerate(gs)], 0)
+    assert np.abs(naive - ref).max() > 1e-3
+
+
+def test_grad_cam_pp_with_a_linear_head_is_closed_form():
+  # GAP + linear head: dS/dA = W[k, t] / (h w) everywhere, so alpha_k = 1 / (2 + sum A_k
+  # W[k, t] / (h w)) and the weight is h w alpha_k ReLU(W[k, t]) / (h w).
+  wc = np.array([[1.0, -2.0], [0.5, 1.0], [-1.0, 0.3]], np.float32)
+  x = np.abs(np.random.default_rng(0).normal(size=(1, 4, 4, 3))).astype(np.float32)
+  ours = saliency.grad_cam_pp(lambda a: a, lambda a: a.mean((1, 2)) @ wc, x, np.array([1]))
+  g = wc[:, 1] / 16
+  alpha = g**2 / (2 * g**2 + x[0].sum((0, 1)) * g**3)
+  ref = np.maximum((16 * alpha * np.maximum(g, 0) * x[0]).sum(-1), 0)
+  np.testing.assert_allclose(ours[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cam_and_grad_cam_match_hand_computation():
+  # Feature map = the image itself (4x4, 3 channels); head = GAP + linear.
+  wc = jnp.array([[1.0, -2.0], [0.5, 1.0], [-1.0, 0.3]])  # (C=3, k=2)
+  classify_fn = lambda a: a.mean((1, 2)) @ wc + jnp.array([0.1, -0.2])
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 3))
+  t = jnp.array([1])
+  np.testing.assert_allclose(saliency.cam(lambda a: a, classify_fn, x, t)[0],
+                             (x[0] * wc[:, 1]).sum(-1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(saliency.grad_cam(lambda a: a, classify_fn, x, t)[0],
+                             jax.nn.relu((x[0] * wc[:, 1] / 16).sum(-1)), rtol=1e-5, atol=1e-6)
+
+
+def test_integrated_gradients_completeness_on_a_nonlinear_model(pair):
+  _, logits_fn, _, _, x, t = pair
+  ig = saliency.integrated_gradients(logits_fn, x, t, steps=256)
+  gap = np.take_along_axis(np.asarray(logits_fn(x) - logits_fn(np.zeros_like(x))),
+                           t[:, None], 1)[:, 0]
+  np.testing.assert_allclose(ig.sum((1, 2)), gap, rtol=1e-2, atol=1e-3)
+
+
+def test_bad_targets_raise_eagerly_and_give_nan_under_jit(pair):
+  _, logits_fn, features_fn, classify_fn, x, _ = pair
+  with pytest.raises(ValueError, match=r"class indices in \[0, 5\)"):
+    saliency.vanilla_gradient(logits_fn, x, np.array([0, 1, 5]))
+  with pytest.raises(ValueError, match="targets must have shape"):
+    saliency.vanilla_gradient(logits_fn, x, np.array([0]))
+  with pytest.raises(ValueError, match="floating point"):
+    saliency.vanilla_gradient(logits_fn, x.astype(np.int32), np.array([0, 1, 2]))
+  jitted = jax.jit(lambda t: saliency.grad_cam(features_fn, classify_fn, x, t))
+  out = np.asarray(jitted(jnp.array([0, 7, 1])))
+  assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+  out = np.asarray(jax.jit(lambda t: saliency.occlusion(logits_fn, x, t, window=8,
+                                                          stride=8))(jnp.array([0, 1, -1])))
+  assert np.isnan(out[2]).all() and np.isfinite(out[:2]).all()
