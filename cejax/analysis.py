@@ -504,10 +504,27 @@ def detection(results, *, attack: str, train_fraction: float = 0.5):
     scores = predict(xy["test"][0])
     fpr, tpr = metrics.roc_curve(scores, xy["test"][1])
     out[det] = {"auroc": metrics.auroc(scores, xy["test"][1]),
+                "auroc_ci": list(paired_auroc_interval(scores)),
                 "tpr_at_5fpr": metrics.tpr_at_fpr(scores, xy["test"][1], fpr=0.05),
                 "fpr": fpr.tolist(), "tpr": tpr.tolist(),
                 "n_train": int(len(parts["train"])), "n_test": int(len(parts["test"]))}
   return out
+
+
+def paired_auroc_interval(scores, *, num: int = 1000, level: float = 0.95, seed: int = 0):
+  """Percentile-bootstrap interval of the AUROC of ``scores`` = clean scores of ``n``
+  images followed by the adversarial scores of the same ``n`` images (label 0 then 1);
+  images are resampled with their clean/adversarial pair kept together."""
+  scores = np.asarray(scores, np.float64)
+  n = len(scores) // 2
+  rng = np.random.default_rng(seed)
+  labels = np.r_[np.zeros(n), np.ones(n)]
+  aucs = []
+  for _ in range(num):
+    i = rng.integers(0, n, n)
+    aucs.append(metrics.auroc(np.r_[scores[:n][i], scores[n:][i]], labels))
+  lo, hi = np.quantile(aucs, [(1 - level) / 2, (1 + level) / 2])
+  return float(lo), float(hi)
 
 
 def summarize(results, *, settings) -> dict[str, Any]:

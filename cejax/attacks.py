@@ -233,8 +233,8 @@ def pgd(logits_fn, images, labels, *, key, eps, steps=20, step_size=None, norm="
 
 
 def bpda_pgd(logits_fn, images, labels, *, key, defense: Callable, eps, steps=20,
-             step_size=None, norm="linf", restarts=1, targeted=False, multi_label=False,
-             space: PixelSpace) -> AttackResult:
+             step_size=None, norm="linf", restarts=1, random_start=True, targeted=False,
+             multi_label=False, space: PixelSpace) -> AttackResult:
   """PGD through a non-differentiable input defense with BPDA (Athalye et al., 2018).
 
   The forward pass applies ``defense`` (pixels -> pixels); the backward pass treats
@@ -246,8 +246,8 @@ def bpda_pgd(logits_fn, images, labels, *, key, defense: Callable, eps, steps=20
     return logits_fn(space.normalize(x))
 
   return pgd(defended, images, labels, key=key, eps=eps, steps=steps, step_size=step_size,
-             norm=norm, restarts=restarts, targeted=targeted, multi_label=multi_label,
-             space=space)
+             norm=norm, restarts=restarts, random_start=random_start, targeted=targeted,
+             multi_label=multi_label, space=space)
 
 
 def carlini_wagner_l2(logits_fn, images, labels, *, key=None, steps=100,

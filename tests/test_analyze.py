@@ -39,22 +39,31 @@ def test_analyze_writes_a_complete_report_and_resumes(trained_tiny):
   summary = json.loads((out / "metrics.json").read_text())
   assert summary["num_images"] == 8
   methods = summary["methods"]
-  for m in ("ce_sliding", "ce_grid", "ce_per_class", "ce_rise", "ce_latent", "grad_cam",
+  assert summary["pointing_tolerance_px"] == 15 * 32 / 224
+  for m in ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "grad_cam",
             "grad_cam_pp", "smoothgrad", "integrated_gradients", "rise", "occlusion"):
     mean, lo, hi = methods[m]["pointing"]
     assert 0 <= lo <= mean <= hi <= 1, (m, methods[m]["pointing"])
     assert len(methods[m]["t_iou"]) == 7
+    for curve in ("deletion_zero", "deletion_blur", "insertion_blur"):
+      assert 0 <= methods[m][curve][0] <= 1, (m, curve)
   assert set(summary["detection"]) == {"fgsm@8", "pgd@8"}
   assert "error_diffusion/bpda_pgd" in summary["defenses"]
   for name in ("localization.csv", "detection.csv", "per_image.csv"):
     assert len((out / name).read_text().splitlines()) > 2
-  # A killed run resumes: the finished chunk is kept, the missing one recomputed the same.
+  # A killed run resumes: the finished chunk is kept, the missing one recomputed the same,
+  # here by the second of two workers sharing the directory.
   chunks = sorted((out / "chunks").glob("*.npz"))
   assert len(chunks) == 2
   before = dict(np.load(chunks[1]))
   kept_mtime = chunks[0].stat().st_mtime_ns
   chunks[1].unlink()
-  _analyze(config, workdir)
+  (out / "report.html").unlink()
+  proc, _ = _analyze(config, workdir, "--num_workers=2", "--worker=0")
+  assert "1 chunks are other workers'" in proc.stdout and not chunks[1].exists()
+  assert not (out / "report.html").exists()
+  proc, _ = _analyze(config, workdir, "--num_workers=2", "--worker=1")
+  assert "Report:" in proc.stdout and (out / "report.html").exists()
   assert chunks[0].stat().st_mtime_ns == kept_mtime
   after = dict(np.load(chunks[1]))
   assert set(after) == set(before)

@@ -9,6 +9,15 @@ from cejax import attacks, checkpoint, defenses, sharding
 from cejax.data import pipeline
 
 H = W = 6
+PIXELS = attacks.PixelSpace()  # these toy models take [0, 1] pixels as they are
+
+
+def _ce_grad(w, x, y):
+  """d CE / dx of the linear model ``x @ w`` by hand: ``W (softmax(z) - onehot(y))``."""
+  z = x.reshape(len(x), -1) @ w
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  return ((p - np.eye(w.shape[1])[y]) @ w.T).reshape(x.shape)
 
 
 def _linear(k=3, c=1, seed=0):
@@ -24,10 +33,10 @@ def test_fgsm_equals_closed_form_on_a_linear_model():
   # d CE / dx = W (softmax(z) - onehot(y)), by hand.
   z = x.reshape(4, -1) @ w
   grad = ((jax.nn.softmax(z) - jax.nn.one_hot(y, 3)) @ w.T).reshape(x.shape)
-  res = attacks.fgsm(logits_fn, x, y, eps=eps)
+  res = attacks.fgsm(logits_fn, x, y, eps=eps, space=PIXELS)
   np.testing.assert_allclose(res.images, x + eps * jnp.sign(grad), atol=1e-6)
   np.testing.assert_allclose(res.linf, eps, rtol=1e-5)
-  targeted = attacks.fgsm(logits_fn, x, y, eps=eps, targeted=True)
+  targeted = attacks.fgsm(logits_fn, x, y, eps=eps, targeted=True, space=PIXELS)
   np.testing.assert_allclose(targeted.images, x - eps * jnp.sign(grad), atol=1e-6)
 
 
@@ -47,24 +56,101 @@ def test_gradient_matches_finite_differences_through_normalization():
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_every_pgd_iterate_stays_in_the_ball_and_the_pixel_range(norm):
-  logits_fn, _ = _linear()
-  x = jax.random.uniform(jax.random.key(3), (5, H, W, 1))  # touches both bounds
+def test_pgd_equals_a_numpy_loop_iterate_by_iterate(norm):
+  """Without a random start PGD is deterministic: every step (ascent, projection onto
+  the ball, clip to pixels) is checked by running 1..5 steps against a numpy loop."""
+  logits_fn, w = _linear()
+  w = np.asarray(w, np.float64)
+  x = np.asarray(jax.random.uniform(jax.random.key(3), (5, H, W, 1)))  # touches bounds
+  y = np.array([0, 1, 2, 0, 1])
+  eps = 0.1 if norm == "linf" else 0.5
+  ref = x.astype(np.float64)
+  for steps in range(1, 6):
+    g = _ce_grad(w, ref, y)
+    if norm == "linf":
+      ref = np.clip(np.clip(ref + eps / 2 * np.sign(g), x - eps, x + eps), 0, 1)
+    else:
+      ref = ref + eps / 2 * g / np.linalg.norm(g.reshape(5, -1), axis=1)[:, None, None, None]
+      d = (ref - x).reshape(5, -1)
+      d *= np.minimum(1, eps / np.linalg.norm(d, axis=1))[:, None]
+      ref = np.clip(x + d.reshape(x.shape), 0, 1)
+    res = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=steps,
+                      step_size=eps / 2, norm=norm, random_start=False, space=PIXELS)
+    np.testing.assert_allclose(res.images, ref, atol=1e-5, err_msg=f"step {steps}")
+  assert float(jnp.abs(res.images - x).max()) > 0.05  # it moved
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_with_random_restarts_stays_in_the_ball_and_raises_the_loss(norm):
+  logits_fn, w = _linear()
+  x = jax.random.uniform(jax.random.key(3), (5, H, W, 1))
   y = jnp.array([0, 1, 2, 0, 1])
   eps = 0.1 if norm == "linf" else 0.5
-  # Iterate s of a run equals the result of a run with steps=s (same key, step size).
-  for steps in range(1, 6):
-    res = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=steps,
-                      step_size=eps / 2, norm=norm)
-    assert float(res.images.min()) >= 0.0 and float(res.images.max()) <= 1.0
-    bound = res.linf if norm == "linf" else res.l2
-    assert float(bound.max()) <= eps * (1 + 1e-5), (steps, bound)
+  res = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=10,
+                    norm=norm, restarts=3, space=PIXELS)
+  assert float(res.images.min()) >= 0.0 and float(res.images.max()) <= 1.0
+  bound = res.linf if norm == "linf" else res.l2
+  assert float(bound.max()) <= eps * (1 + 1e-5)
+  ce = lambda z: -jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], 1)[:, 0]
+  assert bool((ce(res.logits) > ce(logits_fn(x)) + 1e-3).all())
+
+
+def test_bim_equals_foolbox_and_mifgsm_equals_a_numpy_loop():
+  fb = pytest.importorskip("foolbox")
+  logits_fn, w = _linear(k=4)
+  x = jax.random.uniform(jax.random.key(9), (6, H, W, 1))
+  y = jnp.array([0, 1, 2, 3, 0, 1])
+  eps = 0.05
+  model = fb.JAXModel(logits_fn, bounds=(0, 1))
+  _, ref, _ = fb.attacks.LinfBasicIterativeAttack(abs_stepsize=0.01, steps=7)(
+      model, x, y, epsilons=eps)
+  ours = attacks.bim(logits_fn, x, y, eps=eps, steps=7, step_size=0.01, space=PIXELS)
+  np.testing.assert_allclose(ours.images, np.asarray(ref), atol=1e-6)
+  # MI-FGSM (Dong et al., 2018, Alg. 1): g <- mu g + grad / ||grad||_1; x <- x + a sign(g).
+  w64, x0, yn = np.asarray(w, np.float64), np.asarray(x, np.float64), np.asarray(y)
+  ref, momentum = x0.copy(), np.zeros_like(x0)
+  for _ in range(6):
+    g = _ce_grad(w64, ref, yn)
+    momentum = 0.8 * momentum + g / np.abs(g).reshape(6, -1).sum(1)[:, None, None, None]
+    ref = np.clip(np.clip(ref + eps / 6 * np.sign(momentum), x0 - eps, x0 + eps), 0, 1)
+  ours = attacks.mifgsm(logits_fn, x, y, eps=eps, steps=6, decay=0.8, space=PIXELS)
+  np.testing.assert_allclose(ours.images, ref, atol=1e-5)
+
+
+def test_bpda_pgd_differentiates_through_the_defense_as_the_identity():
+  logits_fn, w = _linear()
+  w64 = np.asarray(w, np.float64)
+  x = np.asarray(jax.random.uniform(jax.random.key(4), (4, H, W, 1)))
+  y = np.array([0, 1, 2, 1])
+  defense = lambda p: defenses.bit_depth(p, bits=3)
+  quantize = lambda p: np.round(p * 7) / 7
+  eps, ref = 0.08, x.astype(np.float64)
+  for _ in range(5):  # the gradient is taken at the defended input, passed straight back
+    g = _ce_grad(w64, quantize(ref), y)
+    ref = np.clip(np.clip(ref + 0.02 * np.sign(g), x - eps, x + eps), 0, 1)
+  res = attacks.bpda_pgd(logits_fn, x, y, key=jax.random.key(0), defense=defense, eps=eps,
+                         steps=5, step_size=0.02, random_start=False, space=PIXELS)
+  np.testing.assert_allclose(res.images, ref, atol=1e-5)
+  # Logits and success are the defended model's.
+  np.testing.assert_allclose(res.logits, quantize(ref).reshape(4, -1) @ w64, atol=1e-4)
+
+
+def test_attacks_require_the_pixel_space():
+  logits_fn, _ = _linear()
+  x = jax.random.uniform(jax.random.key(6), (2, H, W, 1))
+  with pytest.raises(TypeError, match="space"):
+    attacks.fgsm(logits_fn, x, jnp.array([0, 1]), eps=0.1)
+
+
+def _binary(seed):
+  w = jax.random.normal(jax.random.key(seed), (H * W,))
+  b = 0.3
+  logits_fn = lambda x: jnp.stack([jnp.zeros(len(x)), x.reshape(len(x), -1) @ w + b], 1)
+  return logits_fn, w, b
 
 
 def test_deepfool_reaches_the_analytic_boundary_of_a_linear_binary_model():
-  w = jax.random.normal(jax.random.key(4), (H * W,))
-  b = 0.3
-  logits_fn = lambda x: jnp.stack([jnp.zeros(len(x)), x.reshape(len(x), -1) @ w + b], 1)
+  logits_fn, w, b = _binary(4)
   x = jax.random.normal(jax.random.key(5), (4, H, W, 1))
   labels = jnp.argmax(logits_fn(x), -1)
   space = attacks.PixelSpace(low=-100.0, high=100.0)
@@ -74,19 +160,54 @@ def test_deepfool_reaches_the_analytic_boundary_of_a_linear_binary_model():
   assert bool(res.success.all())
 
 
+def test_deepfool_equals_foolbox_with_top_candidates():
+  fb = pytest.importorskip("foolbox")
+  w = jax.random.normal(jax.random.key(10), (H * W, 12)) * 0.5
+  logits_fn = lambda x: jnp.tanh(x.reshape(len(x), -1) @ w) * 3.0
+  x = jax.random.uniform(jax.random.key(11), (5, H, W, 1))
+  y = jnp.argmax(logits_fn(x), -1)  # correctly "classified" by construction
+  for candidates in (3, 12):
+    attack = fb.attacks.L2DeepFoolAttack(steps=30, candidates=candidates, overshoot=0.02)
+    _, ref, _ = attack(fb.JAXModel(logits_fn, bounds=(0, 1)), x, y, epsilons=None)
+    ours = attacks.deepfool(logits_fn, x, y, steps=30, candidates=candidates, space=PIXELS)
+    np.testing.assert_allclose(ours.images, np.asarray(ref), atol=1e-5)
+  with pytest.raises(ValueError, match="candidates must be >= 2"):
+    attacks.deepfool(logits_fn, x, y, candidates=1, space=PIXELS)
+
+
+@pytest.mark.parametrize("confidence", [0.0, 1.0])
+def test_carlini_wagner_finds_the_analytic_boundary_distance(confidence):
+  """On ``[0, x.w + b]`` the smallest L2 change reaching a margin of ``confidence`` is
+  ``(|x.w + b| + confidence) / ||w||``; C&W's search must end just past it."""
+  logits_fn, w, b = _binary(12)
+  x = jax.random.uniform(jax.random.key(13), (6, H, W, 1), minval=-0.4, maxval=0.4)
+  labels = jnp.argmax(logits_fn(x), -1)
+  space = attacks.PixelSpace(low=-2.0, high=2.0)
+  res = attacks.carlini_wagner_l2(logits_fn, x, labels, steps=500, learning_rate=0.002,
+                                  c=1e-3, confidence=confidence, search_steps=10,
+                                  space=space)
+  dist = (np.abs(np.asarray(x.reshape(6, -1) @ w + b)) + confidence) / float(
+      jnp.linalg.norm(w))
+  assert bool(res.success.all())
+  margin = np.abs(np.asarray(res.logits[:, 1] - res.logits[:, 0]))
+  assert (margin >= confidence - 1e-4).all()
+  assert (np.asarray(res.l2) >= dist * (1 - 1e-4)).all()  # nothing beats the boundary
+  np.testing.assert_allclose(res.l2, dist, rtol=0.05)  # and the search gets close to it
+
+
 def test_multi_label_attack_turns_a_finding_on():
   logits_fn, _ = _linear(k=4)
   x = jax.random.uniform(jax.random.key(6), (3, H, W, 1))
   on = (logits_fn(x) > 0).astype(jnp.float32)
   goal = on.at[:, 2].set(1 - on[:, 2])  # switch finding 2
   res = attacks.pgd(logits_fn, x, goal, key=jax.random.key(1), eps=0.5, steps=40,
-                    targeted=True, multi_label=True)
+                    targeted=True, multi_label=True, space=PIXELS)
   assert bool(res.success.all())
   with pytest.raises(ValueError, match="multi-hot"):
     attacks.pgd(logits_fn, x, jnp.array([0, 1, 2]), key=jax.random.key(1), eps=0.1,
-                multi_label=True)
+                multi_label=True, space=PIXELS)
   with pytest.raises(ValueError, match="pixel space"):
-    attacks.fgsm(logits_fn, x * 3 - 1, jnp.array([0, 1, 2]), eps=0.1)
+    attacks.fgsm(logits_fn, x * 3 - 1, jnp.array([0, 1, 2]), eps=0.1, space=PIXELS)
 
 
 def test_defenses():
@@ -165,18 +286,6 @@ def test_pgd_beats_random_noise_on_the_trained_model_and_is_deterministic(traine
                              attack(x[:n], y[:n]), atol=1e-6)
 
 
-def test_cw_finds_smaller_perturbations_than_pgd_l2(trained):
-  logits_fn, space, x, y = trained
-  x, y = x[:12], y[:12]
-  pgd = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=1.0, steps=20, norm="l2",
-                    space=space)
-  cw = attacks.carlini_wagner_l2(logits_fn, x, y, steps=60, learning_rate=0.01, c=1.0,
-                                 search_steps=4, space=space)
-  both = np.asarray(pgd.success & cw.success)
-  assert both.sum() >= 6
-  assert float(cw.l2[both].mean()) < float(pgd.l2[both].mean())
-
-
 def test_epsilon_sweep_is_one_vmapped_call(trained):
   logits_fn, space, x, y = trained
   eps = jnp.array([0.0, 2 / 255, 8 / 255])
@@ -199,10 +308,10 @@ def test_fgsm_and_pgd_agree_with_foolbox():
   model = fb.JAXModel(logits_fn, bounds=(0, 1))
   eps = 0.03
   _, ref, _ = fb.attacks.FGSM()(model, x, y, epsilons=eps)
-  ours = attacks.fgsm(logits_fn, x, y, eps=eps)
+  ours = attacks.fgsm(logits_fn, x, y, eps=eps, space=PIXELS)
   np.testing.assert_allclose(ours.images, np.asarray(ref), atol=1e-6)
   pgd_ref = fb.attacks.LinfPGD(abs_stepsize=0.01, steps=7, random_start=False)
   _, ref, _ = pgd_ref(model, x, y, epsilons=eps)
   ours = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=7,
-                     step_size=0.01, random_start=False)
+                     step_size=0.01, random_start=False, space=PIXELS)
   np.testing.assert_allclose(ours.images, np.asarray(ref), atol=1e-6)
