@@ -73,7 +73,10 @@ def main(argv):
   checkpoint.write_json_atomic(settings_file, recorded)
 
   indices = analysis.image_list(dataset, settings.split, settings.num_images)
-  with tqdm(total=len(indices), unit="image", desc="analyze") as bar:
+  size = settings.chunk_size
+  mine = sum(len(indices[start:start + size]) for c, start in
+             enumerate(range(0, len(indices), size)) if c % FLAGS.num_workers == FLAGS.worker)
+  with tqdm(total=mine, unit="image", desc=f"analyze (worker {FLAGS.worker})") as bar:
     paths = analysis.run_chunks(model, rand, dataset, out_dir=out, settings=settings,
                                 indices=indices, key=jax.random.key(settings.seed),
                                 progress=bar, worker=FLAGS.worker,
