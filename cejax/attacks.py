@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from cejax.compile import compile_once
+
 
 class PixelSpace(NamedTuple):
   """Valid pixel range and the normalisation the model applies to pixels.
@@ -119,6 +121,17 @@ def _check(images, labels, space, multi_label):
   return images, labels
 
 
+def _validate(args):
+  """Eager checks before the compiled attack (pixel range, label shape)."""
+  _check(args["images"], args["labels"], args["space"], args.get("multi_label", False))
+
+
+def _attack(*static):
+  """Compiled once per model, defense and hyperparameters (``cejax.compile``); images,
+  labels, ``eps``, ``key`` and the pixel space are traced arguments."""
+  return compile_once(static_argnames=("logits_fn",) + static, validate=_validate)
+
+
 def _project(x, clean, eps, norm, space):
   if norm == "linf":
     x = jnp.clip(x, clean - eps, clean + eps)
@@ -137,6 +150,7 @@ def _step(g, norm):
   return g / jnp.maximum(n, 1e-12).reshape(-1, *([1] * (g.ndim - 1)))
 
 
+@_attack("targeted", "multi_label")
 def fgsm(logits_fn, images, labels, *, key=None, eps, targeted=False, multi_label=False,
          space: PixelSpace) -> AttackResult:
   """Goodfellow et al. (2015): ``x + eps * sign(grad loss)`` (minus for targeted)."""
@@ -165,6 +179,7 @@ def _iterate(logits_fn, images, labels, start, *, eps, steps, step_size, norm, d
   return x
 
 
+@_attack("steps", "step_size", "targeted", "multi_label")
 def bim(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None,
         targeted=False, multi_label=False, space: PixelSpace) -> AttackResult:
   """I-FGSM / BIM (Kurakin et al., 2017): iterated FGSM steps projected to the eps-ball."""
@@ -177,6 +192,7 @@ def bim(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None,
   return _result(logits_fn, space, images, adv, labels, targeted, multi_label)
 
 
+@_attack("steps", "step_size", "decay", "targeted", "multi_label")
 def mifgsm(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None,
            decay=1.0, targeted=False, multi_label=False,
            space: PixelSpace) -> AttackResult:
@@ -190,6 +206,8 @@ def mifgsm(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None
   return _result(logits_fn, space, images, adv, labels, targeted, multi_label)
 
 
+@_attack("steps", "step_size", "norm", "restarts", "random_start", "targeted",
+         "multi_label")
 def pgd(logits_fn, images, labels, *, key, eps, steps=20, step_size=None, norm="linf",
         restarts=1, random_start=True, targeted=False, multi_label=False,
         space: PixelSpace) -> AttackResult:
@@ -232,6 +250,8 @@ def pgd(logits_fn, images, labels, *, key, eps, steps=20, step_size=None, norm="
   return _result(logits_fn, space, images, adv, labels, targeted, multi_label)
 
 
+@_attack("defense", "steps", "step_size", "norm", "restarts", "random_start", "targeted",
+         "multi_label")
 def bpda_pgd(logits_fn, images, labels, *, key, defense: Callable, eps, steps=20,
              step_size=None, norm="linf", restarts=1, random_start=True, targeted=False,
              multi_label=False, space: PixelSpace) -> AttackResult:
@@ -250,6 +270,7 @@ def bpda_pgd(logits_fn, images, labels, *, key, defense: Callable, eps, steps=20
              multi_label=multi_label, space=space)
 
 
+@_attack("steps", "learning_rate", "c", "confidence", "search_steps", "targeted")
 def carlini_wagner_l2(logits_fn, images, labels, *, key=None, steps=100,
                       learning_rate=0.01, c=1e-3, confidence=0.0, search_steps=9,
                       targeted=False, space: PixelSpace) -> AttackResult:
@@ -318,6 +339,7 @@ def carlini_wagner_l2(logits_fn, images, labels, *, key=None, steps=100,
   return _result(logits_fn, space, images, adv, labels, targeted, False)
 
 
+@_attack("steps", "overshoot", "candidates")
 def deepfool(logits_fn, images, labels, *, key=None, steps=50, overshoot=0.02,
              candidates: int | None = 10, space: PixelSpace) -> AttackResult:
   """DeepFool L2 (Moosavi-Dezfooli et al., 2016), untargeted, softmax models.

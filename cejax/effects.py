@@ -38,8 +38,10 @@ Memory is bounded by ``batch_size``: masks are processed ``batch_size`` at a tim
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +71,39 @@ class CEResult(NamedTuple):
 
 # --- interventions ---------------------------------------------------------------
 
-class Constant(NamedTuple):
+@runtime_checkable
+class Intervention(Protocol):
+  """What ``do(X_M = v)`` writes under a mask: any object with these members works.
+
+  ``fill(image, key)`` returns ``v``, an array of the image's shape ``(h, w, c)``;
+  ``key`` is ``None`` unless ``random`` is true, in which case the prediction is
+  averaged over ``num_draws`` fills, draw ``d`` of mask ``i`` with key
+  ``fold_in(fold_in(key, i), d)``. To pass one through ``jax.jit`` as an argument,
+  register it as a pytree with its arrays as data and ``num_draws``/``random`` as
+  static metadata (``jax.tree_util.register_dataclass``, as the built-ins are);
+  otherwise it must be hashable, and is treated as a static setting.
+  """
+
+  num_draws: int
+  random: bool
+
+  def fill(self, image: jax.Array, key: jax.Array | None) -> jax.Array: ...
+
+
+def _intervention_type(*, data, meta):
+  """A frozen dataclass that is a pytree: ``data`` fields are leaves (arrays, traced
+  under ``jit``), ``meta`` fields static (part of the compiled program's identity)."""
+
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data),
+                                            meta_fields=list(meta))
+
+  return wrap
+
+
+@_intervention_type(data=("value", "mean", "std"), meta=("space", "num_draws"))
+class Constant:
   """Fill with a constant.
 
   ``space="normalized"`` (default): ``value`` is in the model's input space, so
@@ -82,6 +116,7 @@ class Constant(NamedTuple):
   mean: Any = None
   std: Any = None
   num_draws: int = 1
+  random: ClassVar[bool] = False
 
   def fill(self, image, key):
     del key
@@ -96,18 +131,22 @@ class Constant(NamedTuple):
     return jnp.broadcast_to(v.astype(image.dtype), image.shape)
 
 
-class ImageMean(NamedTuple):
+@_intervention_type(data=(), meta=("num_draws",))
+class ImageMean:
   """Fill with the image's own per-channel mean."""
 
   num_draws: int = 1
+  random: ClassVar[bool] = False
 
   def fill(self, image, key):
     del key
     return jnp.broadcast_to(image.mean(axis=(0, 1)), image.shape)
 
 
-class Blur(NamedTuple):
-  """Fill with a Gaussian-blurred copy of the image (``sigma`` in pixels).
+@_intervention_type(data=(), meta=("sigma", "num_draws"))
+class Blur:
+  """Fill with a Gaussian-blurred copy of the image (``sigma`` in pixels, static: it
+  sets the kernel size).
 
   Equal to ``scipy.ndimage.gaussian_filter(image, (sigma, sigma, 0), mode="nearest")``
   (``filters.gaussian_blur``).
@@ -115,17 +154,20 @@ class Blur(NamedTuple):
 
   sigma: float = 5.0
   num_draws: int = 1
+  random: ClassVar[bool] = False
 
   def fill(self, image, key):
     del key
     return filters.gaussian_blur(image, sigma=self.sigma)
 
 
-class Reference(NamedTuple):
+@_intervention_type(data=("image",), meta=("num_draws",))
+class Reference:
   """Fill with a reference (baseline) image of the same shape, in model input space."""
 
   image: Any
   num_draws: int = 1
+  random: ClassVar[bool] = False
 
   def fill(self, image, key):
     del key
@@ -135,22 +177,26 @@ class Reference(NamedTuple):
     return ref
 
 
-class GaussianNoise(NamedTuple):
+@_intervention_type(data=("std", "mean"), meta=("num_draws",))
+class GaussianNoise:
   """Fill with i.i.d. ``N(mean, std^2)`` noise in model input space, ``num_draws`` times."""
 
   std: float = 1.0
   mean: float = 0.0
   num_draws: int = 8
+  random: ClassVar[bool] = True
 
   def fill(self, image, key):
     return self.mean + self.std * jax.random.normal(key, image.shape, image.dtype)
 
 
-class ImageSet(NamedTuple):
+@_intervention_type(data=("images",), meta=("num_draws",))
+class ImageSet:
   """Fill with images drawn uniformly from ``images (n, h, w, c)``, ``num_draws`` times."""
 
   images: Any
   num_draws: int = 8
+  random: ClassVar[bool] = True
 
   def fill(self, image, key):
     images = jnp.asarray(self.images, image.dtype)
@@ -160,7 +206,6 @@ class ImageSet(NamedTuple):
     return images[jax.random.randint(key, (), 0, images.shape[0])]
 
 
-_RANDOM = (GaussianNoise, ImageSet)
 _SHORTCUTS = {"zero": Constant(), "mean": ImageMean(), "blur": Blur()}
 INTERVENTIONS = (Constant, ImageMean, Blur, Reference, GaussianNoise, ImageSet)
 
@@ -172,12 +217,19 @@ def _intervention(spec):
                        f"{sorted(_SHORTCUTS)} or one of "
                        f"{[c.__name__ for c in INTERVENTIONS]}.")
     return _SHORTCUTS[spec]
-  if not isinstance(spec, INTERVENTIONS):
-    raise ValueError(f"Unknown intervention {spec!r}; expected one of "
-                     f"{[c.__name__ for c in INTERVENTIONS]} or {sorted(_SHORTCUTS)}.")
-  if spec.num_draws < 1:
-    raise ValueError(f"num_draws must be positive, got {spec.num_draws}.")
+  missing = [name for name in ("fill", "num_draws") if not hasattr(spec, name)]
+  if missing or not callable(spec.fill):
+    raise ValueError(f"Unknown intervention {spec!r}: an intervention needs fill(image, "
+                     f"key) and num_draws (missing {missing}); use one of "
+                     f"{[c.__name__ for c in INTERVENTIONS]}, {sorted(_SHORTCUTS)} or any "
+                     "object with those members (see Intervention).")
+  if not isinstance(spec.num_draws, (int, np.integer)) or spec.num_draws < 1:
+    raise ValueError(f"num_draws must be a positive integer, got {spec.num_draws!r}.")
   return spec
+
+
+def _is_random(intervention) -> bool:
+  return bool(getattr(intervention, "random", False))
 
 
 def intervene(image, mask, value):
@@ -235,8 +287,31 @@ def _take_class(values, target):
   return jnp.where((target >= 0) & (target < k), picked, jnp.nan)
 
 
+class Estimand(Protocol):
+  """A user-defined estimand: any hashable callable with this signature (a plain
+  function will do). ``clean_logits (k,)``, ``do_logits``/``do_probs`` ``(b, k)`` (the
+  mean over draws for random interventions), ``target ()`` int32; returns ``(b, ...)``.
+  """
+
+  def __call__(self, clean_logits: jax.Array, do_logits: jax.Array, do_probs: jax.Array,
+               target: jax.Array, activation: str) -> jax.Array: ...
+
+
+def _check_estimand(estimand):
+  if isinstance(estimand, str):
+    if estimand not in ESTIMANDS:
+      raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are "
+                       f"{list(ESTIMANDS)} or a callable (see Estimand).")
+  elif not callable(estimand):
+    raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are "
+                     f"{list(ESTIMANDS)} or a callable (see Estimand).")
+  return estimand
+
+
 def estimand_value(estimand, clean_logits, do_logits, do_probs, target, activation):
   """The estimand for one or more interventions (leading axes broadcast)."""
+  if callable(estimand):
+    return estimand(clean_logits, do_logits, do_probs, target, activation)
   p = _activate(clean_logits, activation)
   q = do_probs
   if estimand == "expected":
@@ -352,22 +427,60 @@ def _do_predictions(forward, inputs_fn, indices, keys_base, num_draws, random):
   return logits.reshape(b, num_draws, -1), True
 
 
+def _split_static(obj, what: str):
+  """``(dynamic, static)``: a pytree of arrays and numbers passes through ``jit`` as an
+  argument; anything else must be hashable and becomes part of the program's identity."""
+  leaves = jax.tree.leaves(obj)
+  if all(isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
+         for x in leaves):
+    return obj, None
+  try:
+    hash(obj)
+  except TypeError as e:
+    raise ValueError(f"The {what} {obj!r} is neither a pytree of arrays nor hashable: "
+                     "register it as a pytree (jax.tree_util.register_dataclass) or make "
+                     "it hashable (a frozen dataclass).") from e
+  return None, obj
+
+
+def _check_masks(masks, image_shape):
+  if masks_lib.is_recipe(masks):
+    shape = tuple(masks.shape)
+  else:
+    masks = jnp.asarray(masks)
+    if masks.ndim != 3:
+      raise ValueError(f"masks must be (m, h, w); got shape {masks.shape}.")
+    shape = tuple(masks.shape[1:])
+    _check_mask_range(masks)
+  if shape != tuple(image_shape):
+    raise ValueError(f"masks have spatial shape {shape} but the image is "
+                     f"{tuple(image_shape)}.")
+  if masks_lib.num_masks(masks) == 0:
+    raise ValueError("masks is empty: pass at least one mask.")
+  return masks
+
+
 def causal_effect(logits_fn: Callable, image, masks, *, intervention="zero",
-                  estimand: str = "expected", target=None, batch_size: int | None = None,
+                  estimand="expected", target=None, batch_size: int | None = None,
                   activation: str = "softmax", key=None,
                   mesh: jax.sharding.Mesh | None = None) -> CEResult:
   """Causal effect of ``do(X_M = v)`` on the prediction, for every mask ``M``.
 
   Pure: works under ``jit``, under ``vmap`` over images, and under ``grad`` with
-  respect to ``image``.
+  respect to ``image``. Compiled once: eager calls with the same ``logits_fn``,
+  settings and shapes reuse one compiled program (``logits_fn``, the estimand,
+  ``batch_size``, ``activation`` and ``mesh`` are its static settings; the image,
+  masks, target, key and the intervention's arrays are its arguments).
 
   Args:
-    logits_fn: pure ``images (n, h, w, c) -> logits (n, k)``.
-    image: ``(h, w, c)`` in the model's input space.
-    masks: ``(m, h, w)`` masks in [0, 1], or a ``masks.RiseMasks`` recipe.
-    intervention: what replaces masked pixels: one of ``INTERVENTIONS`` or the names
-      ``"zero"`` (normalised 0, the data mean), ``"mean"``, ``"blur"``.
-    estimand: one of ``ESTIMANDS``.
+    logits_fn: pure ``images (n, h, w, c) -> logits (n, k)``; hashable (a function).
+    image: ``(h, w, c)`` floating point, in the model's input space.
+    masks: ``(m, h, w)`` masks in [0, 1], or a mask recipe (``masks.RiseMasks`` or any
+      object with ``num``, ``shape`` and ``__call__(indices) -> (b, h, w)``).
+    intervention: what replaces masked pixels: one of ``INTERVENTIONS``, the names
+      ``"zero"`` (normalised 0, the data mean), ``"mean"``, ``"blur"``, or any
+      ``Intervention``.
+    estimand: one of ``ESTIMANDS`` or a callable (``Estimand``).
     target: class for ``probability``/``logit`` (default: the predicted class).
     batch_size: masks per forward call (bounds memory); need not divide ``m``.
     activation: ``"softmax"`` (multi-class) or ``"sigmoid"`` (multi-label).
@@ -378,39 +491,45 @@ def causal_effect(logits_fn: Callable, image, masks, *, intervention="zero",
     A ``CEResult``.
 
   Raises:
-    ValueError: mask shape not matching the image, no masks, non-finite image,
-      bad batch size, target out of range, unknown estimand, intervention or
-      activation, or a random intervention without ``key``.
+    ValueError: mask shape not matching the image, no masks, masks outside [0, 1],
+      a non-finite or integer image, bad batch size, target out of range, unknown
+      estimand, intervention or activation, or a random intervention without ``key``
+      (under ``jit``, bad values give NaN instead; see the module doc).
   """
   _check_image(image)
   image = jnp.asarray(image)
   intervention = _intervention(intervention)
-  if estimand not in ESTIMANDS:
-    raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are {list(ESTIMANDS)}.")
+  _check_estimand(estimand)
   check_activation(activation)
-  random = isinstance(intervention, _RANDOM)
-  if random and key is None:
+  if _is_random(intervention) and key is None:
     raise ValueError(f"{type(intervention).__name__} is random: pass key=.")
-  recipe = isinstance(masks, masks_lib.RiseMasks)
-  if not recipe:
-    masks = jnp.asarray(masks)
-    if masks.ndim != 3:
-      raise ValueError(f"masks must be (m, h, w); got shape {masks.shape}.")
-  if masks_lib.mask_shape(masks) != image.shape[:2]:
-    raise ValueError(f"masks have spatial shape {masks_lib.mask_shape(masks)} but the "
-                     f"image is {image.shape[:2]}.")
-  if not recipe:
-    _check_mask_range(masks)
-  num = masks_lib.num_masks(masks)
-  if num == 0:
-    raise ValueError("masks is empty: pass at least one mask.")
-  batch_size = _check_batch_size(batch_size, num)
+  masks = _check_masks(masks, image.shape[:2])
+  batch_size = _check_batch_size(batch_size, masks_lib.num_masks(masks))
+  key = jax.random.key(0) if key is None else key
+  dyn_intervention, static_intervention = _split_static(intervention, "intervention")
+  dyn_masks, static_masks = _split_static(masks, "mask source")
+  result = _causal_effect(logits_fn, image, dyn_masks, dyn_intervention, key, target,
+                          static_masks=static_masks,
+                          static_intervention=static_intervention, estimand=estimand,
+                          batch_size=batch_size, activation=activation, mesh=mesh)
+  # Checked after the call, which tells the class count without another trace.
+  _check_target(target, result.clean_logits.shape[-1])
+  return result
 
+
+@functools.partial(jax.jit, static_argnames=(
+    "logits_fn", "static_masks", "static_intervention", "estimand", "batch_size",
+    "activation", "mesh"))
+def _causal_effect(logits_fn, image, masks, intervention, key, target, *, static_masks,
+                   static_intervention, estimand, batch_size, activation, mesh):
+  masks = static_masks if masks is None else masks
+  intervention = static_intervention if intervention is None else intervention
+  random = _is_random(intervention)
+  recipe = masks_lib.is_recipe(masks)
+  num = masks_lib.num_masks(masks)
   clean_logits = logits_fn(image[None])[0].astype(jnp.float32)
-  _check_target(target, clean_logits.shape[-1])
   t = jnp.argmax(clean_logits) if target is None else jnp.asarray(target)
   t = t.astype(jnp.int32)
-  key = jax.random.key(0) if key is None else key
 
   def chunk_fn(indices, mask_chunk, image, key):
     chunk = masks(indices) if recipe else mask_chunk
@@ -459,10 +578,11 @@ def ce_map(effects, masks, *, weighting: str = "coverage",
 
   Args:
     effects: ``(m,)`` or ``(m, k)``.
-    masks: the masks the effects were computed with (array or ``RiseMasks``).
+    masks: the masks the effects were computed with (array or mask recipe).
 
   Returns:
-    ``(h, w)`` or ``(h, w, k)``.
+    ``(h, w)`` or ``(h, w, k)``. Compiled once per shapes and settings, like
+    ``causal_effect``.
   """
   effects = jnp.asarray(effects, jnp.float32)
   num = masks_lib.num_masks(masks)
@@ -470,10 +590,22 @@ def ce_map(effects, masks, *, weighting: str = "coverage",
     raise ValueError(f"effects has {effects.shape[0]} rows but there are {num} masks.")
   if weighting not in ("coverage", "rise"):
     raise ValueError(f"Unknown weighting {weighting!r}; valid are ['coverage', 'rise'].")
-  recipe = isinstance(masks, masks_lib.RiseMasks)
-  if weighting == "rise" and not recipe:
+  recipe = masks_lib.is_recipe(masks)
+  if weighting == "rise" and not (recipe and hasattr(masks, "p")):
     raise ValueError("weighting='rise' needs the RiseMasks recipe (it knows p).")
   batch_size = _check_batch_size(batch_size, num)
+  if not recipe:
+    masks = jnp.asarray(masks, jnp.float32)
+  dyn_masks, static_masks = _split_static(masks, "mask source")
+  return _ce_map(effects, dyn_masks, static_masks=static_masks, weighting=weighting,
+                 batch_size=batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("static_masks", "weighting", "batch_size"))
+def _ce_map(effects, masks, *, static_masks, weighting, batch_size):
+  masks = static_masks if masks is None else masks
+  recipe = masks_lib.is_recipe(masks)
+  num = masks_lib.num_masks(masks)
   h, w = masks_lib.mask_shape(masks)
   total = _padded_size(num, batch_size, 1)
   e = jnp.pad(effects, [(0, total - num)] + [(0, 0)] * (effects.ndim - 1))
@@ -562,10 +694,9 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
   """
   _check_image(image)
   image = jnp.asarray(image)
-  if estimand not in ESTIMANDS:
-    raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are {list(ESTIMANDS)}.")
+  _check_estimand(estimand)
   check_activation(activation)
-  h = prefix_fn(image[None])[0]
+  feature_shape = _feature_shape(prefix_fn, image.shape, image.dtype)
   raw_channels = interventions.channels
   channels = jnp.asarray(interventions.channels, jnp.int32)
   values = jnp.asarray(interventions.values, jnp.float32)
@@ -575,19 +706,38 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
   if values.shape != (num,):
     raise ValueError(f"values must have shape ({num},), got {values.shape}.")
   if not isinstance(raw_channels, jax.core.Tracer) and (
-      np.asarray(raw_channels).min() < 0 or np.asarray(raw_channels).max() >= h.shape[-1]):
-    raise ValueError(f"channels must be in [0, {h.shape[-1]}).")
+      np.asarray(raw_channels).min() < 0
+      or np.asarray(raw_channels).max() >= feature_shape[-1]):
+    raise ValueError(f"channels must be in [0, {feature_shape[-1]}).")
   regions = interventions.regions
   if regions is not None:
     regions = jnp.asarray(regions, jnp.float32)
-    if regions.shape != (num,) + h.shape[:2]:
-      raise ValueError(f"regions must have shape {(num,) + h.shape[:2]}, got "
+    if regions.shape != (num,) + feature_shape[:2]:
+      raise ValueError(f"regions must have shape {(num,) + feature_shape[:2]}, got "
                        f"{regions.shape}.")
   batch_size = _check_batch_size(batch_size, num)
-  clean_logits = suffix_fn(h[None])[0].astype(jnp.float32)
-  _check_target(target, clean_logits.shape[-1])
-  t = (jnp.argmax(clean_logits) if target is None else jnp.asarray(target)).astype(jnp.int32)
   data = (channels, values) if regions is None else (channels, values, regions)
+  result = _latent_causal_effect(prefix_fn, suffix_fn, image, data, target,
+                                 estimand=estimand, batch_size=batch_size,
+                                 activation=activation, mesh=mesh)
+  _check_target(target, result.clean_logits.shape[-1])
+  return result
+
+
+@functools.lru_cache(maxsize=256)
+def _feature_shape(prefix_fn, shape, dtype):
+  """The prefix's feature shape ``(h', w', C)`` for one image, traced once per shape."""
+  return tuple(jax.eval_shape(prefix_fn, jax.ShapeDtypeStruct((1,) + shape, dtype)).shape[1:])
+
+
+@functools.partial(jax.jit, static_argnames=("prefix_fn", "suffix_fn", "estimand",
+                                             "batch_size", "activation", "mesh"))
+def _latent_causal_effect(prefix_fn, suffix_fn, image, data, target, *, estimand,
+                          batch_size, activation, mesh):
+  h = prefix_fn(image[None])[0]
+  num = data[0].shape[0]
+  clean_logits = suffix_fn(h[None])[0].astype(jnp.float32)
+  t = (jnp.argmax(clean_logits) if target is None else jnp.asarray(target)).astype(jnp.int32)
 
   def chunk_fn(indices, chunk, h):
     del indices
@@ -595,7 +745,10 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
     logits = suffix_fn(hs).astype(jnp.float32)
     value = estimand_value(estimand, clean_logits, logits, _activate(logits, activation), t,
                            activation)
-    return jnp.where(jnp.isfinite(h).all(), value, jnp.nan)  # see the module doc
+    # Traced values cannot raise (see the module doc): a non-finite image or a channel
+    # outside [0, C) gives NaN, never a silent no-op.
+    ok = jnp.isfinite(h).all() & (chunk[0] >= 0) & (chunk[0] < h.shape[-1])
+    return jnp.where(ok.reshape(ok.shape + (1,) * (value.ndim - 1)), value, jnp.nan)
 
   effects = sweep(chunk_fn, num, data, batch_size=batch_size, mesh=mesh, args=(h,))
   return CEResult(effects, clean_logits, t)

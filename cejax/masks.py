@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -221,9 +222,31 @@ def rise_masks(key, *, num: int, shape, cells: int = 8, p: float = 0.5) -> RiseM
   return RiseMasks(key, int(num), (h, w), int(cells), float(p))
 
 
+@runtime_checkable
+class MaskSource(Protocol):
+  """A lazy set of masks: any object with these members can replace a mask array.
+
+  ``num`` masks of spatial ``shape``; ``__call__(indices (b,)) -> (b, h, w)`` makes masks
+  ``indices`` on the device, inside the sweep, so ``num x h x w`` never exists at once.
+  Register it as a pytree with ``num``/``shape`` as static metadata to pass it through
+  ``jax.jit`` as an argument (as ``RiseMasks``), or make it hashable.
+  """
+
+  num: int
+  shape: tuple[int, int]
+
+  def __call__(self, indices: jax.Array) -> jax.Array: ...
+
+
+def is_recipe(masks) -> bool:
+  """Whether ``masks`` is a lazy ``MaskSource`` rather than a ``(m, h, w)`` array."""
+  return (not isinstance(masks, (jax.Array, np.ndarray)) and callable(masks)
+          and hasattr(masks, "num") and hasattr(masks, "shape"))
+
+
 def num_masks(masks) -> int:
-  return masks.num if isinstance(masks, RiseMasks) else int(masks.shape[0])
+  return int(masks.num) if is_recipe(masks) else int(masks.shape[0])
 
 
 def mask_shape(masks) -> tuple[int, int]:
-  return tuple(masks.shape) if isinstance(masks, RiseMasks) else tuple(masks.shape[1:])
+  return tuple(masks.shape) if is_recipe(masks) else tuple(masks.shape[1:])

@@ -7,6 +7,10 @@ at its last feature map, ``features_fn(images) -> (n, h', w', C)`` and
 ``classify_fn(features) -> logits`` (``checkpoint.make_cam_fns`` builds both), and
 their maps are upsampled bilinearly to the image size. Scores are target *logits*,
 as in the papers. Random methods take an explicit ``key``.
+
+Each method is compiled once (``cejax.compile``): eager calls with the same model
+functions, hyperparameters and shapes reuse one program. Called eagerly, a target
+outside the model's classes raises ``ValueError``; under ``jit`` it gives a NaN map.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 
 from cejax import effects as effects_lib
 from cejax import masks as masks_lib
+from cejax.compile import compile_once, output_shape
 
 
 def _score_fn(logits_fn: Callable, targets):
@@ -56,17 +61,54 @@ def _check(images, targets):
   return images, targets
 
 
+def _check_targets_in_range(targets, num_classes):
+  if isinstance(targets, jax.core.Tracer):
+    return  # traced: the NaN contract of _score_fn applies
+  t = np.asarray(targets)
+  if t.size and (t.min() < 0 or t.max() >= num_classes):
+    raise ValueError(f"targets must be class indices in [0, {num_classes}), got "
+                     f"{t.tolist()}.")
+
+
+def _validate_logits(args):
+  """Eager checks for the ``logits_fn`` methods: shapes, dtype, target range."""
+  images, targets = args["images"], args["targets"]
+  if isinstance(images, jax.core.Tracer):
+    return
+  images, targets_arr = _check(images, targets)
+  k = output_shape(args["logits_fn"], (1,) + images.shape[1:], images.dtype)[-1]
+  _check_targets_in_range(targets if isinstance(targets, jax.core.Tracer) else targets_arr, k)
+
+
+def _validate_cam(args):
+  """Eager checks for the CAM family (classes counted through ``classify_fn``)."""
+  images, targets = args["images"], args["targets"]
+  if isinstance(images, jax.core.Tracer):
+    return
+  images, targets_arr = _check(images, targets)
+  features = output_shape(args["features_fn"], (1,) + images.shape[1:], images.dtype)
+  k = output_shape(args["classify_fn"], features, jnp.float32)[-1]
+  _check_targets_in_range(targets if isinstance(targets, jax.core.Tracer) else targets_arr, k)
+
+
+_LOGITS = dict(validate=_validate_logits)
+_CAM = dict(validate=_validate_cam)
+
+
+@compile_once(static_argnames=("logits_fn",), **_LOGITS)
 def input_gradient(logits_fn, images, targets):
   """``d logit_t / d x`` with the image's shape ``(n, h, w, c)``."""
   images, targets = _check(images, targets)
   return jax.grad(_score_fn(logits_fn, targets))(images)
 
 
+@compile_once(static_argnames=("logits_fn",), **_LOGITS)
 def vanilla_gradient(logits_fn, images, targets):
   """Simonyan et al. (2014): max over channels of ``|d logit_t / d x|``."""
   return jnp.abs(input_gradient(logits_fn, images, targets)).max(-1)
 
 
+@compile_once(static_argnames=("logits_fn",), **_LOGITS)
 def gradient_x_input(logits_fn, images, targets):
   """Shrikumar et al. (2016): ``sum_c x * d logit_t / d x``."""
   images, targets = _check(images, targets)
@@ -80,6 +122,7 @@ def _noisy(images, key, num_samples, sigma):
   return images[None] + sigma * spread[None, :, None, None, None] * noise
 
 
+@compile_once(static_argnames=("logits_fn", "num_samples", "sigma"), **_LOGITS)
 def smoothgrad(logits_fn, images, targets, *, key, num_samples: int = 50,
                sigma: float = 0.15):
   """SmoothGrad (Smilkov et al., 2017): ``max_c mean_i |d logit_t / d x_c (x + e_i)|``.
@@ -101,6 +144,7 @@ def smoothgrad(logits_fn, images, targets, *, key, num_samples: int = 50,
   return grads.mean(0).max(-1)
 
 
+@compile_once(static_argnames=("logits_fn", "steps", "per_channel"), **_LOGITS)
 def integrated_gradients(logits_fn, images, targets, *, baseline=None, steps: int = 32,
                          per_channel: bool = False):
   """Sundararajan et al. (2017), midpoint Riemann sum over ``steps``.
@@ -132,6 +176,7 @@ def _feature_grads(features_fn, classify_fn, images, targets):
   return feats, jax.grad(_score_fn(classify_fn, targets))(feats)
 
 
+@compile_once(static_argnames=("features_fn", "classify_fn"), **_CAM)
 def cam(features_fn, classify_fn, images, targets):
   """Zhou et al. (2016): ``sum_c W[c, t] A_c`` for a global-average-pool + linear head.
 
@@ -144,6 +189,7 @@ def cam(features_fn, classify_fn, images, targets):
   return _upsample(hw * (feats * grads).sum(-1), images.shape[1:3])
 
 
+@compile_once(static_argnames=("features_fn", "classify_fn"), **_CAM)
 def grad_cam(features_fn, classify_fn, images, targets):
   """Selvaraju et al. (2017): ``ReLU(sum_c alpha_c A_c)``, ``alpha_c`` = mean gradient."""
   images, targets = _check(images, targets)
@@ -162,6 +208,7 @@ def _grad_cam_pp_maps(feats, d1, d2, d3):
   return jax.nn.relu((weights * feats).sum(-1))
 
 
+@compile_once(static_argnames=("features_fn", "classify_fn"), **_CAM)
 def grad_cam_pp(features_fn, classify_fn, images, targets):
   """Grad-CAM++ (Chattopadhay et al., 2018)."""
   images, targets = _check(images, targets)
@@ -169,6 +216,7 @@ def grad_cam_pp(features_fn, classify_fn, images, targets):
   return _upsample(_grad_cam_pp_maps(feats, grads, grads**2, grads**3), images.shape[1:3])
 
 
+@compile_once(static_argnames=("features_fn", "classify_fn", "num_samples", "sigma"), **_CAM)
 def smooth_grad_cam_pp(features_fn, classify_fn, images, targets, *, key,
                        num_samples: int = 50, sigma: float = 0.15):
   """Smooth Grad-CAM++ (Omeiza et al., 2019).
@@ -191,6 +239,8 @@ def smooth_grad_cam_pp(features_fn, classify_fn, images, targets, *, key,
   return _upsample(_grad_cam_pp_maps(clean, d1, d2, d3), images.shape[1:3])
 
 
+@compile_once(static_argnames=("logits_fn", "num_masks", "cells", "p", "batch_size",
+                               "activation"), **_LOGITS)
 def rise(logits_fn, images, targets, *, key, num_masks: int = 4000, cells: int = 8,
          p: float = 0.5, batch_size: int = 100, activation: str = "softmax"):
   """RISE (Petsiuk et al., 2018): ``S(x) = sum_i f_t(I * M_i) M_i(x) / (N p)``.
@@ -218,6 +268,8 @@ def rise(logits_fn, images, targets, *, key, num_masks: int = 4000, cells: int =
   return jax.lax.map(lambda a: one(*a), (images, targets))
 
 
+@compile_once(static_argnames=("logits_fn", "window", "stride", "batch_size", "activation"),
+              **_LOGITS)
 def occlusion(logits_fn, images, targets, *, window: int, stride: int, batch_size: int = 64,
               activation: str = "softmax"):
   """Occlusion (Zeiler & Fergus, 2014), equal to Captum's ``Occlusion``.

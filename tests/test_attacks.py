@@ -7,6 +7,7 @@ import pytest
 
 from cejax import attacks, checkpoint, defenses, sharding
 from cejax.data import pipeline
+from compile_count import Compilations
 
 H = W = 6
 PIXELS = attacks.PixelSpace()  # these toy models take [0, 1] pixels as they are
@@ -315,3 +316,28 @@ def test_fgsm_and_pgd_agree_with_foolbox():
   ours = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=7,
                      step_size=0.01, random_start=False, space=PIXELS)
   np.testing.assert_allclose(ours.images, np.asarray(ref), atol=1e-6)
+
+
+def test_repeated_eager_attacks_compile_once():
+  logits_fn, _ = _linear()
+  x = jax.random.uniform(jax.random.key(20), (3, H, W, 1))
+  other = jnp.clip(x + 0.1, 0, 1)
+  y = jnp.array([0, 1, 2])
+  calls = [
+      lambda im: attacks.fgsm(logits_fn, im, y, eps=0.1, space=PIXELS),
+      lambda im: attacks.pgd(logits_fn, im, y, key=jax.random.key(0), eps=0.1, steps=3,
+                             space=PIXELS),
+      lambda im: attacks.deepfool(logits_fn, im, y, steps=3, space=PIXELS),
+      lambda im: attacks.carlini_wagner_l2(logits_fn, im, y, steps=3, search_steps=2,
+                                           space=PIXELS),
+  ]
+  for i, call in enumerate(calls):
+    call(x)
+    with Compilations() as compiled:
+      call(other)
+      call(other)  # a new budget is a traced argument too
+    assert compiled.count == 0, i
+  attacks.fgsm(logits_fn, x, y, eps=0.2, space=PIXELS)
+  with Compilations() as compiled:
+    attacks.fgsm(logits_fn, other, y, eps=0.05, space=PIXELS)
+  assert compiled.count == 0

@@ -11,6 +11,7 @@ from jax import test_util as jtu
 
 from cejax import checkpoint, effects, masks
 from cejax.models import densenet
+from compile_count import Compilations as _Compilations
 
 H = W = 12
 C = 2
@@ -341,8 +342,8 @@ def test_latent_prefix_reuse_equals_full_recomputation(tiny_stage):
     p = jax.nn.softmax(model(image[None])[0])
     q = jax.nn.softmax(model.forward_from(h[None], stage)[0])
     t = int(result.target)
-    np.testing.assert_allclose(result.effects[i], q[t] - p[t], rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(result.clean_logits, model(image[None])[0], rtol=1e-6)
+    np.testing.assert_allclose(result.effects[i], q[t] - p[t], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(result.clean_logits, model(image[None])[0], rtol=1e-5, atol=1e-6)
 
 
 def test_latent_sweep_under_jit_and_bad_channels(tiny_stage):
@@ -359,3 +360,108 @@ def test_latent_sweep_under_jit_and_bad_channels(tiny_stage):
                                  effects.latent_interventions(channels=[999]))
   with pytest.raises(ValueError, match="valid stages"):
     checkpoint.make_stage_fns(graphdef, params, stats, "block7")
+
+
+# --- compile once, open protocols ------------------------------------------------------
+
+def test_repeated_eager_calls_compile_once(setup, tiny_stage):
+  logits_fn, image, mask_set = setup
+  grid = masks.grid_masks(shape=(H, W), n=3)
+  other = jax.random.normal(jax.random.key(9), (H, W, C))
+  noise = effects.GaussianNoise(std=0.5, num_draws=2)
+  calls = [
+      lambda im: effects.causal_effect(logits_fn, im, grid, batch_size=4).effects,
+      lambda im: effects.causal_effect(logits_fn, im, grid, intervention=noise,
+                                       key=jax.random.key(1), batch_size=4).effects,
+      lambda im: effects.ce_map(effects.causal_effect(logits_fn, im, grid).effects, grid),
+  ]
+  for call in calls:
+    call(image)  # the first call compiles
+    with _Compilations() as compiled:
+      call(other)  # a new image with the same shapes and settings
+    assert compiled.count == 0
+  # New settings compile anew; a new intervention value of the same type does not.
+  with _Compilations() as compiled:
+    effects.causal_effect(logits_fn, other, grid, batch_size=4,
+                          intervention=effects.GaussianNoise(std=2.0, num_draws=2),
+                          key=jax.random.key(2))
+  assert compiled.count == 0
+  with _Compilations() as compiled:
+    effects.causal_effect(logits_fn, other, grid, batch_size=5)
+  assert compiled.count >= 1
+  graphdef, params, stats = tiny_stage
+  prefix, suffix = checkpoint.make_stage_fns(graphdef, params, stats, "transition1")
+  inter = effects.latent_interventions(channels=[0, 3], values=[0.0])
+  x = jax.random.normal(jax.random.key(4), (32, 32, 1))
+  effects.latent_causal_effect(prefix, suffix, x, inter, batch_size=2)
+  x2 = x + 1
+  with _Compilations() as compiled:
+    effects.latent_causal_effect(prefix, suffix, x2, inter, batch_size=2)
+  assert compiled.count == 0
+
+
+def test_interventions_pass_through_jit_as_arguments(setup):
+  logits_fn, image, mask_set = setup
+
+  @jax.jit
+  def run(intervention, key):
+    return effects.causal_effect(logits_fn, image, mask_set, intervention=intervention,
+                                 key=key, batch_size=4).effects
+
+  key = jax.random.key(3)
+  for intervention in (effects.Constant(0.3), effects.Blur(sigma=1.0),
+                       effects.GaussianNoise(std=0.5, num_draws=2),
+                       effects.Constant(0.2, space="pixel", mean=[0.5, 0.4], std=[0.25, 0.2]),
+                       effects.ImageSet(np.zeros((2, H, W, C), np.float32), num_draws=2)):
+    eager = effects.causal_effect(logits_fn, image, mask_set, intervention=intervention,
+                                  key=key, batch_size=4).effects
+    np.testing.assert_allclose(run(intervention, key), eager, rtol=1e-5, atol=1e-7)
+  # Static fields stay static: num_draws and sigma are not leaves.
+  assert jax.tree.leaves(effects.GaussianNoise(std=0.5, num_draws=3)) == [0.5, 0.0]
+  assert jax.tree.leaves(effects.Blur(sigma=2.0)) == []
+
+
+def test_user_defined_intervention_mask_source_and_estimand(setup):
+  """Plugged in without touching the library: an object with fill/num_draws, a lazy mask
+  recipe with num/shape/__call__, and a plain function as estimand."""
+  import dataclasses
+
+  logits_fn, image, _ = setup
+
+  @dataclasses.dataclass(frozen=True)
+  class Checkerboard:  # hashable, not a pytree: a static setting
+    num_draws: int = 1
+
+    def fill(self, im, key):
+      del key
+      board = (jnp.indices(im.shape[:2]).sum(0) % 2).astype(im.dtype)
+      return jnp.broadcast_to(board[..., None], im.shape)
+
+  @dataclasses.dataclass(frozen=True)
+  class Rows:  # every row of the image, made on the device
+    num: int = H
+    shape: tuple = (H, W)
+
+    def __call__(self, indices):
+      return (jnp.arange(H)[None, :, None] == indices[:, None, None]).astype(
+          jnp.float32) * jnp.ones((1, 1, W))
+
+  def log_odds_drop(clean_logits, do_logits, do_probs, target, activation):
+    del do_logits, activation
+    p = jax.nn.softmax(clean_logits)[target]
+    q = do_probs[..., target]
+    return jnp.log(p / (1 - p)) - jnp.log(q / (1 - q))
+
+  result = effects.causal_effect(logits_fn, image, Rows(), intervention=Checkerboard(),
+                                 estimand=log_odds_drop, target=1, batch_size=5)
+  board = (np.indices((H, W)).sum(0) % 2)[..., None]
+  p = np.asarray(jax.nn.softmax(logits_fn(image[None])[0]))[1]
+  for r in range(H):
+    m = np.zeros((H, W, 1))
+    m[r] = 1
+    x = np.asarray(image) * (1 - m) + board * m
+    q = np.asarray(jax.nn.softmax(logits_fn(jnp.asarray(x[None], jnp.float32))[0]))[1]
+    np.testing.assert_allclose(result.effects[r], np.log(p / (1 - p)) - np.log(q / (1 - q)),
+                               rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="needs fill"):
+    effects.causal_effect(logits_fn, image, Rows(), intervention=object())

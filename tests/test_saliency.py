@@ -11,6 +11,7 @@ from cejax import checkpoint, convert, masks, saliency
 
 torch = pytest.importorskip("torch")
 captum_attr = pytest.importorskip("captum.attr")
+from compile_count import Compilations  # noqa: E402
 from torch_densenet import tiny  # noqa: E402
 
 SIZE, CLASSES = 32, 5
@@ -233,3 +234,22 @@ def test_bad_targets_raise_eagerly_and_give_nan_under_jit(pair):
   out = np.asarray(jax.jit(lambda t: saliency.occlusion(logits_fn, x, t, window=8,
                                                           stride=8))(jnp.array([0, 1, -1])))
   assert np.isnan(out[2]).all() and np.isfinite(out[:2]).all()
+
+
+def test_repeated_eager_calls_compile_once(pair):
+  _, logits_fn, features_fn, classify_fn, x, t = pair
+  other = x + 1.0
+  calls = [
+      lambda im: saliency.vanilla_gradient(logits_fn, im, t),
+      lambda im: saliency.smoothgrad(logits_fn, im, t, key=jax.random.key(0), num_samples=3),
+      lambda im: saliency.integrated_gradients(logits_fn, im, t, steps=4),
+      lambda im: saliency.grad_cam_pp(features_fn, classify_fn, im, t),
+      lambda im: saliency.occlusion(logits_fn, im, t, window=8, stride=8),
+      lambda im: saliency.rise(logits_fn, im, t, key=jax.random.key(0), num_masks=16,
+                               cells=4, batch_size=8),
+  ]
+  for i, call in enumerate(calls):
+    call(x)
+    with Compilations() as compiled:
+      call(other)
+    assert compiled.count == 0, i
