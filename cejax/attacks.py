@@ -67,8 +67,10 @@ class AttackResult(NamedTuple):
   l2: jax.Array
 
 
-def _loss_fn(logits_fn, space, labels, *, targeted, multi_label):
-  """Per-example loss the attacker *ascends*."""
+def attack_loss(logits_fn, space, labels, *, targeted=False, multi_label=False):
+  """``loss(pixels) -> (n,)``, the per-example loss the gradient attacks *ascend*:
+  cross-entropy of ``logits_fn(space.normalize(pixels))`` with the labels (summed
+  per-finding binary cross-entropy for ``multi_label``), negated when ``targeted``."""
 
   def loss(x):
     logits = logits_fn(space.normalize(x)).astype(jnp.float32)
@@ -82,7 +84,7 @@ def _loss_fn(logits_fn, space, labels, *, targeted, multi_label):
 
 
 def _grad(logits_fn, space, labels, *, targeted, multi_label):
-  loss = _loss_fn(logits_fn, space, labels, targeted=targeted, multi_label=multi_label)
+  loss = attack_loss(logits_fn, space, labels, targeted=targeted, multi_label=multi_label)
   return jax.grad(lambda x: loss(x).sum())
 
 
@@ -223,7 +225,7 @@ def pgd(logits_fn, images, labels, *, key, eps, steps=20, step_size=None, norm="
     raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}.")
   images, labels = _check(images, labels, space, multi_label)
   step_size = 2.5 * eps / steps if step_size is None else step_size
-  loss = _loss_fn(logits_fn, space, labels, targeted=targeted, multi_label=multi_label)
+  loss = attack_loss(logits_fn, space, labels, targeted=targeted, multi_label=multi_label)
 
   def one_restart(k):
     if not random_start:

@@ -190,7 +190,7 @@ def make_stage_fns(graphdef, params, batch_stats, stage: str):
   Raises:
     ValueError: unknown stage (the message lists the valid ones).
   """
-  nnx.merge(graphdef, params, batch_stats)._check_stage(stage)
+  nnx.merge(graphdef, params, batch_stats).stage_index(stage)
 
   def prefix_fn(images):
     return nnx.merge(graphdef, params, batch_stats).forward_to(images, stage)

@@ -276,8 +276,6 @@ def activate(logits, activation: str):
   return jax.nn.softmax(logits, -1) if activation == "softmax" else jax.nn.sigmoid(logits)
 
 
-_activate = activate
-
 
 def _take_class(values, target):
   """``values[..., target]``, NaN when ``target`` is outside ``[0, k)`` (never clamped,
@@ -312,7 +310,7 @@ def estimand_value(estimand, clean_logits, do_logits, do_probs, target, activati
   """The estimand for one or more interventions (leading axes broadcast)."""
   if callable(estimand):
     return estimand(clean_logits, do_logits, do_probs, target, activation)
-  p = _activate(clean_logits, activation)
+  p = activate(clean_logits, activation)
   q = do_probs
   if estimand == "expected":
     weight = p if activation == "softmax" else 2 * p - 1
@@ -545,10 +543,10 @@ def _causal_effect(logits_fn, image, masks, intervention, key, target, *, static
         lambda x: logits_fn(x).astype(jnp.float32), inputs, indices, key,
         intervention.num_draws, random)
     if drawn:
-      probs = _activate(logits, activation).mean(1)
+      probs = activate(logits, activation).mean(1)
       logits = logits.mean(1)
     else:
-      probs = _activate(logits, activation)
+      probs = activate(logits, activation)
     value = estimand_value(estimand, clean_logits, logits, probs, t, activation)
     # Traced inputs cannot raise: make bad values visible as NaN (see module doc).
     ok = ((chunk >= 0) & (chunk <= 1)).all((1, 2)) & jnp.isfinite(image).all()
@@ -743,7 +741,7 @@ def _latent_causal_effect(prefix_fn, suffix_fn, image, data, target, *, estimand
     del indices
     hs = jax.vmap(lambda *a: intervene_latent(h, *a))(*chunk)
     logits = suffix_fn(hs).astype(jnp.float32)
-    value = estimand_value(estimand, clean_logits, logits, _activate(logits, activation), t,
+    value = estimand_value(estimand, clean_logits, logits, activate(logits, activation), t,
                            activation)
     # Traced values cannot raise (see the module doc): a non-finite image or a channel
     # outside [0, C) gives NaN, never a silent no-op.

@@ -85,6 +85,89 @@ def sliding_window_masks(*, shape, window, stride) -> jax.Array:
   return jnp.asarray(masks)
 
 
+def _pair(value) -> tuple[int, int]:
+  return (int(value), int(value)) if np.isscalar(value) else tuple(int(v) for v in value)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
+                   meta_fields=["shape", "window", "stride"])
+@dataclasses.dataclass(frozen=True)
+class SlidingWindows:
+  """``sliding_window_masks`` as a lazy recipe: windows are made on the device, chunk
+  by chunk inside the sweep, so 37,000 stride-1 windows at 224 x 224 never exist at
+  once. A pytree with no leaves (everything is static), so it passes through ``jit``.
+
+  Attributes:
+    shape: ``(h, w)``; window: ``(wh, ww)``; stride: ``(sh, sw)``.
+  """
+
+  shape: tuple[int, int]
+  window: tuple[int, int]
+  stride: tuple[int, int]
+
+  @property
+  def num(self) -> int:
+    return (len(window_starts(self.shape[0], self.window[0], self.stride[0]))
+            * len(window_starts(self.shape[1], self.window[1], self.stride[1])))
+
+  def __call__(self, indices: jax.Array) -> jax.Array:
+    """Windows ``indices`` (row-major over positions, as ``sliding_window_masks``),
+    float32 ``(b, h, w)``."""
+    (h, w), (wh, ww), (sh, sw) = self.shape, self.window, self.stride
+    columns = len(window_starts(w, ww, sw))
+    y0 = (indices // columns) * sh
+    x0 = (indices % columns) * sw
+    rows = jnp.arange(h)[None, :]
+    cols = jnp.arange(w)[None, :]
+    in_rows = (rows >= y0[:, None]) & (rows < y0[:, None] + wh)
+    in_cols = (cols >= x0[:, None]) & (cols < x0[:, None] + ww)
+    return (in_rows[:, :, None] & in_cols[:, None, :]).astype(jnp.float32)
+
+
+def sliding_windows(*, shape, window, stride) -> SlidingWindows:
+  """A lazy recipe for ``sliding_window_masks(shape=, window=, stride=)`` (same masks,
+  same order, same checks); nothing is built until the sweep asks for a chunk."""
+  h, w = _check_shape(shape)
+  wh, ww = _pair(window)
+  sh, sw = _pair(stride)
+  if not (0 < wh <= h and 0 < ww <= w) or sh < 1 or sw < 1:
+    raise ValueError(
+        f"window must fit in {shape} and stride be positive; got {window}, {stride}.")
+  if sh > wh or sw > ww:
+    raise ValueError(f"stride {stride} is larger than window {window}: pixels between "
+                     "windows would never be intervened on (Captum refuses this too).")
+  return SlidingWindows((h, w), (wh, ww), (sh, sw))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
+                   meta_fields=["shape", "n"])
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """``grid_masks`` as a lazy recipe (same blocks, same order)."""
+
+  shape: tuple[int, int]
+  n: int
+
+  @property
+  def num(self) -> int:
+    return self.n * self.n
+
+  def __call__(self, indices: jax.Array) -> jax.Array:
+    (h, w), n = self.shape, self.n
+    rows = jnp.minimum((jnp.arange(h) * n) // h, n - 1)
+    cols = jnp.minimum((jnp.arange(w) * n) // w, n - 1)
+    block = rows[:, None] * n + cols[None, :]
+    return (block[None] == indices[:, None, None]).astype(jnp.float32)
+
+
+def grid(*, shape, n: int = 10) -> Grid:
+  """A lazy recipe for ``grid_masks(shape=, n=)``."""
+  h, w = _check_shape(shape)
+  if not 1 <= n <= min(h, w):
+    raise ValueError(f"n must be in [1, {min(h, w)}] for shape {shape}, got {n}.")
+  return Grid((h, w), int(n))
+
+
 def box_masks(boxes, *, shape) -> jax.Array:
   """Masks of ``[x_min, y_min, x_max, y_max]`` pixel boxes, soft at fractional edges.
 

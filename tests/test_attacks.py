@@ -47,8 +47,8 @@ def test_gradient_matches_finite_differences_through_normalization():
   space = attacks.PixelSpace(mean=0.4, std=0.2)
   x = jax.random.uniform(jax.random.key(2), (2, H, W, 1), minval=0.2, maxval=0.8)
   y = jnp.array([2, 0])
-  g = attacks._grad(f, space, y, targeted=False, multi_label=False)(x)
-  loss = attacks._loss_fn(f, space, y, targeted=False, multi_label=False)
+  loss = attacks.attack_loss(f, space, y)
+  g = jax.grad(lambda z: loss(z).sum())(x)
   h = 1e-3
   for idx in [(0, 1, 2, 0), (1, 5, 0, 0), (1, 3, 3, 0)]:
     e = jnp.zeros_like(x).at[idx].set(h)

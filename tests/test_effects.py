@@ -465,3 +465,30 @@ def test_user_defined_intervention_mask_source_and_estimand(setup):
                                rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="needs fill"):
     effects.causal_effect(logits_fn, image, Rows(), intervention=object())
+
+
+@pytest.mark.parametrize("shape,window,stride", [((10, 10), 4, 3), ((32, 17), (7, 5), (5, 2)),
+                                                 ((9, 9), 9, 1)])
+def test_lazy_sliding_windows_and_grid_equal_the_dense_masks(shape, window, stride):
+  recipe = masks.sliding_windows(shape=shape, window=window, stride=stride)
+  dense = masks.sliding_window_masks(shape=shape, window=window, stride=stride)
+  assert recipe.num == len(dense)
+  np.testing.assert_array_equal(recipe(jnp.arange(recipe.num)), dense)
+  grid = masks.grid(shape=shape, n=3)
+  np.testing.assert_array_equal(grid(jnp.arange(9)), masks.grid_masks(shape=shape, n=3))
+  with pytest.raises(ValueError, match="larger than window"):
+    masks.sliding_windows(shape=(10, 10), window=3, stride=4)
+
+
+def test_sweep_over_a_lazy_recipe_equals_the_dense_masks_and_passes_jit(setup):
+  logits_fn, image, _ = setup
+  recipe = masks.sliding_windows(shape=(H, W), window=5, stride=2)
+  dense = masks.sliding_window_masks(shape=(H, W), window=5, stride=2)
+  lazy = effects.causal_effect(logits_fn, image, recipe, batch_size=7).effects
+  # Masks made inside the program fuse differently: float32 round-off only.
+  np.testing.assert_allclose(lazy, effects.causal_effect(logits_fn, image, dense,
+                                                         batch_size=7).effects, atol=1e-7)
+  as_arg = jax.jit(lambda m: effects.causal_effect(logits_fn, image, m, batch_size=7).effects)
+  np.testing.assert_allclose(as_arg(recipe), lazy, atol=1e-7)
+  np.testing.assert_allclose(effects.ce_map(lazy, recipe, batch_size=8),
+                             effects.ce_map(lazy, dense, batch_size=8), atol=1e-7)

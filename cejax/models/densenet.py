@@ -208,7 +208,7 @@ class DenseNet(nnx.Module):
     kind, index = name.rstrip("0123456789"), int(name[len(name.rstrip("0123456789")):] or 0)
     return (self.blocks if kind == "block" else self.transitions)[index - 1]
 
-  def _check_stage(self, stage: str) -> int:
+  def stage_index(self, stage: str) -> int:
     if stage not in self.stage_names:
       raise ValueError(
           f"Unknown stage {stage!r}; valid stages are {list(self.stage_names)}."
@@ -217,7 +217,7 @@ class DenseNet(nnx.Module):
 
   def forward_to(self, x: jax.Array, stage: str) -> jax.Array:
     """The prefix: runs the stem through ``stage`` (inclusive), returns its output."""
-    end = self._check_stage(stage)
+    end = self.stage_index(stage)
     x = x.astype(self.dtype)
     for name in self.stage_names[: end + 1]:
       x = self._stage(name)(x)
@@ -225,7 +225,7 @@ class DenseNet(nnx.Module):
 
   def forward_from(self, h: jax.Array, stage: str) -> jax.Array:
     """The suffix: takes the output of ``stage`` and returns the logits."""
-    start = self._check_stage(stage)
+    start = self.stage_index(stage)
     for name in self.stage_names[start + 1:]:
       h = self._stage(name)(h)
     return self.head(h)
