@@ -8,6 +8,7 @@ report and weight-import modules are imported on their own (``cejax.training``,
 ``cejax.analysis``, ``cejax.report``, ``cejax.convert``).
 """
 
+from cejax import adapters as adapters
 from cejax import attacks as attacks
 from cejax import checkpoint as checkpoint
 from cejax import defenses as defenses
@@ -74,6 +75,7 @@ __all__ = (
     "RiseMasks",
     "SlidingWindows",
     "activate",
+    "adapters",
     "attacks",
     "box_masks",
     "causal_effect",
