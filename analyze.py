@@ -38,11 +38,13 @@ def main(argv):
   from tqdm import tqdm
 
   from cejax import analysis, checkpoint, report
+  from cejax import config as config_lib
   from cejax.data import pipeline
 
   config = FLAGS.config
   if "analysis" not in config:
-    raise ValueError("The config has no 'analysis' section; see configs/synthetic.py.")
+    raise ValueError("The config has no 'analysis' section; see cejax/config.py.")
+  config_lib.check_keys(config, config_lib.base_config())
   settings = config.analysis
   out = Path(FLAGS.out or Path(FLAGS.workdir) / "analysis")
   graphdef, params, stats, run = checkpoint.load_model(FLAGS.workdir)

@@ -56,7 +56,7 @@ def main():
   m = min(args.test_images, data.num_examples("test"))
   test = data.batch("test", np.arange(m))["image"]
   fid = autoencoder.fidelity(logits_fn, prefix, suffix, model, test,
-                             activation="sigmoid" if run.get("multi_label") else "softmax")
+                             activation=checkpoint.activation_of(run))
   rec = dict(fid, stage=args.stage, stage_channels=int(width), code_channels=args.code_channels,
              steps=args.steps, tv_weight=args.tv_weight, train_seconds=seconds,
              test_images=int(m), final_l1=history[-1]["l1"], first_l1=history[0]["l1"],

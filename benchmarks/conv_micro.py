@@ -10,7 +10,6 @@
 import time
 
 import jax
-import jax.numpy as jnp
 
 
 def bench_ms(f, *args, n=10):

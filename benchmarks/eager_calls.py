@@ -13,7 +13,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from cejax import checkpoint, effects, masks

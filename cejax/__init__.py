@@ -42,8 +42,8 @@ from cejax.effects import ce_map as ce_map
 from cejax.effects import intervene as intervene
 from cejax.effects import latent_causal_effect as latent_causal_effect
 from cejax.effects import latent_interventions as latent_interventions
-from cejax.masks import MaskSource as MaskSource
 from cejax.masks import Grid as Grid
+from cejax.masks import MaskSource as MaskSource
 from cejax.masks import RiseMasks as RiseMasks
 from cejax.masks import SlidingWindows as SlidingWindows
 from cejax.masks import box_masks as box_masks

@@ -57,7 +57,7 @@ def make_model(graphdef, params, stats, run, *, latent_stage: str) -> Model:
   features_fn, classify_fn = checkpoint.make_cam_fns(graphdef, params, stats)
   prefix_fn, suffix_fn = checkpoint.make_stage_fns(graphdef, params, stats, latent_stage)
   return Model(checkpoint.make_logits_fn(graphdef, params, stats), features_fn, classify_fn,
-               prefix_fn, suffix_fn, "sigmoid" if run.get("multi_label") else "softmax",
+               prefix_fn, suffix_fn, checkpoint.activation_of(run),
                run["num_classes"])
 
 
@@ -82,7 +82,8 @@ def _mask_sets(shape, settings, key):
   h, _ = shape
   return {
       "grid": masks.grid_masks(shape=shape, n=settings.grid_cells),
-      "sliding": masks.sliding_window_masks(shape=shape, window=max(1, h // settings.window_div),
+      "sliding": masks.sliding_window_masks(shape=shape,
+                                            window=max(1, h // settings.window_div),
                                             stride=max(1, h // settings.stride_div)),
       "rise": masks.rise_masks(key, num=settings.rise_masks, shape=shape,
                                cells=settings.rise_cells),
@@ -197,12 +198,11 @@ def correct(model, logits, labels):
 
 def run_attacks(model, pixels, labels, *, space, key, settings):
   """Adversarial pixels for every (attack, eps) in the settings, ``{name: result}``."""
-  multi = model.activation == "sigmoid"
   out = {}
   for attack in settings.attacks:
     for eps in settings.epsilons:
       name = f"{attack}@{round(eps * 255)}"
-      kw = dict(eps=eps, space=space, multi_label=multi)
+      kw = dict(eps=eps, space=space, activation=model.activation)
       if attack == "fgsm":
         res = attacks.fgsm(model.logits_fn, pixels, labels, **kw)
       elif attack == "bim":
@@ -223,8 +223,7 @@ def run_attacks(model, pixels, labels, *, space, key, settings):
 def defense_accuracy(model, pixels, labels, *, space, key, settings):
   """Accuracy per image with each defense, clean and under attack, incl. BPDA-PGD."""
   eps = settings.defense_eps
-  multi = model.activation == "sigmoid"
-  kw = dict(eps=eps, space=space, multi_label=multi)
+  kw = dict(eps=eps, space=space, activation=model.activation)
   adv = {
       "fgsm": attacks.fgsm(model.logits_fn, pixels, labels, **kw).images,
       "bim": attacks.bim(model.logits_fn, pixels, labels, steps=settings.attack_steps,

@@ -8,8 +8,8 @@ attacked without its normalisation would be attacked on the wrong input distribu
 without any error, so even a model that takes [0, 1] pixels says so with
 ``space=PixelSpace()``. Iterates are clipped to valid pixels.
 
-Labels: int ``(n,)`` classes (softmax models) or multi-hot ``(n, k)`` findings
-(``multi_label=True``, sigmoid models; targeted attacks then ask for a whole target
+Labels: int ``(n,)`` classes (``activation="softmax"``) or multi-hot ``(n, k)`` findings
+(``activation="sigmoid"``, multi-label models; targeted attacks then ask for a whole target
 vector, e.g. the true labels with one finding switched on or off).
 
 Steps run in ``lax.fori_loop``; examples are independent, so ``jax.vmap`` over an
@@ -25,9 +25,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
 
 from cejax.compile import compile_once
+from cejax.estimands import check_activation
+from cejax.sharding import shard_batch  # noqa: F401  (re-exported: batch sharding of attacks)
+from cejax.types import LogitsFn, Pixels
 
 
 class PixelSpace(NamedTuple):
@@ -67,14 +69,15 @@ class AttackResult(NamedTuple):
   l2: jax.Array
 
 
-def attack_loss(logits_fn, space, labels, *, targeted=False, multi_label=False):
+def attack_loss(logits_fn, space, labels, *, targeted=False, activation="softmax"):
   """``loss(pixels) -> (n,)``, the per-example loss the gradient attacks *ascend*:
   cross-entropy of ``logits_fn(space.normalize(pixels))`` with the labels (summed
-  per-finding binary cross-entropy for ``multi_label``), negated when ``targeted``."""
+  per-finding binary cross-entropy for ``activation="sigmoid"``), negated when
+  ``targeted``."""
 
   def loss(x):
     logits = logits_fn(space.normalize(x)).astype(jnp.float32)
-    if multi_label:
+    if check_activation(activation) == "sigmoid":
       per = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).sum(-1)
     else:
       per = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -83,28 +86,29 @@ def attack_loss(logits_fn, space, labels, *, targeted=False, multi_label=False):
   return loss
 
 
-def _grad(logits_fn, space, labels, *, targeted, multi_label):
-  loss = attack_loss(logits_fn, space, labels, targeted=targeted, multi_label=multi_label)
+def _grad(logits_fn, space, labels, *, targeted, activation):
+  loss = attack_loss(logits_fn, space, labels, targeted=targeted, activation=activation)
   return jax.grad(lambda x: loss(x).sum())
 
 
-def success(logits, labels, *, targeted=False, multi_label=False):
+def success(logits, labels, *, targeted=False, activation="softmax"):
   """Whether the attack's goal holds for ``logits``, ``(n,)`` bool."""
-  if multi_label:
+  if check_activation(activation) == "sigmoid":
     match = ((logits > 0) == (labels > 0.5)).all(-1)
     return match if targeted else ~match
   hit = jnp.argmax(logits, -1) == labels
   return hit if targeted else ~hit
 
 
-def _result(logits_fn, space, clean, adv, labels, targeted, multi_label):
+def _result(logits_fn, space, clean, adv, labels, targeted, activation):
   logits = logits_fn(space.normalize(adv)).astype(jnp.float32)
   delta = (adv - clean).reshape(len(adv), -1)
-  return AttackResult(adv, success(logits, labels, targeted=targeted, multi_label=multi_label),
+  return AttackResult(adv, success(logits, labels, targeted=targeted, activation=activation),
                       logits, jnp.abs(delta).max(-1), jnp.sqrt((delta**2).sum(-1)))
 
 
-def _check(images, labels, space, multi_label):
+def _check(images, labels, space, activation):
+  multi_label = check_activation(activation) == "sigmoid"
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4:
     raise ValueError(f"images must be (n, h, w, c) in pixel space, got {images.shape}.")
@@ -125,7 +129,7 @@ def _check(images, labels, space, multi_label):
 
 def _validate(args):
   """Eager checks before the compiled attack (pixel range, label shape)."""
-  _check(args["images"], args["labels"], args["space"], args.get("multi_label", False))
+  _check(args["images"], args["labels"], args["space"], args.get("activation", "softmax"))
 
 
 def _attack(*static):
@@ -152,20 +156,21 @@ def _step(g, norm):
   return g / jnp.maximum(n, 1e-12).reshape(-1, *([1] * (g.ndim - 1)))
 
 
-@_attack("targeted", "multi_label")
-def fgsm(logits_fn, images, labels, *, key=None, eps, targeted=False, multi_label=False,
+@_attack("targeted", "activation")
+def fgsm(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
+         key=None, eps, targeted=False, activation="softmax",
          space: PixelSpace) -> AttackResult:
   """Goodfellow et al. (2015): ``x + eps * sign(grad loss)`` (minus for targeted)."""
   del key  # deterministic; accepted for a uniform signature
-  images, labels = _check(images, labels, space, multi_label)
-  g = _grad(logits_fn, space, labels, targeted=targeted, multi_label=multi_label)(images)
+  images, labels = _check(images, labels, space, activation)
+  g = _grad(logits_fn, space, labels, targeted=targeted, activation=activation)(images)
   adv = jnp.clip(images + eps * jnp.sign(g), space.low, space.high)
-  return _result(logits_fn, space, images, adv, labels, targeted, multi_label)
+  return _result(logits_fn, space, images, adv, labels, targeted, activation)
 
 
 def _iterate(logits_fn, images, labels, start, *, eps, steps, step_size, norm, decay,
-             targeted, multi_label, space):
-  grad = _grad(logits_fn, space, labels, targeted=targeted, multi_label=multi_label)
+             targeted, activation, space):
+  grad = _grad(logits_fn, space, labels, targeted=targeted, activation=activation)
 
   def body(_, carry):
     x, momentum = carry
@@ -181,37 +186,40 @@ def _iterate(logits_fn, images, labels, start, *, eps, steps, step_size, norm, d
   return x
 
 
-@_attack("steps", "step_size", "targeted", "multi_label")
-def bim(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None,
-        targeted=False, multi_label=False, space: PixelSpace) -> AttackResult:
+@_attack("steps", "step_size", "targeted", "activation")
+def bim(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
+        key=None, eps, steps=10, step_size=None,
+        targeted=False, activation="softmax", space: PixelSpace) -> AttackResult:
   """I-FGSM / BIM (Kurakin et al., 2017): iterated FGSM steps projected to the eps-ball."""
   del key
-  images, labels = _check(images, labels, space, multi_label)
+  images, labels = _check(images, labels, space, activation)
   step_size = eps / steps * 1.25 if step_size is None else step_size
   adv = _iterate(logits_fn, images, labels, images, eps=eps, steps=steps,
                  step_size=step_size, norm="linf", decay=None, targeted=targeted,
-                 multi_label=multi_label, space=space)
-  return _result(logits_fn, space, images, adv, labels, targeted, multi_label)
+                 activation=activation, space=space)
+  return _result(logits_fn, space, images, adv, labels, targeted, activation)
 
 
-@_attack("steps", "step_size", "decay", "targeted", "multi_label")
-def mifgsm(logits_fn, images, labels, *, key=None, eps, steps=10, step_size=None,
-           decay=1.0, targeted=False, multi_label=False,
+@_attack("steps", "step_size", "decay", "targeted", "activation")
+def mifgsm(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
+           key=None, eps, steps=10, step_size=None,
+           decay=1.0, targeted=False, activation="softmax",
            space: PixelSpace) -> AttackResult:
   """MI-FGSM (Dong et al., 2018): I-FGSM with a momentum of L1-normalised gradients."""
   del key
-  images, labels = _check(images, labels, space, multi_label)
+  images, labels = _check(images, labels, space, activation)
   step_size = eps / steps if step_size is None else step_size
   adv = _iterate(logits_fn, images, labels, images, eps=eps, steps=steps,
                  step_size=step_size, norm="linf", decay=decay, targeted=targeted,
-                 multi_label=multi_label, space=space)
-  return _result(logits_fn, space, images, adv, labels, targeted, multi_label)
+                 activation=activation, space=space)
+  return _result(logits_fn, space, images, adv, labels, targeted, activation)
 
 
 @_attack("steps", "step_size", "norm", "restarts", "random_start", "targeted",
-         "multi_label")
-def pgd(logits_fn, images, labels, *, key, eps, steps=20, step_size=None, norm="linf",
-        restarts=1, random_start=True, targeted=False, multi_label=False,
+         "activation")
+def pgd(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
+        key, eps, steps=20, step_size=None, norm="linf",
+        restarts=1, random_start=True, targeted=False, activation="softmax",
         space: PixelSpace) -> AttackResult:
   """PGD (Madry et al., 2018) under L-infinity or L2, with random restarts.
 
@@ -223,9 +231,9 @@ def pgd(logits_fn, images, labels, *, key, eps, steps=20, step_size=None, norm="
     raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}.")
   if restarts < 1 or steps < 1:
     raise ValueError(f"steps and restarts must be >= 1, got {steps}, {restarts}.")
-  images, labels = _check(images, labels, space, multi_label)
+  images, labels = _check(images, labels, space, activation)
   step_size = 2.5 * eps / steps if step_size is None else step_size
-  loss = attack_loss(logits_fn, space, labels, targeted=targeted, multi_label=multi_label)
+  loss = attack_loss(logits_fn, space, labels, targeted=targeted, activation=activation)
 
   def one_restart(k):
     if not random_start:
@@ -241,22 +249,23 @@ def pgd(logits_fn, images, labels, *, key, eps, steps=20, step_size=None, norm="
     start = _project(start, images, eps, norm, space)
     adv = _iterate(logits_fn, images, labels, start, eps=eps, steps=steps,
                    step_size=step_size, norm=norm, decay=None, targeted=targeted,
-                   multi_label=multi_label, space=space)
+                   activation=activation, space=space)
     logits = logits_fn(space.normalize(adv)).astype(jnp.float32)
-    ok = success(logits, labels, targeted=targeted, multi_label=multi_label)
+    ok = success(logits, labels, targeted=targeted, activation=activation)
     return adv, loss(adv) + jnp.where(ok, 1e6, 0.0)  # success first, then loss
 
   advs, scores = jax.lax.map(one_restart, jax.random.split(key, restarts))
   best = jnp.argmax(scores, 0)
   adv = jnp.take_along_axis(advs, best[None, :, None, None, None], 0)[0]
-  return _result(logits_fn, space, images, adv, labels, targeted, multi_label)
+  return _result(logits_fn, space, images, adv, labels, targeted, activation)
 
 
 @_attack("defense", "steps", "step_size", "norm", "restarts", "random_start", "targeted",
-         "multi_label")
-def bpda_pgd(logits_fn, images, labels, *, key, defense: Callable, eps, steps=20,
+         "activation")
+def bpda_pgd(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
+             key, defense: Callable, eps, steps=20,
              step_size=None, norm="linf", restarts=1, random_start=True, targeted=False,
-             multi_label=False, space: PixelSpace) -> AttackResult:
+             activation="softmax", space: PixelSpace) -> AttackResult:
   """PGD through a non-differentiable input defense with BPDA (Athalye et al., 2018).
 
   The forward pass applies ``defense`` (pixels -> pixels); the backward pass treats
@@ -269,11 +278,12 @@ def bpda_pgd(logits_fn, images, labels, *, key, defense: Callable, eps, steps=20
 
   return pgd(defended, images, labels, key=key, eps=eps, steps=steps, step_size=step_size,
              norm=norm, restarts=restarts, random_start=random_start, targeted=targeted,
-             multi_label=multi_label, space=space)
+             activation=activation, space=space)
 
 
 @_attack("steps", "learning_rate", "c", "confidence", "search_steps", "targeted")
-def carlini_wagner_l2(logits_fn, images, labels, *, key=None, steps=100,
+def carlini_wagner_l2(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
+                      key=None, steps=100,
                       learning_rate=0.01, c=1e-3, confidence=0.0, search_steps=9,
                       targeted=False, space: PixelSpace) -> AttackResult:
   """Carlini & Wagner (2017) L2 attack for softmax models, with a binary search on ``c``.
@@ -290,7 +300,7 @@ def carlini_wagner_l2(logits_fn, images, labels, *, key=None, steps=100,
   over all runs (the clean image if none).
   """
   del key
-  images, labels = _check(images, labels, space, False)
+  images, labels = _check(images, labels, space, "softmax")
   n = len(images)
   span = space.high - space.low
   to_x = lambda w: space.low + span * (jnp.tanh(w) + 1) / 2
@@ -338,11 +348,12 @@ def carlini_wagner_l2(logits_fn, images, labels, *, key=None, steps=100,
   (_, _, _, (adv, _)), _ = jax.lax.scan(
       search, (jnp.zeros(n), jnp.full((n,), jnp.inf), jnp.full((n,), c), init_best), None,
       length=search_steps)
-  return _result(logits_fn, space, images, adv, labels, targeted, False)
+  return _result(logits_fn, space, images, adv, labels, targeted, "softmax")
 
 
 @_attack("steps", "overshoot", "candidates")
-def deepfool(logits_fn, images, labels, *, key=None, steps=50, overshoot=0.02,
+def deepfool(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
+             key=None, steps=50, overshoot=0.02,
              candidates: int | None = 10, space: PixelSpace) -> AttackResult:
   """DeepFool L2 (Moosavi-Dezfooli et al., 2016), untargeted, softmax models.
 
@@ -355,7 +366,7 @@ def deepfool(logits_fn, images, labels, *, key=None, steps=50, overshoot=0.02,
   Examples stop moving once misclassified (with respect to ``labels``).
   """
   del key
-  images, labels = _check(images, labels, space, False)
+  images, labels = _check(images, labels, space, "softmax")
   n = len(images)
   clean_logits = logits_fn(space.normalize(images)).astype(jnp.float32)
   k = clean_logits.shape[-1]
@@ -391,31 +402,10 @@ def deepfool(logits_fn, images, labels, *, key=None, steps=50, overshoot=0.02,
     return jnp.where(done[:, None, None, None], x, moved), p_total
 
   adv, _ = jax.lax.fori_loop(0, steps, body, (images, jnp.zeros_like(images)))
-  return _result(logits_fn, space, images, adv, labels, False, False)
+  return _result(logits_fn, space, images, adv, labels, False, "softmax")
 
 
 def epsilon_sweep(attack: Callable, logits_fn, images, labels, *, eps, **kwargs):
   """``attack`` at every budget in ``eps`` in one vmapped call; leading axis = eps."""
   eps = jnp.asarray(eps, jnp.float32)
   return jax.vmap(lambda e: attack(logits_fn, images, labels, eps=e, **kwargs))(eps)
-
-
-def shard_batch(fn: Callable, mesh: jax.sharding.Mesh, *, axis: str | None = None):
-  """Wraps ``fn(images, labels) -> pytree`` to split the batch over ``mesh``.
-
-  ``fn`` is jitted with the batch axis sharded (``NamedSharding``) and the outputs
-  gathered; XLA partitions the per-example work, and random draws (PGD's random
-  start) are the same as on one device, as JAX's threefry is partitionable. The
-  batch size must be divisible by the number of devices on ``axis``.
-  """
-  axis = axis or mesh.axis_names[0]
-  batch = jax.sharding.NamedSharding(mesh, P(axis))
-  jitted = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, P()))
-
-  def wrapped(images, labels):
-    if images.shape[0] % mesh.shape[axis]:
-      raise ValueError(f"batch of {images.shape[0]} does not split over "
-                       f"{mesh.shape[axis]} devices.")
-    return jitted(jax.device_put(images, batch), jax.device_put(labels, batch))
-
-  return wrapped

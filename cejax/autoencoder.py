@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cejax import effects
+from cejax import estimands as effects
 
 
 class FeatureAutoencoder(nnx.Module):

@@ -230,3 +230,10 @@ def load_logits_fn(workdir: Path, *, step: int | str = "best"):
   """
   graphdef, params, batch_stats, run = load_model(workdir, step=step)
   return make_logits_fn(graphdef, params, batch_stats), run
+
+
+def activation_of(run) -> str:
+  """The output activation of a run: ``"sigmoid"`` for a multi-label data set (one
+  binary finding per output, as ChestX-ray14), else ``"softmax"``. ``run.json`` keeps
+  the data set's ``multi_label`` flag; the library speaks of ``activation`` only."""
+  return "sigmoid" if run.get("multi_label") else "softmax"

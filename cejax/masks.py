@@ -19,6 +19,9 @@ from typing import Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
+
+from cejax.types import Masks, PRNGKey
 
 
 def _check_shape(shape) -> tuple[int, int]:
@@ -27,7 +30,7 @@ def _check_shape(shape) -> tuple[int, int]:
   return int(shape[0]), int(shape[1])
 
 
-def grid_masks(*, shape, n: int = 10) -> jax.Array:
+def grid_masks(*, shape, n: int = 10) -> Masks:
   """An ``n x n`` partition of the image into blocks (the paper uses 10 x 10).
 
   Returns:
@@ -54,7 +57,7 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
   return [i * stride for i in range(count)]
 
 
-def sliding_window_masks(*, shape, window, stride) -> jax.Array:
+def sliding_window_masks(*, shape, window, stride) -> Masks:
   """Square or rectangular windows slid over the image, as Captum's ``Occlusion``.
 
   Window positions follow ``window_starts`` per axis (row-major over positions); a
@@ -168,7 +171,7 @@ def grid(*, shape, n: int = 10) -> Grid:
   return Grid((h, w), int(n))
 
 
-def box_masks(boxes, *, shape) -> jax.Array:
+def box_masks(boxes: Float[Array, "m 4"], *, shape) -> Masks:
   """Masks of ``[x_min, y_min, x_max, y_max]`` pixel boxes, soft at fractional edges.
 
   Returns:
@@ -293,7 +296,7 @@ class RiseMasks:
                                         p=self.p, cell_size=size))(indices)
 
 
-def rise_masks(key, *, num: int, shape, cells: int = 8, p: float = 0.5) -> RiseMasks:
+def rise_masks(key: PRNGKey, *, num: int, shape, cells: int = 8, p: float = 0.5) -> RiseMasks:
   """A recipe for ``num`` RISE masks (see ``RiseMasks``); nothing is drawn yet."""
   h, w = _check_shape(shape)
   if num < 1:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
 from cejax import filters
-from cejax.effects import activate as effects_activate
-from cejax.effects import check_activation
+from cejax.estimands import activate as effects_activate
+from cejax.estimands import check_activation
+from cejax.types import BoxMasks, Images, LogitsFn, Maps, Targets
 
 # The ChestX-ray14 localization protocol (Wang et al., 2017): T(IoU) at these levels.
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -114,7 +116,8 @@ def _dilate(boxes, radius: float):
   return hits[..., 0] > 0.5
 
 
-def pointing_game(maps, boxes, *, tolerance: float | None = None, ties: str = "first",
+def pointing_game(maps: Maps, boxes: BoxMasks, *,
+                  tolerance: float | None = None, ties: str = "first",
                   rtol: float = 0.0):
   """The pointing game of Zhang et al. (2016), ``(n,)`` bool.
 
@@ -160,7 +163,7 @@ def pointing_game(maps, boxes, *, tolerance: float | None = None, ties: str = "f
   return hit & (hi[:, 0, 0] > lo[:, 0, 0]) & boxes.any((1, 2))
 
 
-def mass_in_box(maps, boxes):
+def mass_in_box(maps: Maps, boxes: BoxMasks) -> Float[Array, " n"]:
   """Fraction of the positive attribution mass inside the box, ``(n,)``; 0 if none."""
   maps, boxes = _check_maps(maps, boxes)
   pos = jax.nn.relu(maps)
@@ -176,7 +179,7 @@ def normalize_maps(maps):
   return jnp.where(span > 0, (maps - lo) / jnp.where(span > 0, span, 1), 0.0)
 
 
-def iou(maps, boxes, *, level: float = 0.5):
+def iou(maps: Maps, boxes: BoxMasks, *, level: float = 0.5) -> Float[Array, " n"]:
   """IoU of the region where the min-max-normalised map is >= ``level`` with the box."""
   maps, boxes = _check_maps(maps, boxes)
   region = (normalize_maps(maps) >= level) & (maps.max((1, 2), keepdims=True)
@@ -201,7 +204,7 @@ def average_ranks(x):
   return (below + up_to + 1).astype(jnp.float32) / 2
 
 
-def spearman(a, b):
+def spearman(a: Maps, b: Maps) -> Float[Array, " n"]:
   """Spearman rank correlation between paired maps, ``(n,)`` (flattened per map).
 
   Equal to ``scipy.stats.spearmanr``: ties get average ranks, and a constant map
@@ -231,7 +234,8 @@ def substrate(images, kind: str):
   raise ValueError(f"Unknown substrate {kind!r}; valid are {list(SUBSTRATES)}.")
 
 
-def deletion_insertion(logits_fn: Callable, images, maps, targets, *, steps: int = 16,
+def deletion_insertion(logits_fn: LogitsFn, images: Images, maps: Maps, targets: Targets, *,
+                       steps: int = 16,
                        curves=CURVES, activation: str = "softmax",
                        batch_size: int = 16) -> dict[str, jax.Array]:
   """Deletion and insertion AUCs (Petsiuk et al., 2018), ``{curve: (n,)}``.

@@ -24,6 +24,7 @@ import numpy as np
 from cejax import effects as effects_lib
 from cejax import masks as masks_lib
 from cejax.compile import compile_once, output_shape
+from cejax.types import ClassifyFn, FeaturesFn, Images, LogitsFn, Maps, PRNGKey, Targets
 
 
 def _score_fn(logits_fn: Callable, targets):
@@ -96,20 +97,20 @@ _CAM = dict(validate=_validate_cam)
 
 
 @compile_once(static_argnames=("logits_fn",), **_LOGITS)
-def input_gradient(logits_fn, images, targets):
+def input_gradient(logits_fn: LogitsFn, images: Images, targets: Targets) -> Images:
   """``d logit_t / d x`` with the image's shape ``(n, h, w, c)``."""
   images, targets = _check(images, targets)
   return jax.grad(_score_fn(logits_fn, targets))(images)
 
 
 @compile_once(static_argnames=("logits_fn",), **_LOGITS)
-def vanilla_gradient(logits_fn, images, targets):
+def vanilla_gradient(logits_fn: LogitsFn, images: Images, targets: Targets) -> Maps:
   """Simonyan et al. (2014): max over channels of ``|d logit_t / d x|``."""
   return jnp.abs(input_gradient(logits_fn, images, targets)).max(-1)
 
 
 @compile_once(static_argnames=("logits_fn",), **_LOGITS)
-def gradient_x_input(logits_fn, images, targets):
+def gradient_x_input(logits_fn: LogitsFn, images: Images, targets: Targets) -> Maps:
   """Shrikumar et al. (2016): ``sum_c x * d logit_t / d x``."""
   images, targets = _check(images, targets)
   return (images * input_gradient(logits_fn, images, targets)).sum(-1)
@@ -123,7 +124,8 @@ def _noisy(images, key, num_samples, sigma):
 
 
 @compile_once(static_argnames=("logits_fn", "num_samples", "sigma"), **_LOGITS)
-def smoothgrad(logits_fn, images, targets, *, key, num_samples: int = 50,
+def smoothgrad(logits_fn: LogitsFn, images: Images, targets: Targets, *,
+               key: PRNGKey, num_samples: int = 50,
                sigma: float = 0.15):
   """SmoothGrad (Smilkov et al., 2017): ``max_c mean_i |d logit_t / d x_c (x + e_i)|``.
 
@@ -145,7 +147,8 @@ def smoothgrad(logits_fn, images, targets, *, key, num_samples: int = 50,
 
 
 @compile_once(static_argnames=("logits_fn", "steps", "per_channel"), **_LOGITS)
-def integrated_gradients(logits_fn, images, targets, *, baseline=None, steps: int = 32,
+def integrated_gradients(logits_fn: LogitsFn, images: Images, targets: Targets, *,
+                         baseline=None, steps: int = 32,
                          per_channel: bool = False):
   """Sundararajan et al. (2017), midpoint Riemann sum over ``steps``.
 
@@ -177,7 +180,8 @@ def _feature_grads(features_fn, classify_fn, images, targets):
 
 
 @compile_once(static_argnames=("features_fn", "classify_fn"), **_CAM)
-def cam(features_fn, classify_fn, images, targets):
+def cam(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images,
+        targets: Targets) -> Maps:
   """Zhou et al. (2016): ``sum_c W[c, t] A_c`` for a global-average-pool + linear head.
 
   Computed as ``H'W' * sum_c A_c dlogit_t/dA_c``, which equals the class activation map
@@ -190,7 +194,8 @@ def cam(features_fn, classify_fn, images, targets):
 
 
 @compile_once(static_argnames=("features_fn", "classify_fn"), **_CAM)
-def grad_cam(features_fn, classify_fn, images, targets):
+def grad_cam(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images,
+             targets: Targets) -> Maps:
   """Selvaraju et al. (2017): ``ReLU(sum_c alpha_c A_c)``, ``alpha_c`` = mean gradient."""
   images, targets = _check(images, targets)
   feats, grads = _feature_grads(features_fn, classify_fn, images, targets)
@@ -209,7 +214,8 @@ def _grad_cam_pp_maps(feats, d1, d2, d3):
 
 
 @compile_once(static_argnames=("features_fn", "classify_fn"), **_CAM)
-def grad_cam_pp(features_fn, classify_fn, images, targets):
+def grad_cam_pp(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images,
+                targets: Targets) -> Maps:
   """Grad-CAM++ (Chattopadhay et al., 2018)."""
   images, targets = _check(images, targets)
   feats, grads = _feature_grads(features_fn, classify_fn, images, targets)
@@ -217,7 +223,8 @@ def grad_cam_pp(features_fn, classify_fn, images, targets):
 
 
 @compile_once(static_argnames=("features_fn", "classify_fn", "num_samples", "sigma"), **_CAM)
-def smooth_grad_cam_pp(features_fn, classify_fn, images, targets, *, key,
+def smooth_grad_cam_pp(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images,
+                       targets: Targets, *, key: PRNGKey,
                        num_samples: int = 50, sigma: float = 0.15):
   """Smooth Grad-CAM++ (Omeiza et al., 2019).
 
@@ -241,7 +248,8 @@ def smooth_grad_cam_pp(features_fn, classify_fn, images, targets, *, key,
 
 @compile_once(static_argnames=("logits_fn", "num_masks", "cells", "p", "batch_size",
                                "activation"), **_LOGITS)
-def rise(logits_fn, images, targets, *, key, num_masks: int = 4000, cells: int = 8,
+def rise(logits_fn: LogitsFn, images: Images, targets: Targets, *,
+         key: PRNGKey, num_masks: int = 4000, cells: int = 8,
          p: float = 0.5, batch_size: int = 100, activation: str = "softmax"):
   """RISE (Petsiuk et al., 2018): ``S(x) = sum_i f_t(I * M_i) M_i(x) / (N p)``.
 
@@ -270,7 +278,8 @@ def rise(logits_fn, images, targets, *, key, num_masks: int = 4000, cells: int =
 
 @compile_once(static_argnames=("logits_fn", "window", "stride", "batch_size", "activation"),
               **_LOGITS)
-def occlusion(logits_fn, images, targets, *, window: int, stride: int, batch_size: int = 64,
+def occlusion(logits_fn: LogitsFn, images: Images, targets: Targets, *,
+              window: int, stride: int, batch_size: int = 64,
               activation: str = "softmax"):
   """Occlusion (Zeiler & Fergus, 2014), equal to Captum's ``Occlusion``.
 

@@ -10,10 +10,87 @@ which then lists the devices of every process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def mask_mesh(devices=None, *, axis: str = "masks") -> jax.sharding.Mesh:
   """A 1-D mesh named ``axis`` over ``devices`` (default: every device of every process)."""
   devices = jax.devices() if devices is None else list(devices)
   return jax.make_mesh((len(devices),), (axis,), devices=devices)
+
+
+def padded_size(m, batch_size, devices):
+  """``m`` rounded up to a multiple of ``batch_size * devices``."""
+  per = batch_size * devices
+  return -(-m // per) * per
+
+
+def sweep(chunk_fn: Callable, num: int, data=None, *, batch_size: int,
+          mesh: jax.sharding.Mesh | None = None, axis: str | None = None, args=()):
+  """Maps ``chunk_fn(indices (b,), data_chunk, *args)`` over ``num`` items in chunks.
+
+  Items are padded to a multiple of ``batch_size`` (times the mesh size) and the
+  padding is cut from the result. ``data`` (leading axis ``num``) is split with the
+  indices; ``args`` are passed whole (replicated). With ``mesh``, the item axis is
+  sharded over mesh axis ``axis`` (default: all of the mesh's axes).
+
+  Returns:
+    ``chunk_fn``'s outputs concatenated over items, leading axis ``num``.
+  """
+  devices = 1 if mesh is None else mesh.size
+  total = padded_size(num, batch_size, devices)
+  indices = jnp.arange(total, dtype=jnp.int32)
+  data = jax.tree.map(
+      lambda d: jnp.pad(d, [(0, total - num)] + [(0, 0)] * (d.ndim - 1)), data)
+
+  def local(indices, data, *args):
+    chunks = indices.reshape(-1, batch_size)
+    dchunks = jax.tree.map(lambda d: d.reshape(-1, batch_size, *d.shape[1:]), data)
+    out = jax.lax.map(lambda c: chunk_fn(c[0], c[1], *args), (chunks, dchunks))
+    return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]), out)
+
+  if mesh is None:
+    out = local(indices, data, *args)
+  else:
+    spec = P(axis if axis is not None else mesh.axis_names)
+    specs = (spec, jax.tree.map(lambda _: spec, data)) + (P(),) * len(args)
+
+    def run(*inputs):
+      # Lay inputs out on the mesh (a no-op when they already are), then split.
+      inputs = jax.tree.map(
+          lambda x, sp: None if x is None else jax.reshard(
+              x, jax.sharding.NamedSharding(mesh, sp)), inputs, specs,
+          is_leaf=lambda x: x is None)
+      out = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=spec,
+                          check_vma=False)(*inputs)
+      # Effects are small (m numbers per image): gather them to cut the padding.
+      return jax.tree.map(
+          lambda o: jax.reshard(o, jax.sharding.NamedSharding(mesh, P())), out)
+
+    out = jax.jit(run)(indices, data, *args)
+  return jax.tree.map(lambda o: o[:num], out)
+
+
+def shard_batch(fn: Callable, mesh: jax.sharding.Mesh, *, axis: str | None = None):
+  """Wraps ``fn(images, labels) -> pytree`` to split the batch over ``mesh``.
+
+  ``fn`` is jitted with the batch axis sharded (``NamedSharding``) and the outputs
+  gathered; XLA partitions the per-example work, and random draws (PGD's random
+  start) are the same as on one device, as JAX's threefry is partitionable. The
+  batch size must be divisible by the number of devices on ``axis``.
+  """
+  axis = axis or mesh.axis_names[0]
+  batch = jax.sharding.NamedSharding(mesh, P(axis))
+  jitted = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, P()))
+
+  def wrapped(images, labels):
+    if images.shape[0] % mesh.shape[axis]:
+      raise ValueError(f"batch of {images.shape[0]} does not split over "
+                       f"{mesh.shape[axis]} devices.")
+    return jitted(jax.device_put(images, batch), jax.device_put(labels, batch))
+
+  return wrapped

@@ -24,35 +24,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cejax import checkpoint, data, metrics
+from cejax import config as config_lib
+from cejax.estimands import check_activation
 from cejax.models import densenet
 
 _log = logging.getLogger(__name__)
 
-_VALID_SECTIONS = {
-    "data": {"name", "data_dir", "image_size", "num_train", "num_validation", "num_test",
-             "seed", "channels", "mean", "std", "crop_size", "max_boxes", "manual_dir",
-             "image_key", "label_key"},
-    "model": {"preset", "dtype", "overrides"},
-    "train": {"seed", "batch_size", "num_epochs", "optimizer", "learning_rate",
-              "weight_decay", "warmup_epochs", "schedule", "momentum",
-              "checkpoint_every_steps", "keep_checkpoints", "best_metric",
-              "log_every_steps", "eval_batch_size"},
-}
-
-
 def validate_config(config, sections=("data", "model", "train")) -> None:
-  """Raises ValueError naming any unknown key (and listing the valid ones)."""
+  """Raises ValueError for a missing section or any key the base config does not
+  declare (naming the closest valid key; ``cejax.config``)."""
   for section in sections:
     if section not in config:
       raise ValueError(f"Config lacks the section {section!r}.")
-    unknown = set(config[section].keys()) - _VALID_SECTIONS[section]
-    if unknown:
-      raise ValueError(
-          f"Unknown config key(s) config.{section}.{sorted(unknown)}; valid keys are "
-          f"{sorted(_VALID_SECTIONS[section])}.")
+  config_lib.check_keys(config, config_lib.base_config())
   if config.model.preset not in densenet.PRESETS:
     raise ValueError(f"Unknown config.model.preset {config.model.preset!r}; valid "
                      f"presets are {sorted(densenet.PRESETS)}.")
@@ -85,16 +73,17 @@ def make_optimizer(train_config, *, steps_per_epoch: int) -> optax.GradientTrans
                    "['adam', 'adamw', 'sgd'].")
 
 
-def loss_and_metrics(logits, labels, *, multi_label: bool, weights=None):
+def loss_and_metrics(logits, labels, *, activation: str, weights=None):
   """Mean loss and summed correct counts.
 
-  Softmax cross-entropy for multi-class (``labels`` int ``(n,)``), sigmoid binary
-  cross-entropy averaged over classes for multi-label (``labels`` ``(n, k)``).
+  ``activation="softmax"``: softmax cross-entropy (``labels`` int ``(n,)``);
+  ``"sigmoid"`` (multi-label): binary cross-entropy averaged over findings
+  (``labels`` ``(n, k)``).
   """
   logits = logits.astype(jnp.float32)
   if weights is None:
     weights = jnp.ones(logits.shape[0], jnp.float32)
-  if multi_label:
+  if check_activation(activation) == "sigmoid":
     per_example = optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)
     correct = ((logits > 0) == (labels > 0.5)).mean(-1)
   else:
@@ -106,14 +95,14 @@ def loss_and_metrics(logits, labels, *, multi_label: bool, weights=None):
                 "correct": (correct * weights).sum(), "count": count}
 
 
-def train_step(graphdef, state, batch, *, optimizer, multi_label):
+def train_step(graphdef, state, batch, *, optimizer, activation):
   """One optimizer step; returns the new state and ``{loss, accuracy}``."""
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state["batch_stats"])
     logits = model(batch["image"])
     _, new_stats = nnx.split(model, nnx.Param, nnx.BatchStat)[1:]
-    loss, m = loss_and_metrics(logits, batch["label"], multi_label=multi_label)
+    loss, m = loss_and_metrics(logits, batch["label"], activation=activation)
     return loss, (nnx.to_pure_dict(new_stats), m)
 
   (loss, (batch_stats, m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -175,7 +164,7 @@ def evaluate(eval_fn, state, dataset, split, *, batch_size, sharding, limit=None
   logits = np.concatenate(all_logits).astype(np.float64)
   labels = np.concatenate(all_labels)
   loss, m = loss_and_metrics(jnp.asarray(logits), jnp.asarray(labels),
-                             multi_label=dataset.multi_label)
+                             activation=dataset.activation)
   out = {"loss": float(loss), "accuracy": float(m["correct"] / m["count"]),
          "count": int(m["count"])}
   if dataset.multi_label:
@@ -261,7 +250,7 @@ def train_and_evaluate(config, workdir, *, devices=None,
 
   step_fn = jax.jit(
       functools.partial(train_step, graphdef, optimizer=optimizer,
-                        multi_label=dataset.multi_label),
+                        activation=dataset.activation),
       in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, eval_graphdef),

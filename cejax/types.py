@@ -21,7 +21,7 @@ Maps: TypeAlias = Float[Array, "n h w"]  # larger = more important
 BoxMasks: TypeAlias = Bool[Array, "n h w"]
 Logits: TypeAlias = Float[Array, "n k"]
 Targets: TypeAlias = Int[Array, " n"]
-Effects: TypeAlias = Float[Array, "m"] | Float[Array, "m k"]
+Effects: TypeAlias = Float[Array, " m"] | Float[Array, "m k"]
 PRNGKey: TypeAlias = jax.Array
 
 # A model as cejax sees it: a pure function of normalised images.

@@ -4,7 +4,6 @@ The device count must be set before JAX initialises its backend, so it is set he
 at import time, before any test module imports JAX computations.
 """
 
-import os
 import sys
 from pathlib import Path
 

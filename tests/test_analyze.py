@@ -6,7 +6,6 @@ import sys
 import time
 
 import numpy as np
-
 from conftest import ROOT
 
 

@@ -33,7 +33,8 @@ def _private_uses(path: Path):
     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cejax"):
       for alias in node.names:
         if alias.name.startswith("_"):
-          yield f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {alias.name}"
+          where = f"{path.relative_to(ROOT)}:{node.lineno}"
+          yield f"{where}: from {node.module} import {alias.name}"
 
 
 def test_no_module_uses_another_modules_private_names():
@@ -41,3 +42,25 @@ def test_no_module_uses_another_modules_private_names():
            *ROOT.glob("benchmarks/*.py")]
   found = [use for path in files for use in _private_uses(path)]
   assert not found, found
+
+
+def test_unknown_config_keys_name_the_closest_valid_key():
+  import pytest
+
+  from cejax import config, training
+  from configs import chexnet, smoke, synthetic_eval
+
+  for module in (smoke, chexnet, synthetic_eval):  # every shipped config is valid
+    config.check_keys(module.get_config(), config.base_config())
+  typo = smoke.get_config()
+  typo.analysis.rise_mask = 100
+  with pytest.raises(ValueError, match=r"config\.analysis\.rise_mask\. Did you mean "
+                                       r"config\.analysis\.rise_masks\?"):
+    config.check_keys(typo, config.base_config())
+  typo = smoke.get_config()
+  typo.train.learnig_rate = 0.1
+  with pytest.raises(ValueError, match=r"Did you mean config\.train\.learning_rate\?"):
+    training.validate_config(typo)
+  extra = smoke.get_config()
+  extra.model.overrides.growth_rate = 8  # constructor arguments are free-form
+  config.check_keys(extra, config.base_config())

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_count import Compilations
 
 from cejax import attacks, checkpoint, defenses, sharding
 from cejax.data import pipeline
-from compile_count import Compilations
 
 H = W = 6
 PIXELS = attacks.PixelSpace()  # these toy models take [0, 1] pixels as they are
@@ -202,11 +202,11 @@ def test_multi_label_attack_turns_a_finding_on():
   on = (logits_fn(x) > 0).astype(jnp.float32)
   goal = on.at[:, 2].set(1 - on[:, 2])  # switch finding 2
   res = attacks.pgd(logits_fn, x, goal, key=jax.random.key(1), eps=0.5, steps=40,
-                    targeted=True, multi_label=True, space=PIXELS)
+                    targeted=True, activation="sigmoid", space=PIXELS)
   assert bool(res.success.all())
   with pytest.raises(ValueError, match="multi-hot"):
     attacks.pgd(logits_fn, x, jnp.array([0, 1, 2]), key=jax.random.key(1), eps=0.1,
-                multi_label=True, space=PIXELS)
+                activation="sigmoid", space=PIXELS)
   with pytest.raises(ValueError, match="pixel space"):
     attacks.fgsm(logits_fn, x * 3 - 1, jnp.array([0, 1, 2]), eps=0.1, space=PIXELS)
 

@@ -6,11 +6,11 @@ import io
 
 import numpy as np
 import pytest
+from conftest import smoke_config
 from PIL import Image
 
 from cejax import data
 from cejax.data import chestxray14
-from conftest import smoke_config
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
+from compile_count import Compilations as _Compilations
 from flax import nnx
 from jax import test_util as jtu
 
 from cejax import checkpoint, effects, masks
 from cejax.models import densenet
-from compile_count import Compilations as _Compilations
 
 H = W = 12
 C = 2

@@ -7,9 +7,9 @@ import textwrap
 
 import jax
 import numpy as np
+from test_effects import C, H, W, make_logits_fn
 
 from cejax import effects, masks
-from test_effects import H, W, C, make_logits_fn
 
 WORKER = textwrap.dedent("""
     import sys

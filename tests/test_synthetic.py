@@ -1,9 +1,9 @@
 """The embedded synthetic set: determinism, causal ground truth, and difficulty."""
 
-import numpy as np
-import optax
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 from cejax.data import synthetic_gen

@@ -62,6 +62,12 @@ class Dataset:
   _cache: dict = dataclasses.field(default_factory=dict)
 
   @property
+  def activation(self) -> str:
+    """``"sigmoid"`` for multi-label data (one binary finding per output), else
+    ``"softmax"``."""
+    return "sigmoid" if self.multi_label else "softmax"
+
+  @property
   def num_classes(self) -> int:
     return len(self.class_names)
 
