@@ -63,7 +63,8 @@ def sliding_window_masks(*, shape, window, stride) -> Masks:
   Window positions follow ``window_starts`` per axis (row-major over positions); a
   window past the far edge is truncated, so every pixel is covered. As in Captum,
   ``stride`` may not exceed ``window`` (that would leave pixels uncovered), and
-  overlapping windows are averaged by ``ce_map``'s coverage normalisation.
+  overlapping windows are averaged by ``ce_map``'s coverage normalisation. For many
+  windows use the lazy ``sliding_windows`` recipe: this builds them all at once.
 
   Returns:
     float32 ``(m, h, w)``.
@@ -72,20 +73,8 @@ def sliding_window_masks(*, shape, window, stride) -> Masks:
     ValueError: a window larger than the image, a non-positive stride, or a stride
       larger than the window.
   """
-  h, w = _check_shape(shape)
-  wh, ww = (window, window) if np.isscalar(window) else window
-  sh, sw = (stride, stride) if np.isscalar(stride) else stride
-  if not (0 < wh <= h and 0 < ww <= w) or sh < 1 or sw < 1:
-    raise ValueError(
-        f"window must fit in {shape} and stride be positive; got {window}, {stride}.")
-  if sh > wh or sw > ww:
-    raise ValueError(f"stride {stride} is larger than window {window}: pixels between "
-                     "windows would never be intervened on (Captum refuses this too).")
-  ys, xs = window_starts(h, wh, sh), window_starts(w, ww, sw)
-  masks = np.zeros((len(ys) * len(xs), h, w), np.float32)
-  for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
-    masks[k, y:y + wh, x:x + ww] = 1.0
-  return jnp.asarray(masks)
+  recipe = sliding_windows(shape=shape, window=window, stride=stride)
+  return recipe(jnp.arange(recipe.num))
 
 
 def _pair(value) -> tuple[int, int]:
