@@ -173,15 +173,22 @@ def metrics_table(summary) -> str:
   return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _auroc_cell(d) -> str:
+  lo, hi = d.get("auroc_ci", (float("nan"), float("nan")))
+  interval = f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else ""
+  return f"{d['auroc']:.3f}{interval}"
+
+
 def detection_table(summary) -> str:
   rows = []
   for attack, dets in summary["detection"].items():
     succ = summary["attack_success"].get(attack, float("nan"))
     for name, d in dets.items():
       rows.append(f"<tr><td>{html.escape(attack)}</td><td>{succ:.2f}</td>"
-                  f"<td>{html.escape(name)}</td><td>{d['auroc']:.3f}</td>"
+                  f"<td>{html.escape(name)}</td><td>{_auroc_cell(d)}</td>"
                   f"<td>{d['tpr_at_5fpr']:.3f}</td><td>{d['n_train']} / {d['n_test']}</td></tr>")
-  head = ("<tr><th>attack@eps(/255)</th><th>success rate</th><th>detector</th><th>AUROC</th>"
+  head = ("<tr><th>attack@eps(/255)</th><th>success rate</th><th>detector</th>"
+          "<th>AUROC [95% interval]</th>"
           "<th>TPR at 5% FPR</th><th>images train / test</th></tr>")
   return f"<table>{head}{''.join(rows)}</table>"
 
@@ -223,10 +230,13 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
           w.writerow([m, metric, *v])
   with open(out_dir / "detection.csv", "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["attack", "detector", "auroc", "tpr_at_5fpr", "n_train", "n_test"])
+    w.writerow(["attack", "detector", "auroc", "auroc_ci_low", "auroc_ci_high",
+                "tpr_at_5fpr", "n_train", "n_test"])
     for attack, dets in summary["detection"].items():
       for name, d in dets.items():
-        w.writerow([attack, name, d["auroc"], d["tpr_at_5fpr"], d["n_train"], d["n_test"]])
+        lo, hi = d.get("auroc_ci", (float("nan"), float("nan")))
+        w.writerow([attack, name, d["auroc"], lo, hi, d["tpr_at_5fpr"], d["n_train"],
+                    d["n_test"]])
   with open(out_dir / "per_image.csv", "w", newline="") as f:
     keys = [k for k in results if results[k].ndim == 1 and "/" in k]
     w = csv.writer(f)
@@ -272,8 +282,9 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       "active fraction, and latent-CE mean/spread/minimum), against two baselines: "
       "maximum confidence, and feature squeezing (prediction change under 4-bit + median "
       "squeezing). Images are split by index into train and test halves; only images "
-      "classified correctly whose attack succeeded are used. With few images, the "
-      "intervals are wide: read these as indicative.</p>",
+      "classified correctly whose attack succeeded are used. AUROC intervals: percentile "
+      "bootstrap over the test images, each image's clean and adversarial version kept "
+      "together.</p>",
       detection_table(summary), _img(roc_figure(summary)),
       "<h2>Input-transform defenses</h2><p class=note>Accuracy with each defense, on clean "
       "images and under attacks crafted on the undefended model, and under BPDA-PGD, an "
