@@ -42,11 +42,13 @@ from cejax.effects import ce_map as ce_map
 from cejax.effects import intervene as intervene
 from cejax.effects import latent_causal_effect as latent_causal_effect
 from cejax.effects import latent_interventions as latent_interventions
+from cejax.masks import Boxes as Boxes
 from cejax.masks import Grid as Grid
 from cejax.masks import MaskSource as MaskSource
 from cejax.masks import RiseMasks as RiseMasks
 from cejax.masks import SlidingWindows as SlidingWindows
 from cejax.masks import box_masks as box_masks
+from cejax.masks import boxes as boxes
 from cejax.masks import grid as grid
 from cejax.masks import grid_masks as grid_masks
 from cejax.masks import rise_masks as rise_masks
@@ -58,6 +60,7 @@ __all__ = (
     "ACTIVATIONS",
     "AttackResult",
     "Blur",
+    "Boxes",
     "CEResult",
     "Constant",
     "ESTIMANDS",
@@ -78,6 +81,7 @@ __all__ = (
     "adapters",
     "attacks",
     "box_masks",
+    "boxes",
     "causal_effect",
     "ce_map",
     "checkpoint",

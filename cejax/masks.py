@@ -179,6 +179,32 @@ def box_masks(boxes: Float[Array, "m 4"], *, shape) -> Masks:
   return ys[:, :, None] * xs[:, None, :]
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["boxes"],
+                   meta_fields=["shape"])
+@dataclasses.dataclass(frozen=True)
+class Boxes:
+  """``box_masks`` as a lazy recipe: the ``(m, 4)`` box coordinates are its only leaf
+  (traced under ``jit``), each chunk of masks is drawn from them on the device."""
+
+  boxes: jax.Array
+  shape: tuple[int, int]
+
+  @property
+  def num(self) -> int:
+    return int(self.boxes.shape[0])
+
+  def __call__(self, indices: jax.Array) -> jax.Array:
+    return box_masks(self.boxes[indices], shape=self.shape)
+
+
+def boxes(coordinates, *, shape) -> Boxes:
+  """A lazy recipe for ``box_masks(coordinates, shape=)``: ``[x_min, y_min, x_max,
+  y_max]`` pixel boxes, soft at fractional edges."""
+  h, w = _check_shape(shape)
+  coordinates = jnp.asarray(coordinates, jnp.float32).reshape(-1, 4)
+  return Boxes(coordinates, (h, w))
+
+
 def _mirror(index: np.ndarray, size: int) -> np.ndarray:
   """scikit-image's ``mode="reflect"`` (scipy's 'mirror'): ``d c b | a b c d | c b a``."""
   if size == 1:

@@ -492,3 +492,14 @@ def test_sweep_over_a_lazy_recipe_equals_the_dense_masks_and_passes_jit(setup):
   np.testing.assert_allclose(as_arg(recipe), lazy, atol=1e-7)
   np.testing.assert_allclose(effects.ce_map(lazy, recipe, batch_size=8),
                              effects.ce_map(lazy, dense, batch_size=8), atol=1e-7)
+
+
+def test_lazy_boxes_equal_box_masks_and_pass_jit(setup):
+  logits_fn, image, _ = setup
+  coords = np.array([[0, 0, 4, 4], [2.5, 1, 9, 6.5], [6, 6, 12, 12]], np.float32)
+  recipe = masks.boxes(coords, shape=(H, W))
+  dense = masks.box_masks(coords, shape=(H, W))
+  np.testing.assert_array_equal(recipe(jnp.arange(3)), dense)
+  lazy = jax.jit(lambda r: effects.causal_effect(logits_fn, image, r, batch_size=2).effects)
+  np.testing.assert_allclose(lazy(recipe), effects.causal_effect(
+      logits_fn, image, dense, batch_size=2).effects, atol=1e-7)
