@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cejax import validation
+from cejax.compile import output_shape
 from cejax.estimands import CEResult, activate, check_activation, check_estimand, estimand_value
 from cejax.sharding import sweep
 
@@ -80,7 +81,7 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
   image = jnp.asarray(image)
   check_estimand(estimand)
   check_activation(activation)
-  feature_shape = _feature_shape(prefix_fn, image.shape, image.dtype)
+  feature_shape = output_shape(prefix_fn, (1,) + image.shape, image.dtype)[1:]
   raw_channels = interventions.channels
   channels = jnp.asarray(interventions.channels, jnp.int32)
   values = jnp.asarray(interventions.values, jnp.float32)
@@ -106,12 +107,6 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
                                  activation=activation, mesh=mesh)
   validation.check_target(target, result.clean_logits.shape[-1])
   return result
-
-
-@functools.lru_cache(maxsize=256)
-def _feature_shape(prefix_fn, shape, dtype):
-  """The prefix's feature shape ``(h', w', C)`` for one image, traced once per shape."""
-  return tuple(jax.eval_shape(prefix_fn, jax.ShapeDtypeStruct((1,) + shape, dtype)).shape[1:])
 
 
 @functools.partial(jax.jit, static_argnames=("prefix_fn", "suffix_fn", "estimand",

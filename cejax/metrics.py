@@ -18,8 +18,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from cejax import filters
-from cejax.estimands import activate as effects_activate
-from cejax.estimands import check_activation
+from cejax.estimands import activate, check_activation
 from cejax.types import BoxMasks, Images, LogitsFn, Maps, Targets
 
 # The ChestX-ray14 localization protocol (Wang et al., 2017): T(IoU) at these levels.
@@ -264,7 +263,7 @@ def deletion_insertion(logits_fn: LogitsFn, images: Images, maps: Maps, targets:
   n, h, w, _ = images.shape
   if maps.shape != (n, h, w):
     raise ValueError(f"maps must be {(n, h, w)} to match images, got {maps.shape}.")
-  act = functools.partial(effects_activate, activation=check_activation(activation))
+  act = functools.partial(activate, activation=check_activation(activation))
   parsed = []
   for name in curves:
     mode, _, kind = name.partition("_")

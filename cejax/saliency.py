@@ -31,17 +31,14 @@ def _score_fn(logits_fn: Callable, targets):
   """Sum of the target logits over the batch: its gradient is per-image (the input may
   be images, or features for a ``classify_fn``).
 
-  A target outside ``[0, k)`` raises when it is concrete; a traced one (under ``jit``)
-  cannot, so its image's score is scaled by NaN and every map built from it is NaN.
+  Concrete targets are range-checked before the compiled call (``_validate``); here
+  targets are traced, so an image whose target is outside ``[0, k)`` has its score
+  scaled by NaN and every map built from it is NaN.
   """
 
   def score(images):
     logits = logits_fn(images).astype(jnp.float32)
     k = logits.shape[-1]
-    if not isinstance(targets, jax.core.Tracer):
-      t = np.asarray(targets)
-      if t.size and (t.min() < 0 or t.max() >= k):
-        raise ValueError(f"targets must be class indices in [0, {k}), got {t.tolist()}.")
     valid = (targets >= 0) & (targets < k)
     picked = jnp.take_along_axis(logits, jnp.clip(targets, 0, k - 1)[:, None], axis=1)[:, 0]
     return (picked * jnp.where(valid, 1.0, jnp.nan)).sum()
@@ -62,38 +59,29 @@ def _check(images, targets):
   return images, targets
 
 
-def _check_targets_in_range(targets, num_classes):
+def _num_classes(args, image_shape, dtype) -> int:
+  """The model's class count from its output shape (traced once per shape, never run)."""
+  if "logits_fn" in args:
+    return output_shape(args["logits_fn"], image_shape, dtype)[-1]
+  features = output_shape(args["features_fn"], image_shape, dtype)
+  return output_shape(args["classify_fn"], features, jnp.float32)[-1]
+
+
+def _validate(args):
+  """Eager checks before the compiled call: shapes, dtype, and the target range."""
+  images, targets = args["images"], args["targets"]
+  if isinstance(images, jax.core.Tracer):
+    return
+  images, targets = _check(images, targets)
   if isinstance(targets, jax.core.Tracer):
     return  # traced: the NaN contract of _score_fn applies
+  k = _num_classes(args, (1,) + images.shape[1:], images.dtype)
   t = np.asarray(targets)
-  if t.size and (t.min() < 0 or t.max() >= num_classes):
-    raise ValueError(f"targets must be class indices in [0, {num_classes}), got "
-                     f"{t.tolist()}.")
+  if t.size and (t.min() < 0 or t.max() >= k):
+    raise ValueError(f"targets must be class indices in [0, {k}), got {t.tolist()}.")
 
 
-def _validate_logits(args):
-  """Eager checks for the ``logits_fn`` methods: shapes, dtype, target range."""
-  images, targets = args["images"], args["targets"]
-  if isinstance(images, jax.core.Tracer):
-    return
-  images, targets_arr = _check(images, targets)
-  k = output_shape(args["logits_fn"], (1,) + images.shape[1:], images.dtype)[-1]
-  _check_targets_in_range(targets if isinstance(targets, jax.core.Tracer) else targets_arr, k)
-
-
-def _validate_cam(args):
-  """Eager checks for the CAM family (classes counted through ``classify_fn``)."""
-  images, targets = args["images"], args["targets"]
-  if isinstance(images, jax.core.Tracer):
-    return
-  images, targets_arr = _check(images, targets)
-  features = output_shape(args["features_fn"], (1,) + images.shape[1:], images.dtype)
-  k = output_shape(args["classify_fn"], features, jnp.float32)[-1]
-  _check_targets_in_range(targets if isinstance(targets, jax.core.Tracer) else targets_arr, k)
-
-
-_LOGITS = dict(validate=_validate_logits)
-_CAM = dict(validate=_validate_cam)
+_LOGITS = _CAM = dict(validate=_validate)
 
 
 @compile_once(static_argnames=("logits_fn",), **_LOGITS)
