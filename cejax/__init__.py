@@ -5,6 +5,7 @@ The public API, one name per line (Optax's style). Submodules hold the details:
 ``cejax.saliency``, ``cejax.metrics``, ``cejax.attacks``, ``cejax.defenses``,
 ``cejax.checkpoint``, ``cejax.sharding``, ``cejax.types``; the training, analysis,
 report and weight-import modules are imported on their own (``cejax.training``,
+``cejax.evaluators``,
 ``cejax.analysis``, ``cejax.report``, ``cejax.convert``).
 """
 

@@ -87,6 +87,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.analysis.num_images = 64
   config.analysis.chunk_size = 16  # images per resumable unit of work
   config.analysis.seed = 0
+  # Which evaluators run (cejax.evaluators.EVALUATORS) and which maps they compare.
+  config.analysis.evaluators = ("maps", "localization", "sanity", "attacks", "detection",
+                                "defenses")
+  config.analysis.methods = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
+                             "gradient_x_input", "smoothgrad", "integrated_gradients", "cam",
+                             "grad_cam", "grad_cam_pp", "smooth_grad_cam_pp", "rise",
+                             "occlusion")
   config.analysis.batch_size = 64  # masks per forward call
   config.analysis.grid_cells = 10  # grid masks: n x n blocks (the paper's 10 x 10)
   config.analysis.window_div = 4  # sliding window = image size / 4 ...
@@ -98,10 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.analysis.noise_level = 0.15  # noise std / image range (Smilkov: 10-20 %)
   config.analysis.ig_steps = 32
   config.analysis.deletion_steps = 16
-  config.analysis.sanity = True
   config.analysis.attacks = ("fgsm", "bim", "pgd")
   config.analysis.epsilons = (2 / 255, 8 / 255)
   config.analysis.attack_steps = 10
   config.analysis.defenses = ("ordered_dither", "error_diffusion", "bit_depth", "median")
-  config.analysis.defense_eps = 8 / 255
+  config.analysis.defense_eps = 8 / 255  # the defenses evaluator's attack budget
   return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -42,32 +43,34 @@ def _box_outline(ax, box):
                                ys.max() - ys.min() + 1, fill=False, ec="lime", lw=1.5))
 
 
-def _shown_images(results, num: int) -> np.ndarray:
+def _shown_images(inputs, num: int) -> np.ndarray:
   """The first ``num`` images with a box (the first ``num`` images if none has one)."""
-  order = np.nonzero(results["has_box"])[0][:num]
-  return order if len(order) else np.arange(min(num, len(results["index"])))
+  order = np.nonzero(inputs.has_box)[0][:num]
+  return order if len(order) else np.arange(min(num, len(inputs.index)))
 
 
-def figure_grid(results, *, class_names, num: int = 6) -> str:
+def figure_grid(inputs, maps, *, class_names, num: int = 6) -> str:
   """Per image: the image with its box, then each map (box outlined on every panel)."""
-  order = _shown_images(results, num)
-  methods = [m for m in FIGURE_METHODS if f"map/{m}" in results]
+  order = _shown_images(inputs, num)
+  methods = [m for m in FIGURE_METHODS if m in maps]
+  if not methods:
+    return ""
   fig, axes = plt.subplots(len(order), len(methods) + 1,
                            figsize=(1.9 * (len(methods) + 1), 2.35 * len(order)), squeeze=False)
   for r, i in enumerate(order):
-    pix = results["pixels"][i].astype(np.float32)
+    pix = inputs.pixels[i].astype(np.float32)
     img = pix[..., 0] if pix.shape[-1] == 1 else pix
-    label = results["label"][i]
+    label = inputs.label[i]
     name = (class_names[int(label)] if np.ndim(label) == 0
             else ", ".join(class_names[j] for j in np.nonzero(label > 0.5)[0]) or "none")
-    target = class_names[int(results["target"][i])]
+    target = class_names[int(inputs.target[i])]
     axes[r, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
-    axes[r, 0].set_title(f"#{results['index'][i]}: {name}\ntarget: {target}", fontsize=7)
-    _box_outline(axes[r, 0], results["box"][i])
+    axes[r, 0].set_title(f"#{inputs.index[i]}: {name}\ntarget: {target}", fontsize=7)
+    _box_outline(axes[r, 0], inputs.box[i])
     for c, m in enumerate(methods, start=1):
       axes[r, c].imshow(img, cmap="gray", vmin=0, vmax=1)
-      axes[r, c].imshow(results[f"map/{m}"][i].astype(np.float32), cmap="jet", alpha=0.5)
-      _box_outline(axes[r, c], results["box"][i])
+      axes[r, c].imshow(maps[m][i].astype(np.float32), cmap="jet", alpha=0.5)
+      _box_outline(axes[r, c], inputs.box[i])
       if r == 0:
         axes[r, c].set_title(TITLES.get(m, m), fontsize=8)
   for ax in axes.ravel():
@@ -75,16 +78,16 @@ def figure_grid(results, *, class_names, num: int = 6) -> str:
   return _png(fig)
 
 
-def histograms(results) -> str:
-  """Per-mask expected CE, clean vs each attack (pooled over images)."""
-  names = sorted(k.split("/", 1)[1] for k in results if k.startswith("effects/")
-                 and k != "effects/clean")
+def histograms(effects) -> str:
+  """Per-mask expected CE, clean vs each attack (pooled over images); ``effects`` is
+  ``{"clean" or attack name: (n, masks)}``."""
+  names = sorted(k for k in effects if k != "clean")
   if not names:
     return ""
   fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.6), squeeze=False)
-  clean = results["effects/clean"].astype(np.float32).ravel()
-  for ax, name in zip(axes[0], names):
-    adv = results[f"effects/{name}"].astype(np.float32).ravel()
+  clean = effects["clean"].astype(np.float32).ravel()
+  for ax, name in zip(axes[0], names, strict=True):
+    adv = effects[name].astype(np.float32).ravel()
     lo, hi = np.percentile(np.r_[clean, adv], [0.5, 99.5])
     bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 40)
     ax.hist(clean, bins=bins, alpha=0.6, density=True, label="clean")
@@ -101,7 +104,7 @@ def roc_figure(summary) -> str:
   if not detect:
     return ""
   fig, axes = plt.subplots(1, len(detect), figsize=(3.0 * len(detect), 2.9), squeeze=False)
-  for ax, (attack, dets) in zip(axes[0], detect.items()):
+  for ax, (attack, dets) in zip(axes[0], detect.items(), strict=True):
     for name, d in dets.items():
       if d["fpr"]:
         ax.plot(d["fpr"], d["tpr"], label=f"{name} ({d['auroc']:.2f})")
@@ -113,29 +116,29 @@ def roc_figure(summary) -> str:
   return _png(fig)
 
 
-def defended_figure(results, *, num: int = 4) -> str:
+def defended_figure(inputs, defended, *, num: int = 4) -> str:
   """Per image: each defended input and its grid CE map (box outlined)."""
-  names = sorted(k.split("/", 1)[1] for k in results if k.startswith("defmap/"))
+  names = sorted(defended.maps)
   if not names:
     return ""
-  order = _shown_images(results, num)
+  order = _shown_images(inputs, num)
   fig, axes = plt.subplots(len(order), 2 * len(names) + 1,
                            figsize=(1.7 * (2 * len(names) + 1), 1.9 * len(order)),
                            squeeze=False)
   gray = lambda a: a[..., 0] if a.shape[-1] == 1 else a
   for r, i in enumerate(order):
-    axes[r, 0].imshow(gray(results["pixels"][i].astype(np.float32)), cmap="gray", vmin=0,
+    axes[r, 0].imshow(gray(inputs.pixels[i].astype(np.float32)), cmap="gray", vmin=0,
                       vmax=1)
-    _box_outline(axes[r, 0], results["box"][i])
+    _box_outline(axes[r, 0], inputs.box[i])
     if r == 0:
       axes[r, 0].set_title("input", fontsize=8)
     for c, name in enumerate(names):
-      pix = gray(results[f"defpix/{name}"][i].astype(np.float32))
+      pix = gray(defended.pixels[name][i].astype(np.float32))
       a, b = axes[r, 1 + 2 * c], axes[r, 2 + 2 * c]
       a.imshow(pix, cmap="gray", vmin=0, vmax=1)
       b.imshow(pix, cmap="gray", vmin=0, vmax=1)
-      b.imshow(results[f"defmap/{name}"][i].astype(np.float32), cmap="jet", alpha=0.5)
-      _box_outline(b, results["box"][i])
+      b.imshow(defended.maps[name][i].astype(np.float32), cmap="jet", alpha=0.5)
+      _box_outline(b, inputs.box[i])
       if r == 0:
         a.set_title(name, fontsize=8)
         b.set_title(f"CE map, {name}", fontsize=8)
@@ -186,7 +189,8 @@ def detection_table(summary) -> str:
     for name, d in dets.items():
       rows.append(f"<tr><td>{html.escape(attack)}</td><td>{succ:.2f}</td>"
                   f"<td>{html.escape(name)}</td><td>{_auroc_cell(d)}</td>"
-                  f"<td>{d['tpr_at_5fpr']:.3f}</td><td>{d['n_train']} / {d['n_test']}</td></tr>")
+                  f"<td>{d['tpr_at_5fpr']:.3f}</td>"
+                  f"<td>{d['n_train']} / {d['n_test']}</td></tr>")
   head = ("<tr><th>attack@eps(/255)</th><th>success rate</th><th>detector</th>"
           "<th>AUROC [95% interval]</th>"
           "<th>TPR at 5% FPR</th><th>images train / test</th></tr>")
@@ -197,11 +201,11 @@ def defense_table(summary) -> str:
   d = summary["defenses"]
   if not d:
     return "<p>No defenses configured.</p>"
-  names = sorted({k.split("/")[0] for k in d}, key=lambda n: (n != "none", n))
-  cols = ("clean", "fgsm", "bim", "pgd", "bpda_pgd")
+  names = sorted(d, key=lambda n: (n != "none", n))
+  cols = list(dict.fromkeys(c for n in names for c in d[n]))
   rows = "".join(
       "<tr><th>" + html.escape(n) + "</th>" + "".join(
-          f"<td>{d[f'{n}/{c}']:.3f}</td>" if f"{n}/{c}" in d else "<td>—</td>" for c in cols)
+          f"<td>{d[n][c]:.3f}</td>" if c in d[n] else "<td>—</td>" for c in cols)
       + "</tr>" for n in names)
   head = "<tr><th>defense</th>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
   return f"<table>{head}{rows}</table>"
@@ -214,9 +218,34 @@ img{max-width:100%}pre{background:#f6f6f6;padding:8px;font-size:12px;overflow:au
 .note{color:#555;font-size:13px;max-width:1100px}"""
 
 
-def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
+def _per_image_columns(results) -> dict[str, np.ndarray]:
+  """Every per-image scalar of the evaluators' results, ``{column name: (n,)}``."""
+  columns = {}
+
+  def visit(prefix, node):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        visit(f"{prefix}/{k}", v)
+    elif node is not None and np.ndim(node) == 1:
+      columns[prefix] = np.asarray(node)
+
+  for name, result in results.items():
+    for f in dataclasses.fields(result):
+      visit(f"{name}/{f.name}", getattr(result, f.name))
+  return columns
+
+
+def write_report(out_dir: Path, inputs, results, summary, *, settings: dict[str, Any],
                  class_names, run: dict[str, Any]) -> Path:
-  """Writes ``report.html``, ``metrics.json`` and the CSV tables; returns the HTML path."""
+  """Writes ``report.html``, ``metrics.json`` and the CSV tables; returns the HTML path.
+
+  Args:
+    out_dir: where to write.
+    inputs: the images' ``evaluators.Inputs``.
+    results: ``{evaluator name: typed result}`` of all images.
+    summary: ``analysis.summarize``'s dict.
+    settings, class_names, run: shown in the report.
+  """
   out_dir = Path(out_dir)
   from cejax.checkpoint import write_json_atomic
 
@@ -238,12 +267,12 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
         w.writerow([attack, name, d["auroc"], lo, hi, d["tpr_at_5fpr"], d["n_train"],
                     d["n_test"]])
   with open(out_dir / "per_image.csv", "w", newline="") as f:
-    keys = [k for k in results if results[k].ndim == 1 and "/" in k]
+    columns = _per_image_columns(results)
     w = csv.writer(f)
-    w.writerow(["index", "has_box", "correct"] + keys)
-    for i in range(len(results["index"])):
-      w.writerow([int(results["index"][i]), bool(results["has_box"][i]),
-                  float(results["correct"][i])] + [float(results[k][i]) for k in keys])
+    w.writerow(["index", "has_box", "correct"] + list(columns))
+    for i in range(len(inputs.index)):
+      w.writerow([int(inputs.index[i]), bool(inputs.has_box[i]), float(inputs.correct[i])]
+                 + [float(v[i]) for v in columns.values()])
   sections = [
       f"<h1>cejax analysis: {html.escape(run.get('preset', ''))} on "
       f"{html.escape(str(settings.get('data', '')))}</h1>",
@@ -258,7 +287,8 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       "classes, so it is the same map whatever the target. Occlusion is the CE map of the "
       "target's probability with sliding windows (equal to Captum's Occlusion). The "
       "green rectangle is the ground-truth box.</p>",
-      f"<img src='{figure_grid(results, class_names=class_names)}'>",
+      _img(figure_grid(inputs, results["maps"].maps, class_names=class_names)
+           if "maps" in results else ""),
       "<h2>Localization and faithfulness</h2><p class=note>Mean and 95% bootstrap interval "
       "over images (localization over images with a box). Pointing game (Zhang et al.): "
       "a hit when the map's maximum (first in row-major order) lies in the box or closer "
@@ -276,7 +306,7 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       metrics_table(summary),
       "<h2>Causal effects under attack</h2><p class=note>Distribution of per-mask expected "
       "CE (grid masks) on clean and adversarial versions of the same images.</p>",
-      _img(histograms(results)),
+      _img(histograms(results["attacks"].effects) if "attacks" in results else ""),
       "<h2>Detecting adversarial images</h2><p class=note>Logistic regressions (Optax) on "
       "CE features (effect mean, spread, minimum, peak, entropy, spatial dispersion, "
       "active fraction, and latent-CE mean/spread/minimum), against two baselines: "
@@ -294,7 +324,8 @@ def write_report(out_dir: Path, results, summary, *, settings: dict[str, Any],
       "halftones) also costs clean accuracy; training on transformed inputs, as the "
       "halftoning papers do, is not part of this analysis.</p>",
       defense_table(summary),
-      _img(defended_figure(results), "CE maps (grid masks) of the defended inputs:"),
+      _img(defended_figure(inputs, results["defenses"]) if "defenses" in results else "",
+           "CE maps (grid masks) of the defended inputs:"),
       "<h2>Settings</h2><pre>" + html.escape(json.dumps(
           {"analysis": settings, "run": run}, indent=2, sort_keys=True, default=str))
       + "</pre>",

@@ -35,7 +35,7 @@ def get_config():
   a.noise_samples = 50
   a.ig_steps = 8
   a.deletion_steps = 8
-  a.sanity = False
+  a.evaluators = ("maps", "localization", "attacks", "detection", "defenses")
   a.attacks = ("fgsm", "pgd")
   a.epsilons = (1 / 255, 4 / 255)
   a.attack_steps = 5

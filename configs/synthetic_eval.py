@@ -23,5 +23,5 @@ def get_config():
   config = synthetic.get_config()
   config.analysis.num_images = 680
   config.analysis.chunk_size = 20
-  config.analysis.defenses = ()
+  config.analysis.evaluators = ("maps", "localization", "sanity", "attacks", "detection")
   return config

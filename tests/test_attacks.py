@@ -259,6 +259,7 @@ def trained(trained_tiny):
   return logits_fn, space, pixels[correct][:32], batch["label"][correct][:32]
 
 
+@pytest.mark.xdist_group("trained_tiny")
 def test_pgd_beats_random_noise_on_the_trained_model_and_is_deterministic(trained):
   logits_fn, space, x, y = trained
   eps = 8 / 255
@@ -287,6 +288,7 @@ def test_pgd_beats_random_noise_on_the_trained_model_and_is_deterministic(traine
                              attack(x[:n], y[:n]), atol=1e-6)
 
 
+@pytest.mark.xdist_group("trained_tiny")
 def test_epsilon_sweep_is_one_vmapped_call(trained):
   logits_fn, space, x, y = trained
   eps = jnp.array([0.0, 2 / 255, 8 / 255])

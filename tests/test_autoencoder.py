@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cejax import autoencoder, checkpoint, effects
 from cejax.data import pipeline
@@ -14,6 +15,7 @@ def test_total_variation_closed_form():
   np.testing.assert_allclose(autoencoder.total_variation(x), 1 / 3, rtol=1e-6)
 
 
+@pytest.mark.xdist_group("trained_tiny")
 def test_autoencoder_learns_the_stage_and_preserves_predictions(trained_tiny):
   config, workdir = trained_tiny
   g, p, s, run = checkpoint.load_model(workdir)

@@ -215,12 +215,12 @@ def test_substrates_are_the_documented_fills():
 
 
 def test_paired_auroc_interval_resamples_images_with_their_pair():
-  from cejax import analysis
+  from cejax import evaluators
 
   separated = np.r_[np.zeros(50), np.ones(50)]
-  assert analysis.paired_auroc_interval(separated) == (1.0, 1.0)
+  assert evaluators.paired_auroc_interval(separated) == (1.0, 1.0)
   noise = RNG.normal(size=400)
-  lo, hi = analysis.paired_auroc_interval(noise)
+  lo, hi = evaluators.paired_auroc_interval(noise)
   assert lo < metrics.auroc(noise, np.r_[np.zeros(200), np.ones(200)]) < hi
   # Hanley & McNeil's standard error at AUROC 0.5 with 200 + 200 scores is 0.029, so the
   # 95 % interval is about 0.113 wide.

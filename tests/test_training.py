@@ -15,6 +15,7 @@ def _params(workdir, step="latest"):
   return jax.tree.map(np.asarray, (params, stats)), run
 
 
+@pytest.mark.xdist_group("trained_smoke")
 def test_smoke_run_writes_checkpoints_and_metrics(trained_smoke):
   config, workdir = trained_smoke
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -26,6 +27,7 @@ def test_smoke_run_writes_checkpoints_and_metrics(trained_smoke):
   assert run["num_classes"] == 5 and run["preset"] == "tiny"
 
 
+@pytest.mark.xdist_group("trained_smoke")
 def test_load_logits_fn_reproduces_evaluation(trained_smoke):
   config, workdir = trained_smoke
   logits_fn, run = checkpoint.load_logits_fn(workdir)
@@ -50,6 +52,7 @@ def test_checkpoint_roundtrip_is_exact(tmp_path):
     ckpt.restore(3, {"params": {"w": np.zeros((5, 5), np.float32)}})
 
 
+@pytest.mark.xdist_group("trained_smoke")
 def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir, trained_smoke):
   """Kill after step 6 (last checkpoint at 4), rerun: same final weights."""
   _, reference = trained_smoke
@@ -96,6 +99,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, data_dir):
     training.train_and_evaluate(config, tmp_path)
 
 
+@pytest.mark.xdist_group("trained_smoke")
 def test_workdir_of_another_model_is_refused_untouched(tmp_path, data_dir, trained_smoke):
   _, workdir = trained_smoke
   config = smoke_config(data_dir)

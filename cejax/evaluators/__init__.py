@@ -1,0 +1,104 @@
+"""The analysis as evaluators, one per job, chosen by ``config.analysis.evaluators``.
+
+In the style of big_vision's evaluators: each receives the model as pure functions
+(``Context``), computes a typed per-image result for a chunk of images
+(``evaluate``), and turns all images' results into its section of ``metrics.json``
+(``summarize``). An evaluator may use the results of those it ``requires`` for the
+same chunk (localization scores the maps of the maps evaluator).
+
+Any class with this shape is an evaluator:
+
+  name: ClassVar[str]; requires: ClassVar[tuple[str, ...]]
+  result_type: ClassVar[type | None]   # a pytree dataclass, None if nothing per image
+  __init__(self, context: Context)
+  evaluate(self, inputs: Inputs, earlier: {name: result}, *, key) -> result | None
+  summarize(self, results: {name: result}, inputs: Inputs) -> dict
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, ClassVar, Protocol
+
+from cejax.evaluators.adversarial import (
+    ATTACKS,
+    CE_FEATURES,
+    AttacksEvaluator,
+    UnderAttack,
+    ce_features,
+)
+from cejax.evaluators.common import (
+    Context,
+    Inputs,
+    Model,
+    make_model,
+    pixel_space,
+    prepare_inputs,
+    random_model,
+)
+from cejax.evaluators.defended import Defended, DefensesEvaluator
+from cejax.evaluators.detection import (
+    DetectionEvaluator,
+    detection,
+    fit_logistic,
+    paired_auroc_interval,
+)
+from cejax.evaluators.localization import (
+    SANITY_METHODS,
+    Localization,
+    LocalizationEvaluator,
+    Sanity,
+    SanityEvaluator,
+)
+from cejax.evaluators.maps import MAP_METHODS, Maps, MapsEvaluator, compute_maps
+
+
+class Evaluator(Protocol):
+  """The evaluator protocol (see the module docstring)."""
+
+  name: ClassVar[str]
+  requires: ClassVar[tuple[str, ...]]
+  result_type: ClassVar[type | None]
+
+  def evaluate(self, inputs: Inputs, earlier: dict[str, Any], *, key) -> Any: ...
+
+  def summarize(self, results: dict[str, Any], inputs: Inputs) -> dict[str, Any]: ...
+
+
+# Every evaluator, in the order they run (each after those it requires).
+EVALUATORS: dict[str, type] = {e.name: e for e in (
+    MapsEvaluator, LocalizationEvaluator, SanityEvaluator, AttacksEvaluator,
+    DetectionEvaluator, DefensesEvaluator)}
+
+
+def select(names, registry=None) -> list[type]:
+  """The evaluator classes named in ``names``, in run order.
+
+  Raises:
+    ValueError: an unknown name (naming the closest valid one), or an evaluator
+      without one it requires.
+  """
+  registry = EVALUATORS if registry is None else registry
+  for name in names:
+    if name not in registry:
+      close = difflib.get_close_matches(name, list(registry), n=1)
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"Unknown evaluator {name!r} in analysis.evaluators.{hint} Valid "
+                       f"are {list(registry)}.")
+  chosen = [cls for name, cls in registry.items() if name in names]
+  for cls in chosen:
+    missing = [r for r in cls.requires if r not in names]
+    if missing:
+      raise ValueError(f"Evaluator {cls.name!r} requires {missing}; add them to "
+                       "analysis.evaluators.")
+  return chosen
+
+
+__all__ = [
+    "ATTACKS", "CE_FEATURES", "EVALUATORS", "MAP_METHODS", "SANITY_METHODS",
+    "AttacksEvaluator", "Context", "Defended", "DefensesEvaluator", "DetectionEvaluator",
+    "Evaluator", "Inputs", "Localization", "LocalizationEvaluator", "Maps",
+    "MapsEvaluator", "Model", "Sanity", "SanityEvaluator", "UnderAttack", "ce_features",
+    "compute_maps", "detection", "fit_logistic", "make_model", "paired_auroc_interval",
+    "pixel_space", "prepare_inputs", "random_model", "select",
+]

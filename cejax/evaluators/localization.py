@@ -1,0 +1,121 @@
+"""Localization and faithfulness of each map, and the model-randomisation sanity check.
+
+Localization (images with a box): the standard pointing game (Zhang et al.'s
+tolerance scaled to the image, first maximum), mass in box and IoU at half the map's
+range; faithfulness (every image): Petsiuk et al.'s deletion/insertion AUCs for the
+substrates of ``metrics.CURVES``. Sanity (Adebayo et al.): Spearman rank correlation
+between the maps of the trained and a re-initialised model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cejax import metrics
+from cejax.evaluators.common import Context, Inputs, field
+from cejax.evaluators.maps import compute_maps
+
+SANITY_METHODS = ("ce_grid", "gradient", "gradient_x_input", "grad_cam")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Localization:
+  """Per-image scores, ``{method: (n,)}`` each; ``curves[curve][method]`` for the
+  deletion/insertion AUCs of ``metrics.CURVES``."""
+
+  pointing: dict[str, Any] = field()
+  mass: dict[str, Any] = field()
+  iou: dict[str, Any] = field()
+  curves: dict[str, dict[str, Any]] = field()
+
+
+def localization(logits_fn, images, maps, boxes, targets, *, activation, steps,
+                 batch_size) -> Localization:
+  """The scores of every map in ``maps`` (``{method: (n, h, w)}``)."""
+  curves = {name: metrics.deletion_insertion(logits_fn, images, m, targets, steps=steps,
+                                             activation=activation, batch_size=batch_size)
+            for name, m in maps.items()}
+  return Localization(
+      pointing={n: metrics.pointing_game(m, boxes).astype(jnp.float32)
+                for n, m in maps.items()},
+      mass={n: metrics.mass_in_box(m, boxes) for n, m in maps.items()},
+      iou={n: metrics.iou(m, boxes) for n, m in maps.items()},
+      curves={c: {n: curves[n][c] for n in maps} for c in metrics.CURVES})
+
+
+class LocalizationEvaluator:
+  """Scores the maps of the ``maps`` evaluator against the boxes and by deletion."""
+
+  name: ClassVar[str] = "localization"
+  requires: ClassVar[tuple[str, ...]] = ("maps",)
+  result_type: ClassVar[type] = Localization
+
+  def __init__(self, context: Context):
+    model, s = context.model, context.settings
+    self._score = jax.jit(lambda x, m, b, t: localization(
+        model.logits_fn, x, m, b, t, activation=model.activation, steps=s.deletion_steps,
+        batch_size=s.batch_size))
+
+  def evaluate(self, inputs: Inputs, earlier, *, key) -> Localization:
+    del key
+    return self._score(inputs.images, earlier["maps"].maps, inputs.box, inputs.target)
+
+  def summarize(self, results, inputs: Inputs) -> dict[str, Any]:
+    """Means with 95% bootstrap intervals: localization over boxed images, deletion
+    and insertion over all; T(IoU) at ``metrics.IOU_THRESHOLDS``."""
+    loc: Localization = results[self.name]
+    boxed = inputs.has_box.astype(bool)
+    table = {}
+    for m in loc.pointing:
+      row = {metric: metrics.bootstrap_interval(getattr(loc, metric)[m][boxed])
+             for metric in ("pointing", "mass", "iou")}
+      row.update({c: metrics.bootstrap_interval(loc.curves[c][m]) for c in metrics.CURVES})
+      ious = loc.iou[m][boxed]
+      row["t_iou"] = np.asarray(metrics.localization_accuracy(ious)).tolist() \
+          if len(ious) else []
+      table[m] = row
+    return {"methods": table, "iou_thresholds": list(metrics.IOU_THRESHOLDS),
+            "pointing_tolerance_px": metrics.pointing_tolerance(inputs.box.shape[1:3])}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sanity:
+  """``spearman[method]``: ``(n,)`` rank correlation of trained vs random-model maps."""
+
+  spearman: dict[str, Any] = field()
+
+
+class SanityEvaluator:
+  """Maps of ``SANITY_METHODS`` (those the maps evaluator computed) on a re-initialised
+  network, compared with the trained network's by Spearman rank correlation."""
+
+  name: ClassVar[str] = "sanity"
+  requires: ClassVar[tuple[str, ...]] = ("maps",)
+  result_type: ClassVar[type] = Sanity
+
+  def __init__(self, context: Context):
+    if context.random_model is None:
+      raise ValueError("The sanity evaluator needs Context.random_model (a re-initialised "
+                       "network, evaluators.random_model).")
+    self._methods = tuple(m for m in SANITY_METHODS if m in context.settings.methods)
+    rand, s = context.random_model, context.settings
+    self._maps = jax.jit(lambda x, t, k: compute_maps(rand, x, t, key=k, settings=s,
+                                                      methods=self._methods))
+
+  def evaluate(self, inputs: Inputs, earlier, *, key) -> Sanity:
+    trained = earlier["maps"].maps
+    random = self._maps(inputs.images, inputs.target, key)
+    return Sanity(spearman={m: metrics.spearman(trained[m], random[m])
+                            for m in self._methods})
+
+  def summarize(self, results, inputs: Inputs) -> dict[str, Any]:
+    del inputs
+    return {"methods": {m: {"sanity_spearman": metrics.bootstrap_interval(v)}
+                        for m, v in results[self.name].spearman.items()}}

@@ -1,0 +1,144 @@
+"""The maps evaluator: CE maps and the saliency baselines for every image of a chunk.
+
+Map convention: larger = more important for the target class. CE maps are therefore
+``-ce_map(effects)``: removing evidence for the prediction lowers it. ``"occlusion"``
+is the CE map of the target-probability estimand with sliding windows (Captum's
+Occlusion); the ``"ce_*"`` maps use the expected estimand, which sums over classes
+and so does not depend on the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+
+from cejax import effects, masks, saliency
+from cejax.evaluators.common import Context, Inputs, Model, field
+
+MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
+               "gradient_x_input", "smoothgrad", "integrated_gradients", "cam", "grad_cam",
+               "grad_cam_pp", "smooth_grad_cam_pp", "rise", "occlusion")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Maps:
+  """``maps[method]``: ``(n, h, w)`` attribution maps, larger = more important (stored
+  as float16; the other evaluators of a chunk see float32)."""
+
+  maps: dict[str, Any] = field(dtype=np.float16)
+
+
+def check_methods(methods) -> tuple[str, ...]:
+  """``methods`` as a tuple; raises ``ValueError`` naming the valid ones."""
+  unknown = [m for m in methods if m not in MAP_METHODS]
+  if unknown:
+    raise ValueError(f"Unknown map methods {unknown} in analysis.methods; valid are "
+                     f"{MAP_METHODS}.")
+  return tuple(methods)
+
+
+def expected_ce(model: Model, image, mask_set, target, *, settings):
+  """Per-mask expected CE of filling each mask with zero (the data mean), ``(m,)``."""
+  return effects.causal_effect(model.logits_fn, image, mask_set, estimand="expected",
+                               target=target, batch_size=settings.batch_size,
+                               activation=model.activation).effects
+
+
+def latent_effects(model: Model, image, target, *, settings):
+  """Expected CE of zeroing each channel at the latent stage, ``(channels,)``."""
+  width = model.prefix_fn(image[None]).shape[-1]
+  inter = effects.latent_interventions(channels=np.arange(width), values=[0.0])
+  return effects.latent_causal_effect(model.prefix_fn, model.suffix_fn, image, inter,
+                                      target=target, batch_size=settings.batch_size,
+                                      activation=model.activation).effects
+
+
+def window_and_stride(shape, settings) -> tuple[int, int]:
+  """The sliding window and its stride: image height / ``window_div``, / ``stride_div``."""
+  return max(1, shape[0] // settings.window_div), max(1, shape[0] // settings.stride_div)
+
+
+def compute_maps(model: Model, images, targets, *, key, settings,
+                 methods=MAP_METHODS) -> dict[str, jax.Array]:
+  """Every attribution map in ``methods`` for a batch, ``{name: (n, h, w)}``."""
+  shape = images.shape[1:3]
+  window, stride = window_and_stride(shape, settings)
+  mask_sets = {
+      "ce_grid": lambda: masks.grid_masks(shape=shape, n=settings.grid_cells),
+      "ce_sliding": lambda: masks.sliding_window_masks(shape=shape, window=window,
+                                                       stride=stride),
+      "ce_rise": lambda: masks.rise_masks(jax.random.fold_in(key, 0), num=settings.rise_masks,
+                                          shape=shape, cells=settings.rise_cells),
+  }
+
+  def per_image(fn):
+    return jax.lax.map(lambda a: fn(*a), (images, targets))
+
+  def ce_map(name):
+    mask_set = mask_sets[name]()
+    # RISE masks are a lazy recipe, drawn chunk by chunk; grids and windows are dense.
+    chunk = {"batch_size": settings.batch_size} if name == "ce_rise" else {}
+    return per_image(lambda x, t: -effects.ce_map(
+        expected_ce(model, x, mask_set, t, settings=settings), mask_set, **chunk))
+
+  def latent_map():
+    def one(x, t):
+      e = latent_effects(model, x, t, settings=settings)
+      h = model.prefix_fn(x[None])[0]
+      # Causal weights on the stage's channels, like CAM's class weights.
+      return jax.image.resize((h * -e).sum(-1), shape, "bilinear")
+    return per_image(one)
+
+  f, fc, logits_fn = model.features_fn, model.classify_fn, model.logits_fn
+  k1, k2, k3 = jax.random.split(jax.random.fold_in(key, 1), 3)
+  noise = dict(num_samples=settings.noise_samples, sigma=settings.noise_level)
+  chunked = dict(batch_size=settings.batch_size, activation=model.activation)
+  methods_fns = {
+      "ce_sliding": lambda: ce_map("ce_sliding"),
+      "ce_grid": lambda: ce_map("ce_grid"),
+      "ce_rise": lambda: ce_map("ce_rise"),
+      "ce_latent": latent_map,
+      "gradient": lambda: saliency.vanilla_gradient(logits_fn, images, targets),
+      "gradient_x_input": lambda: saliency.gradient_x_input(logits_fn, images, targets),
+      "smoothgrad": lambda: saliency.smoothgrad(logits_fn, images, targets, key=k1, **noise),
+      "integrated_gradients": lambda: saliency.integrated_gradients(
+          logits_fn, images, targets, steps=settings.ig_steps),
+      "cam": lambda: saliency.cam(f, fc, images, targets),
+      "grad_cam": lambda: saliency.grad_cam(f, fc, images, targets),
+      "grad_cam_pp": lambda: saliency.grad_cam_pp(f, fc, images, targets),
+      "smooth_grad_cam_pp": lambda: saliency.smooth_grad_cam_pp(f, fc, images, targets,
+                                                                key=k2, **noise),
+      "rise": lambda: saliency.rise(logits_fn, images, targets, key=k3,
+                                    num_masks=settings.rise_masks,
+                                    cells=settings.rise_cells, **chunked),
+      "occlusion": lambda: saliency.occlusion(logits_fn, images, targets, window=window,
+                                              stride=stride, **chunked),
+  }
+  return {name: methods_fns[name]() for name in MAP_METHODS if name in methods}
+
+
+class MapsEvaluator:
+  """CE maps (grid, sliding windows, RISE masks, latent) and the saliency baselines
+  named in ``analysis.methods``, computed in one compiled program per chunk shape."""
+
+  name: ClassVar[str] = "maps"
+  requires: ClassVar[tuple[str, ...]] = ()
+  result_type: ClassVar[type] = Maps
+
+  def __init__(self, context: Context, *, methods=None):
+    settings = context.settings
+    methods = check_methods(settings.methods if methods is None else methods)
+    self._compute = jax.jit(lambda x, t, k: compute_maps(
+        context.model, x, t, key=k, settings=settings, methods=methods))
+
+  def evaluate(self, inputs: Inputs, earlier, *, key) -> Maps:
+    del earlier
+    return Maps(maps=self._compute(inputs.images, inputs.target, key))
+
+  def summarize(self, results, inputs: Inputs) -> dict[str, Any]:
+    del results, inputs
+    return {}

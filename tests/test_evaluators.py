@@ -1,0 +1,235 @@
+"""The analysis library: evaluators, their typed results and storage, resume and
+settings checks, the worker split (``analyze.py`` end to end is in test_analyze)."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import smoke_config
+
+from cejax import analysis, attacks, defenses, effects, evaluators, masks
+from cejax.data import pipeline
+from cejax.evaluators import store
+
+
+def test_store_round_trips_nested_results_and_names_a_corrupt_file(tmp_path):
+  tree = {"inputs": {"index": np.arange(3)},
+          "localization": {"curves": {"deletion_zero": {"ce_grid": np.ones(3, np.float32)}},
+                           "pointing": {"ce/odd name": np.zeros(3)}}}
+  store.save_tree(tmp_path / "0000.npz", tree)
+  back = store.load_tree(tmp_path / "0000.npz")
+  assert jax.tree.structure(back) == jax.tree.structure(tree)
+  jax.tree.map(np.testing.assert_array_equal, back, tree)
+  # Plain numpy reads the file too: leaves plus the JSON structure naming them.
+  with np.load(tmp_path / "0000.npz") as raw:
+    names = json.loads(str(raw["structure"]))
+    np.testing.assert_array_equal(raw[names["inputs"]["index"]], np.arange(3))
+  (tmp_path / "0001.npz").write_bytes(b"not a zip file")
+  with pytest.raises(ValueError, match="0001.npz is not a readable cejax results file"):
+    store.load_tree(tmp_path / "0001.npz")
+  assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_record_settings_refuses_other_settings_and_fresh_discards(tmp_path):
+  out = tmp_path / "analysis"
+  analysis.record_settings(out, {"rise_masks": 64, "seed": 0})
+  (out / "chunks").mkdir()
+  (out / "chunks" / "0000.npz").write_bytes(b"x")
+  analysis.record_settings(out, {"rise_masks": 64, "seed": 0})  # same settings: resume
+  assert (out / "chunks" / "0000.npz").exists()
+  with pytest.raises(ValueError, match=r"different settings \(\['rise_masks'\]\); pass "
+                                       "--fresh"):
+    analysis.record_settings(out, {"rise_masks": 32, "seed": 0})
+  assert json.loads((out / "settings.json").read_text())["rise_masks"] == 64
+  with pytest.raises(ValueError, match="--fresh with several workers"):
+    analysis.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True, num_workers=2)
+  assert (out / "chunks" / "0000.npz").exists()
+  analysis.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True)
+  assert not (out / "chunks").exists()
+  assert json.loads((out / "settings.json").read_text())["rise_masks"] == 32
+
+
+def test_select_orders_evaluators_and_names_the_closest_and_the_missing():
+  chosen = evaluators.select(("detection", "attacks", "maps"))
+  assert [c.name for c in chosen] == ["maps", "attacks", "detection"]
+  with pytest.raises(ValueError, match="Unknown evaluator 'localisation'.*Did you mean "
+                                       "'localization'"):
+    evaluators.select(("maps", "localisation"))
+  with pytest.raises(ValueError, match=r"'detection' requires \['attacks'\]"):
+    evaluators.select(("maps", "detection"))
+
+
+@pytest.fixture(scope="module")
+def setup(data_dir):
+  """A random-weight tiny DenseNet (no training needed) on the smoke data."""
+  config = smoke_config(data_dir)
+  run = {"preset": "tiny", "num_classes": 5, "in_channels": 1, "multi_label": False,
+         "dtype": "float32", "overrides": {}, "step": 0}
+  model = evaluators.random_model(run, latent_stage="block2", seed=3)
+  dataset = pipeline.load_dataset(config.data)
+  return config, model, dataset, evaluators.pixel_space(dataset.normalization)
+
+
+def _inputs(setup, n=4):
+  config, model, dataset, space = setup
+  batch = dataset.batch("test", np.arange(n))
+  return evaluators.prepare_inputs(model, batch, space=space, index=np.arange(n))
+
+
+def test_ce_features_are_their_definitions(setup):
+  config, model, _, _ = setup
+  s = config.analysis
+  inputs = _inputs(setup, n=2)
+  feats, grid_effects = evaluators.ce_features(model, inputs.images, inputs.target,
+                                               settings=s)
+  assert feats.shape == (2, len(evaluators.CE_FEATURES))
+  grid = np.asarray(masks.grid_masks(shape=(32, 32), n=s.grid_cells))
+  yy, xx = np.mgrid[0:32, 0:32]
+  for i in range(2):
+    x, t = inputs.images[i], int(inputs.target[i])
+    e = np.asarray(effects.causal_effect(model.logits_fn, x, grid, target=t).effects)
+    width = model.prefix_fn(x[None]).shape[-1]
+    lat = np.asarray(effects.latent_causal_effect(
+        model.prefix_fn, model.suffix_fn, x,
+        effects.latent_interventions(channels=np.arange(width), values=[0.0]),
+        target=t).effects)
+    p = np.abs(e) / np.abs(e).sum()
+    cy = (grid * yy).sum((1, 2)) / grid.sum((1, 2))
+    cx = (grid * xx).sum((1, 2)) / grid.sum((1, 2))
+    my, mx = (p * cy).sum(), (p * cx).sum()
+    want = {"mean": e.mean(), "std": e.std(), "min": e.min(), "max_abs": np.abs(e).max(),
+            "entropy": -(p * np.log(p)).sum() / np.log(len(e)),
+            "dispersion": np.sqrt((p * ((cy - my) ** 2 + (cx - mx) ** 2)).sum()) / 32,
+            "active": (np.abs(e) > 0.01).mean(), "latent_mean": lat.mean(),
+            "latent_std": lat.std(), "latent_min": lat.min()}
+    got = dict(zip(evaluators.CE_FEATURES, np.asarray(feats[i]), strict=True))
+    for name, value in want.items():
+      np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(grid_effects[i], e, atol=1e-7)
+
+
+def test_defenses_run_only_the_configured_attacks_and_reuse_their_images(setup):
+  config, model, _, space = setup
+  s = config.analysis.copy_and_resolve_references()
+  s.attacks, s.epsilons, s.defense_eps, s.attack_steps = ("fgsm", "bim"), (8 / 255,), \
+      8 / 255, 2
+  s.defenses = ("bit_depth",)
+  context = evaluators.Context(model, s, space)
+  inputs = _inputs(setup)
+  # Labels = the clean predictions, so that accuracy starts at 1 and attacks lower it.
+  inputs = dataclasses.replace(inputs, label=np.argmax(inputs.logits, -1))
+  key = jax.random.key(0)
+  under_attack = evaluators.AttacksEvaluator(context).evaluate(inputs, {}, key=key)
+  defended = evaluators.DefensesEvaluator(context)
+  reused = defended.evaluate(inputs, {"attacks": under_attack}, key=key)
+  crafted = defended.evaluate(inputs, {}, key=key)
+  assert set(reused.accuracy) == {"none", "bit_depth"}
+  assert set(reused.accuracy["bit_depth"]) == {"clean", "fgsm", "bim", "bpda_pgd"}
+  assert set(reused.accuracy["none"]) == {"clean", "fgsm", "bim"}
+  jax.tree.map(np.testing.assert_array_equal, reused.accuracy, crafted.accuracy)
+  assert float(np.mean(reused.accuracy["none"]["clean"])) == 1.0
+  assert float(np.mean(reused.accuracy["none"]["bim"])) < 1.0
+  # The accuracy under FGSM with bit depth is the defended model's on FGSM's images.
+  adv = attacks.fgsm(model.logits_fn, inputs.pixels, inputs.label, eps=8 / 255, space=space)
+  logits = model.logits_fn(space.normalize(defenses.bit_depth(adv.images)))
+  np.testing.assert_array_equal(reused.accuracy["bit_depth"]["fgsm"],
+                                np.argmax(logits, -1) == inputs.label)
+
+
+def test_detection_uses_correct_successful_images_and_separates_separable_features():
+  n = 40
+  rng = np.random.default_rng(0)
+  success = np.ones(n, bool)
+  success[::4] = False
+  correct = np.ones(n)
+  correct[1::5] = 0
+  clean = rng.normal(size=(n, 3))
+  under_attack = evaluators.UnderAttack(
+      success={"fgsm@8": success},
+      features={"clean": clean, "fgsm@8": clean + 5.0},
+      effects={}, confidence={"clean": rng.normal(size=n), "fgsm@8": rng.normal(size=n)},
+      squeeze={"clean": np.zeros(n), "fgsm@8": np.zeros(n)}, adversarial=None)
+  out = evaluators.detection(under_attack, correct, attack="fgsm@8")
+  used = int((success & (correct > 0.5)).sum())
+  for det in out.values():
+    assert det["n_train"] + det["n_test"] == used
+  assert out["CE features"]["auroc"] == 1.0
+  assert out["squeezing"]["auroc"] == 0.5  # constant scores: no information
+
+
+class _Failing:
+  """A user-defined evaluator that fails on its second chunk (a killed run)."""
+
+  name, requires, result_type = "failing", (), None
+
+  def __init__(self):
+    self.calls = 0
+
+  def evaluate(self, inputs, earlier, *, key):
+    self.calls += 1
+    if self.calls == 2:
+      raise KeyboardInterrupt
+
+  def summarize(self, results, inputs):
+    return {}
+
+
+def test_killed_and_split_runs_resume_to_the_uninterrupted_results(setup, tmp_path):
+  config, model, dataset, space = setup
+  s = config.analysis.copy_and_resolve_references()
+  s.methods = ("ce_grid", "gradient", "grad_cam")
+  s.chunk_size = 2
+  context = evaluators.Context(model, s, space)
+  chosen_classes = evaluators.select(("maps", "localization"))
+  chosen = analysis.build(chosen_classes, context)
+  indices = analysis.image_list(dataset, "test", 5)  # 3 chunks, the last one padded
+  kw = dict(model=model, space=space, settings=s, indices=indices, key=jax.random.key(0))
+  whole = analysis.run_chunks(chosen, dataset, out_dir=tmp_path / "whole", **kw)
+  failing = _Failing()
+  with pytest.raises(KeyboardInterrupt):
+    analysis.run_chunks(chosen + [failing], dataset, out_dir=tmp_path / "killed", **kw)
+  assert [p.name for p in (tmp_path / "killed" / "chunks").iterdir()] == ["0000.npz"]
+  kept = (tmp_path / "killed" / "chunks" / "0000.npz").stat().st_mtime_ns
+  # The rest is finished by two workers; each computes only its own chunks.
+  mine = analysis.run_chunks(chosen, dataset, out_dir=tmp_path / "killed", worker=1,
+                             num_workers=2, **kw)
+  assert [p.exists() for p in mine] == [True, True, False]
+  analysis.run_chunks(chosen, dataset, out_dir=tmp_path / "killed", worker=0,
+                      num_workers=2, **kw)
+  assert (tmp_path / "killed" / "chunks" / "0000.npz").stat().st_mtime_ns == kept
+  want_inputs, want = analysis.load_results(whole, chosen_classes)
+  got_inputs, got = analysis.load_results(mine, chosen_classes)
+  jax.tree.map(np.testing.assert_array_equal, (got_inputs, got), (want_inputs, want))
+  assert isinstance(got["localization"], evaluators.Localization)
+  np.testing.assert_array_equal(got_inputs.index, np.arange(5))
+  assert set(got["maps"].maps) == set(s.methods)
+  assert got["maps"].maps["ce_grid"].dtype == np.float16
+  # The stored maps are those of a direct call (here the gradient of image 4, which
+  # the padded last chunk holds alongside a repeat of image 4).
+  x = dataset.batch("test", np.arange(5))["image"]
+  direct = evaluators.compute_maps(model, jnp.asarray(x), got_inputs.target,
+                                   key=jax.random.fold_in(jax.random.key(0), 2),
+                                   settings=s, methods=("gradient",))["gradient"]
+  np.testing.assert_allclose(got["maps"].maps["gradient"][4], direct[4], rtol=2e-3,
+                             atol=1e-7)
+  summary = analysis.summarize(chosen, got_inputs, got)
+  assert set(summary["methods"]) == set(s.methods) and summary["num_images"] == 5
+  assert dataclasses.is_dataclass(got_inputs)
+
+
+def test_config_picks_evaluators_and_methods_and_refuses_unknown_ones(setup):
+  config, model, _, space = setup
+  s = config.analysis.copy_and_resolve_references()
+  s.methods = ("ce_grid", "gradcam")
+  with pytest.raises(ValueError, match=r"Unknown map methods \['gradcam'\]"):
+    evaluators.MapsEvaluator(evaluators.Context(model, s, space))
+  s.methods = ("ce_grid",)
+  s.attacks = ("fgsm", "cw")
+  with pytest.raises(ValueError, match=r"Unknown attacks \['cw'\]"):
+    evaluators.AttacksEvaluator(evaluators.Context(model, s, space)).evaluate(
+        _inputs(setup), {}, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="needs Context.random_model"):
+    evaluators.SanityEvaluator(evaluators.Context(model, s, space))
