@@ -11,7 +11,7 @@ import sys
 ROWS = (
     ("ce_sliding", "CE, sliding windows (expected CE)"),
     ("ce_grid", "CE, 10 x 10 grid (the paper's form)"),
-    ("ce_rise", "CE, RISE masks, RISE weighting"),
+    ("ce_rise", "CE, RISE masks (coverage weighting)"),
     ("ce_latent", "latent CE (block2 channels)"),
     ("occlusion", "occlusion = CE of the target probability"),
     ("rise", "RISE"),

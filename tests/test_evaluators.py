@@ -233,3 +233,20 @@ def test_config_picks_evaluators_and_methods_and_refuses_unknown_ones(setup):
         _inputs(setup), {}, key=jax.random.key(0))
   with pytest.raises(ValueError, match="needs Context.random_model"):
     evaluators.SanityEvaluator(evaluators.Context(model, s, space))
+
+
+def test_ce_rise_map_is_the_coverage_weighted_mean_effect(setup):
+  """The analysis' ``ce_rise`` map: minus the mean expected CE of the RISE masks that
+  cover each pixel (as for the grid and sliding maps), not RISE's kept-pixel weighting."""
+  config, model, _, _ = setup
+  s = config.analysis
+  inputs = _inputs(setup, n=1)
+  key = jax.random.key(4)
+  got = evaluators.compute_maps(model, inputs.images, inputs.target, key=key, settings=s,
+                                methods=("ce_rise",))["ce_rise"][0]
+  recipe = masks.rise_masks(jax.random.fold_in(key, 0), num=s.rise_masks, shape=(32, 32),
+                            cells=s.rise_cells)
+  dense = np.asarray(recipe(jnp.arange(s.rise_masks)))
+  e = np.asarray(effects.causal_effect(model.logits_fn, inputs.images[0], dense).effects)
+  want = -(e[:, None, None] * dense).sum(0) / dense.sum(0)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
