@@ -110,4 +110,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.analysis.attack_steps = 10
   config.analysis.defenses = ("ordered_dither", "error_diffusion", "bit_depth", "median")
   config.analysis.defense_eps = 8 / 255  # the defenses evaluator's attack budget
+
+  # python -m cejax.sweep: CE maps for a whole split on every device of every host.
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.split = "test"
+  config.sweep.num_images = 0  # 0: the whole split
+  config.sweep.chunk_size = 8  # images per output file (the unit of resume)
+  config.sweep.seed = 0  # draws the RISE masks
+  config.sweep.batch_size = 64  # masks per forward call, per device
+  config.sweep.families = ("grid",)  # of grid, sliding, rise
+  config.sweep.grid_cells = 10
+  config.sweep.window = 0  # sliding window in pixels; 0: image size / 4
+  config.sweep.stride = 0  # 0: image size / 16
+  config.sweep.rise_masks = 1000
+  config.sweep.rise_cells = 8
+  config.sweep.interventions = ("zero",)  # of zero, mean, blur
+  config.sweep.blur_sigma = 5.0
+  config.sweep.estimands = ("expected",)  # any of cejax.estimands.ESTIMANDS
+  config.sweep.targets = "predicted"  # or "all": every class / finding
+  config.sweep.save_effects = False  # also keep the per-mask effects
   return config

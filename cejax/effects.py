@@ -199,6 +199,10 @@ def _causal_effect(logits_fn, image, masks, intervention, key, target, *, static
 
   def chunk_fn(indices, mask_chunk, image, key):
     chunk = masks(indices) if recipe else mask_chunk
+    # Materialise the masks and the image: XLA then fuses the blend x (1 - m) + v m the
+    # same way in every program (one device or a mesh, one chunk or many), so soft
+    # masks with a non-zero fill round identically whatever the device count.
+    chunk, image = jax.lax.optimization_barrier((chunk, image))
 
     def inputs(indices, keys):
       if keys is None:

@@ -157,7 +157,8 @@ def test_imported_chexnet_layout_analyzes_real_chestxray14_images(tmp_path, ches
          "--config.analysis.ig_steps=2", "--config.analysis.deletion_steps=2",
          "--config.analysis.attack_steps=2", "--config.analysis.defenses=()",
          "--config.analysis.epsilons=(0.01,)", "--config.analysis.attacks=('fgsm',)",
-         "--config.analysis.methods=('ce_grid', 'grad_cam', 'rise')"]
+         "--config.analysis.methods=('ce_grid', 'grad_cam', 'rise')",
+         "--config.analysis.evaluators=('maps', 'localization', 'attacks', 'detection')"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((workdir / "analysis" / "metrics.json").read_text())

@@ -1,0 +1,329 @@
+"""Dataset-scale CE sweeps: CE maps for every image of a split, on every device of
+every host.
+
+    python -m cejax.sweep --config=configs/sweep.py --workdir=runs/synthetic
+
+For each image: the CE map of every configured mask family (``grid``, ``sliding``,
+``rise``) x intervention x estimand, for the predicted class or for every class /
+finding (``targets="all"``), all estimands and targets from the same forward passes
+(one stacked estimand), and optionally the raw per-mask effects.
+
+Work distribution. Images are cut into chunks of ``sweep.chunk_size``; process ``p`` of
+``P`` (``jax.process_index()`` / ``jax.process_count()``: call
+``jax.distributed.initialize`` first, or pass ``--distributed``) computes the chunks
+``c`` with ``c % P == p`` and reads only their images. Within a process, each image's
+masks are sharded over its local devices (``sharding.mask_mesh(jax.local_devices())``,
+``jax.shard_map``). A mask's effect does not depend on which device or process
+computes it, so the maps are bit-identical whatever the device and process count.
+
+Output (``<out>``, default ``<workdir>/sweep``): ``settings.json`` and one
+``chunks/NNNNN.npz`` per chunk, written atomically (``evaluators.store``: the arrays
+plus a JSON structure, readable with numpy alone): ``ids`` (``"split/index"``) and
+``maps[family][intervention][estimand]`` of shape ``(n, h, w)`` (``(n, h, w, k)`` for
+``targets="all"``), and ``effects`` likewise ``(n, m[, k])`` with ``save_effects``.
+Chunks are named by chunk, not by process, so a killed run resumes where it stopped
+with any number of processes; settings that differ from the recorded ones are refused
+unless ``--fresh``. ``load(out)`` reads the results back by image id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cejax import analysis, checkpoint, effects, masks, sharding
+from cejax import config as config_lib
+from cejax.estimands import ESTIMANDS, activate, estimand_value
+from cejax.evaluators import store
+
+FAMILIES = ("grid", "sliding", "rise")
+SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
+TARGETS = ("predicted", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedEstimand:
+  """Several estimands from one forward pass, as one ``Estimand`` (``(b, V)``).
+
+  With ``all_targets`` the target estimands (``probability``, ``logit``) are given for
+  every class (``k`` columns each, like ``per_class``); ``expected`` and ``kl`` take
+  one column, ``per_class`` ``k``.
+  """
+
+  names: tuple[str, ...]
+  all_targets: bool = False
+
+  def __call__(self, clean_logits, do_logits, do_probs, target, activation):
+    cols = []
+    for name in self.names:
+      if self.all_targets and name == "probability":
+        v = do_probs - activate(clean_logits, activation)
+      elif self.all_targets and name == "logit":
+        v = do_logits - clean_logits
+      else:
+        v = estimand_value(name, clean_logits, do_logits, do_probs, target, activation)
+      cols.append(v if v.ndim == do_logits.ndim else v[..., None])
+    return jnp.concatenate(cols, -1)
+
+  def widths(self, num_classes: int) -> list[int]:
+    """Columns per estimand, in ``names`` order."""
+    per = {"expected": 1, "kl": 1, "per_class": num_classes}
+    many = num_classes if self.all_targets else 1
+    return [per.get(n, many) for n in self.names]
+
+
+def check_settings(s) -> None:
+  """Raises ``ValueError`` naming the bad ``sweep`` key and the valid values."""
+  for key, got, valid in (("families", s.families, FAMILIES),
+                          ("interventions", s.interventions, SWEEP_INTERVENTIONS),
+                          ("estimands", s.estimands, ESTIMANDS)):
+    bad = [g for g in got if g not in valid]
+    if bad or not got:
+      raise ValueError(f"config.sweep.{key} has {bad or 'nothing'}; valid are {valid}.")
+  if s.targets not in TARGETS:
+    raise ValueError(f"config.sweep.targets is {s.targets!r}; valid are {TARGETS}.")
+  if s.chunk_size < 1 or s.batch_size < 1:
+    raise ValueError("config.sweep.chunk_size and batch_size must be >= 1, got "
+                     f"{s.chunk_size} and {s.batch_size}.")
+
+
+def mask_sources(s, shape) -> dict[str, Any]:
+  """The lazy mask recipes of ``s.families`` for images of ``shape``."""
+  h = shape[0]
+  made = {
+      "grid": lambda: masks.grid(shape=shape, n=s.grid_cells),
+      "sliding": lambda: masks.sliding_windows(shape=shape, window=s.window or max(1, h // 4),
+                                               stride=s.stride or max(1, h // 16)),
+      "rise": lambda: masks.rise_masks(jax.random.key(s.seed), num=s.rise_masks, shape=shape,
+                                       cells=s.rise_cells),
+  }
+  return {f: made[f]() for f in s.families}
+
+
+def _interventions(s):
+  return {"zero": "zero", "mean": "mean", "blur": effects.Blur(sigma=s.blur_sigma)}
+
+
+def image_results(logits_fn, image, *, settings, sources, activation, num_classes,
+                  mesh=None) -> dict[str, Any]:
+  """One image's maps (and effects): ``{"maps": {family: {intervention: {estimand:
+  array}}}, "effects": ...}``."""
+  s = settings
+  stacked = StackedEstimand(tuple(s.estimands), all_targets=s.targets == "all")
+  widths = stacked.widths(num_classes)
+  cuts = np.cumsum(widths)[:-1]
+  squeeze = lambda a, w: a[..., 0] if w == 1 else a
+  maps, raw = {}, {}
+  for family, source in sources.items():
+    maps[family], raw[family] = {}, {}
+    for name in s.interventions:
+      res = effects.causal_effect(logits_fn, image, source,
+                                  intervention=_interventions(s)[name], estimand=stacked,
+                                  batch_size=s.batch_size, activation=activation, mesh=mesh)
+      # On the host first: the map is then one program on one device whatever the mesh
+      # (a replicated input would make it an SPMD program with another reduction order).
+      per_mask = np.asarray(res.effects)
+      full = effects.ce_map(per_mask, source, batch_size=s.batch_size)  # (h, w, V)
+      parts = np.split(np.asarray(full), cuts, axis=-1)
+      maps[family][name] = {e: squeeze(p, w) for e, p, w in
+                            zip(stacked.names, parts, widths, strict=True)}
+      if s.save_effects:
+        parts = np.split(per_mask, cuts, axis=-1)
+        raw[family][name] = {e: squeeze(p, w) for e, p, w in
+                             zip(stacked.names, parts, widths, strict=True)}
+  return {"maps": maps, "effects": raw} if s.save_effects else {"maps": maps}
+
+
+def model_fingerprint(params, stats) -> str:
+  """A short hash of the weights (a workdir's results are tied to one model)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves((params, stats)):
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def forward_flops(logits_fn, image) -> float:
+  """XLA's cost analysis of one forward pass of one image (FLOPs)."""
+  cost = jax.jit(logits_fn).lower(image[None]).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def matmul_peak(devices, *, size: int = 1024, repeats: int = 5) -> float:
+  """Measured float32 matmul FLOP/s of ``devices`` together (the best of ``repeats``)."""
+  mesh = sharding.mask_mesh(devices)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+  x = jax.device_put(jnp.ones((len(devices), size, size), jnp.float32), spec)
+  f = jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a))
+  f(x).block_until_ready()
+  best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
+  return 2 * size**3 * len(devices) / best
+
+
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
+        devices=None, progress: bool = True) -> dict[str, Any]:
+  """Runs the sweep of ``config.sweep`` on the model in ``workdir`` (this process's
+  share of the chunks). Returns this process's throughput summary (also written to
+  ``<out>/throughput-pN.json``)."""
+  from tqdm import tqdm
+
+  from cejax.data import pipeline
+
+  config_lib.check_keys(config, config_lib.base_config())
+  s = config.sweep
+  check_settings(s)
+  out = Path(out or Path(workdir) / "sweep")
+  graphdef, params, stats, run_info = checkpoint.load_model(workdir)
+  logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
+  dataset = pipeline.load_dataset(config.data)
+  if dataset.num_classes != run_info["num_classes"]:
+    raise ValueError(f"The data set has {dataset.num_classes} classes but the model in "
+                     f"{workdir} has {run_info['num_classes']}.")
+  recorded = dict(s.to_dict(), data=config.data.name, image_size=config.data.image_size,
+                  model=model_fingerprint(params, stats), step=run_info["step"])
+  process, processes = jax.process_index(), jax.process_count()
+  analysis.record_settings(out, recorded, fresh=fresh, num_workers=processes)
+  devices = list(jax.local_devices() if devices is None else devices)
+  mesh = sharding.mask_mesh(devices) if len(devices) > 1 else None
+  count = dataset.num_examples(s.split)
+  num = count if s.num_images <= 0 else min(s.num_images, count)
+  chunk_dir = out / "chunks"
+  chunk_dir.mkdir(parents=True, exist_ok=True)
+  mine = [c for c, _ in enumerate(analysis.chunk_starts(num, s.chunk_size))
+          if c % processes == process]
+  activation = checkpoint.activation_of(run_info)
+  sources = None
+  done_masks, t_start, t_steady, steady_masks = 0, time.perf_counter(), None, 0
+  bar = tqdm(total=sum(len(range(c * s.chunk_size, min(num, (c + 1) * s.chunk_size)))
+                       for c in mine), unit="image", desc=f"sweep (process {process})",
+             position=process, disable=not progress)
+  flops = None
+  for c in mine:
+    path = chunk_dir / f"{c:05d}.npz"
+    idx = list(range(c * s.chunk_size, min(num, (c + 1) * s.chunk_size)))
+    if path.exists():
+      bar.update(len(idx))
+      continue
+    try:
+      images = dataset.batch(s.split, idx)["image"]
+    except Exception as e:  # a corrupt record: name it, lose nothing already written
+      raise ValueError(f"Could not read images {idx[0]}..{idx[-1]} of split {s.split!r} "
+                       f"({type(e).__name__}: {e}).") from e
+    if sources is None:
+      sources = mask_sources(s, images.shape[1:3])
+      flops = forward_flops(logits_fn, jnp.asarray(images[0]))
+    per_image = [image_results(logits_fn, jnp.asarray(x), settings=s, sources=sources,
+                               activation=activation, num_classes=dataset.num_classes,
+                               mesh=mesh) for x in images]
+    tree = jax.tree.map(lambda *a: np.stack(a), *per_image)
+    tree["ids"] = np.asarray([f"{s.split}/{i}" for i in idx])
+    store.save_tree(path, tree)
+    n_masks = len(idx) * len(s.interventions) * sum(
+        masks.num_masks(src) for src in sources.values())
+    done_masks += n_masks
+    if t_steady is None:  # the first chunk pays for compilation
+      t_steady = time.perf_counter()
+    else:
+      steady_masks += n_masks
+    bar.update(len(idx))
+    bar.set_postfix(masks_per_s=f"{done_masks / (time.perf_counter() - t_start):.1f}")
+  bar.close()
+  elapsed = time.perf_counter() - t_start
+  steady = time.perf_counter() - t_steady if t_steady is not None else 0.0
+  rate = steady_masks / steady if steady_masks else (done_masks / elapsed if elapsed else 0.)
+  summary = {"process": process, "processes": processes, "devices": len(devices),
+             "device_kind": devices[0].device_kind, "images": num, "chunks": len(mine),
+             "masks_computed": done_masks, "seconds": elapsed,
+             "masks_per_s": rate, "forward_flops": flops}
+  if flops and done_masks:
+    peak = matmul_peak(devices)
+    summary.update(gflops_per_s=rate * flops / 1e9, peak_gflops_per_s=peak / 1e9,
+                   fraction_of_peak=rate * flops / peak)
+  checkpoint.write_json_atomic(out / f"throughput-p{process}.json", summary)
+  return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResults:
+  """A sweep read back: ``ids`` in image order and the nested ``maps`` (and
+  ``effects``), each array with a leading image axis."""
+
+  ids: list[str]
+  maps: dict[str, Any]
+  effects: dict[str, Any] | None
+  settings: dict[str, Any]
+
+  def by_id(self, image_id: str) -> dict[str, Any]:
+    """``maps[family][intervention][estimand]`` of one image."""
+    try:
+      i = self.ids.index(image_id)
+    except ValueError:
+      raise KeyError(f"No image {image_id!r} in this sweep ({len(self.ids)} images, e.g. "
+                     f"{self.ids[:3]}).") from None
+    return jax.tree.map(lambda a: a[i], self.maps)
+
+
+def load(out: Path) -> SweepResults:
+  """The results of a sweep directory (all chunks written so far, in image order).
+
+  Raises:
+    ValueError: no sweep there, or a corrupt chunk (naming the file).
+  """
+  out = Path(out)
+  if not (out / "settings.json").exists():
+    raise ValueError(f"{out} holds no sweep (no settings.json).")
+  paths = sorted((out / "chunks").glob("*.npz"))
+  if not paths:
+    raise ValueError(f"{out} holds no finished chunks yet.")
+  parts = [store.load_tree(p) for p in paths]
+  tree = jax.tree.map(lambda *a: np.concatenate(a), *parts)
+  return SweepResults(ids=[str(i) for i in tree["ids"]], maps=tree["maps"],
+                      effects=tree.get("effects"),
+                      settings=json.loads((out / "settings.json").read_text()))
+
+
+def main(argv=None) -> None:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  flags_ = flags.FLAGS
+  config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "A training workdir (or one from cejax.convert).")
+  flags.DEFINE_string("out", "", "Output directory; default WORKDIR/sweep.")
+  flags.DEFINE_bool("fresh", False, "Discard the chunks of an earlier sweep.")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (TPU "
+                    "pods, SLURM, Open MPI detect the cluster themselves).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def _main(args):
+    if len(args) > 1:
+      raise app.UsageError(f"Unexpected arguments: {args[1:]}")
+    if flags_.distributed:
+      jax.distributed.initialize()
+    summary = run(flags_.config, Path(flags_.workdir), out=flags_.out or None,
+                  fresh=flags_.fresh)
+    print(json.dumps(summary, indent=2))
+
+  app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+  main()
+
+
+__all__ = ["FAMILIES", "StackedEstimand", "SweepResults", "check_settings", "image_results",
+           "load", "mask_sources", "matmul_peak", "model_fingerprint", "run"]
