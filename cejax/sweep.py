@@ -157,7 +157,7 @@ def forward_flops(logits_fn, image) -> float:
   return float(cost.get("flops", float("nan")))
 
 
-def matmul_peak(devices, *, size: int = 1024, repeats: int = 5) -> float:
+def matmul_peak(devices, *, size: int = 512, repeats: int = 5) -> float:
   """Measured float32 matmul FLOP/s of ``devices`` together (the best of ``repeats``)."""
   mesh = sharding.mask_mesh(devices)
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))

@@ -122,7 +122,12 @@ def test_defenses_run_only_the_configured_attacks_and_reuse_their_images(setup):
   # Labels = the clean predictions, so that accuracy starts at 1 and attacks lower it.
   inputs = dataclasses.replace(inputs, label=np.argmax(inputs.logits, -1))
   key = jax.random.key(0)
-  under_attack = evaluators.AttacksEvaluator(context).evaluate(inputs, {}, key=key)
+  # What the defenses evaluator reads of the attacks evaluator: its adversarial images.
+  adversarial = {f"{name}@8": getattr(attacks, name)(
+      model.logits_fn, inputs.pixels, inputs.label, eps=8 / 255, space=space,
+      **({} if name == "fgsm" else {"steps": 2})).images for name in ("fgsm", "bim")}
+  under_attack = evaluators.UnderAttack(success={}, features={}, effects={}, confidence={},
+                                        squeeze={}, adversarial=adversarial)
   defended = evaluators.DefensesEvaluator(context)
   reused = defended.evaluate(inputs, {"attacks": under_attack}, key=key)
   crafted = defended.evaluate(inputs, {}, key=key)
