@@ -264,6 +264,64 @@ def rise(logits_fn: LogitsFn, images: Images, targets: Targets, *,
   return jax.lax.map(lambda a: one(*a), (images, targets))
 
 
+@compile_once(static_argnames=("logits_fn", "max_masks", "cells", "p", "batch_size",
+                               "activation"), **_LOGITS)
+def adaptive_rise(logits_fn: LogitsFn, images: Images, targets: Targets, *,
+                  key: PRNGKey, tolerance, max_masks: int = 10000, cells: int = 8,
+                  p: float = 0.5, batch_size: int = 100,
+                  activation: str = "softmax") -> tuple[Maps, jax.Array]:
+  """RISE that draws masks until its map stops changing.
+
+  Masks are drawn ``batch_size`` at a time, in ``rise``'s order, inside a
+  ``lax.while_loop`` on the device. After each batch the running map ``S_n`` (the RISE
+  map of the first ``n`` masks) is compared with the previous one; drawing stops when
+  ``||S_n - S_prev|| / ||S_n||`` (Frobenius norms) is at most ``tolerance`` or at
+  ``max_masks``. With ``tolerance=0`` it draws all ``max_masks`` and equals
+  ``rise(num_masks=max_masks)`` to float32 round-off. Under ``vmap`` each image stops
+  on its own.
+
+  Returns:
+    ``(maps (n, h, w), masks_used (n,) int32)``.
+  """
+  images, targets = _check(images, targets)
+  recipe = masks_lib.rise_masks(key, num=max_masks, shape=images.shape[1:3], cells=cells,
+                                p=p)
+  h, w = images.shape[1:3]
+  offsets = jnp.arange(batch_size, dtype=jnp.int32)
+
+  def one(image, target):
+    clean = effects_lib.activate(logits_fn(image[None])[0].astype(jnp.float32), activation)
+    p_t = clean[target]
+
+    def body(state):
+      n, acc, previous, _ = state
+      indices = n + offsets
+      ok = indices < max_masks
+      masked = recipe(jnp.minimum(indices, max_masks - 1))
+      masked, image_ = jax.lax.optimization_barrier((masked, image))
+      x = jax.vmap(lambda m: effects_lib.intervene(image_, m, 0.0))(masked)
+      q = effects_lib.activate(logits_fn(x).astype(jnp.float32), activation)
+      # As rise: the probability estimand q_t - p_t, with p_t added back.
+      f = (q[:, target] - p_t) + p_t
+      acc = acc + jnp.tensordot((1.0 - masked) * ok[:, None, None], f, axes=((0,), (0,)))
+      n = n + ok.sum(dtype=jnp.int32)
+      current = acc / (n * p)
+      change = (jnp.linalg.norm(current - previous)
+                / jnp.maximum(jnp.linalg.norm(current), 1e-30))
+      return n, acc, current, change
+
+    def keep_going(state):
+      n, _, _, change = state
+      return (n < max_masks) & (change > tolerance)
+
+    zeros = jnp.zeros((h, w), jnp.float32)
+    n, _, current, _ = jax.lax.while_loop(
+        keep_going, body, (jnp.int32(0), zeros, zeros, jnp.float32(jnp.inf)))
+    return current, n
+
+  return jax.lax.map(lambda a: one(*a), (images, targets))
+
+
 @compile_once(static_argnames=("logits_fn", "window", "stride", "batch_size", "activation"),
               **_LOGITS)
 def occlusion(logits_fn: LogitsFn, images: Images, targets: Targets, *,

@@ -122,6 +122,40 @@ def test_rise_is_petsiuks_formula():
     np.testing.assert_allclose(ours[i], ref, rtol=1e-5, atol=1e-6)
 
 
+def test_adaptive_rise_stops_by_its_rule_and_equals_fixed_count_rise():
+  """Tolerance 0: all masks, the fixed-count RISE map. A looser tolerance stops early, at
+  the first batch whose map moved by at most the tolerance (checked in numpy from the
+  materialised masks), with the fixed-count map of the masks it used."""
+  rng = np.random.default_rng(1)
+  h, w, c, k = 12, 10, 1, 3
+  weights = rng.normal(size=(h * w * c, k)).astype(np.float32)
+  logits_fn = lambda x: x.reshape(len(x), -1) @ weights
+  x = rng.normal(size=(2, h, w, c)).astype(np.float32)
+  t = np.array([1, 2])
+  key, n, b = jax.random.key(5), 60, 8
+  maps, used = saliency.adaptive_rise(logits_fn, x, t, key=key, tolerance=0.0, max_masks=n,
+                                      cells=3, batch_size=b)
+  np.testing.assert_array_equal(used, [n, n])
+  fixed = saliency.rise(logits_fn, x, t, key=key, num_masks=n, cells=3, batch_size=b)
+  np.testing.assert_allclose(maps, fixed, rtol=1e-5, atol=1e-7)
+  tol = 0.15
+  maps, used = saliency.adaptive_rise(logits_fn, x, t, key=key, tolerance=tol,
+                                      max_masks=n, cells=3, batch_size=b)
+  kept = 1.0 - np.asarray(masks.rise_masks(key, num=n, shape=(h, w), cells=3)(jnp.arange(n)),
+                          np.float64)
+  for i in range(2):
+    z = (x[i][None] * kept[..., None]).reshape(n, -1) @ weights.astype(np.float64)
+    prob = np.exp(z - z.max(1, keepdims=True))
+    prob = (prob / prob.sum(1, keepdims=True))[:, t[i]]
+    counts = [min(m, n) for m in range(b, n + b, b)]  # the last batch may be partial
+    running = [np.tensordot(prob[:m], kept[:m], 1) / (m * 0.5) for m in counts]
+    change = [np.inf] + [np.linalg.norm(a - prev) / np.linalg.norm(a)
+                         for prev, a in zip(running, running[1:], strict=False)]
+    stop = next(j for j, ch in enumerate(change) if ch <= tol)  # stops early here
+    assert used[i] == counts[stop] < n, (change, used)
+    np.testing.assert_allclose(maps[i], running[stop], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape,cells", [((32, 32), 8), ((24, 17), 5), ((9, 9), 1)])
 def test_rise_masks_equal_petsiuks_generator(shape, cells):
   """Petsiuk's code: ``resize(grid, (s + 1) * cell, order=1, mode='reflect')`` cropped at
