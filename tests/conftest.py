@@ -12,9 +12,11 @@ from pathlib import Path
 # trades XLA:CPU's code optimisation for compile time (about 30 % faster here). Tests
 # check values, never speed; benchmarks run without these flags. Subprocesses inherit
 # them. Set before JAX starts its backend.
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true"]))
+# CEJAX_TEST_XLA_FLAGS replaces them (e.g. empty, to run with XLA's defaults).
+_TEST_FLAGS = os.environ.get("CEJAX_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                             "--xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                                 _TEST_FLAGS]))
 
 import jax  # noqa: E402
 

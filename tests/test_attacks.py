@@ -256,7 +256,7 @@ def trained(trained_tiny):
   logits = logits_fn(space.normalize(jnp.asarray(pixels)))
   correct = np.asarray(jnp.argmax(logits, -1) == batch["label"])
   assert correct.sum() >= 16, "the smoke model should classify some test images"
-  return logits_fn, space, pixels[correct][:32], batch["label"][correct][:32]
+  return logits_fn, space, pixels[correct][:16], batch["label"][correct][:16]
 
 
 @pytest.mark.xdist_group("trained_tiny")
