@@ -165,8 +165,8 @@ def infer_architecture(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
   for key in state:
     m = re.match(r"features\.denseblock(\d+)\.denselayer(\d+)\.", key)
     if m:
-      b, l = int(m.group(1)), int(m.group(2))
-      layers[b] = max(layers.get(b, 0), l)
+      b, layer = int(m.group(1)), int(m.group(2))
+      layers[b] = max(layers.get(b, 0), layer)
   if not layers or sorted(layers) != list(range(1, len(layers) + 1)):
     raise ValueError(f"Dense blocks must be numbered 1..n; found {sorted(layers)}.")
   first = "features.denseblock1.denselayer1."

@@ -16,8 +16,9 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -169,7 +170,7 @@ def evaluate(eval_fn, state, dataset, split, *, batch_size, sharding, limit=None
          "count": int(m["count"])}
   if dataset.multi_label:
     aucs = [metrics.auroc(logits[:, k], labels[:, k]) for k in range(labels.shape[1])]
-    out.update({f"auroc/{n}": a for n, a in zip(dataset.class_names, aucs)})
+    out.update({f"auroc/{n}": a for n, a in zip(dataset.class_names, aucs, strict=True)})
     finite = [a for a in aucs if not math.isnan(a)]
     out["mean_auroc"] = float(np.mean(finite)) if finite else float("nan")
   return out
