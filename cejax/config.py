@@ -117,7 +117,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.sweep.num_images = 0  # 0: the whole split
   config.sweep.chunk_size = 8  # images per output file (the unit of resume)
   config.sweep.seed = 0  # draws the RISE masks
-  config.sweep.batch_size = 64  # masks per forward call, per device
+  # Masks per forward call, per device; "auto": the largest that fits memory_budget_gb,
+  # from the compiled forward pass's memory analysis (sweep.auto_batch_size).
+  config.sweep.batch_size = ml_collections.FieldReference(64, field_type=object)
+  config.sweep.memory_budget_gb = 2.0
   config.sweep.families = ("grid",)  # of grid, sliding, rise
   config.sweep.grid_cells = 10
   config.sweep.window = 0  # sliding window in pixels; 0: image size / 4

@@ -90,9 +90,11 @@ def check_settings(s) -> None:
       raise ValueError(f"config.sweep.{key} has {bad or 'nothing'}; valid are {valid}.")
   if s.targets not in TARGETS:
     raise ValueError(f"config.sweep.targets is {s.targets!r}; valid are {TARGETS}.")
-  if s.chunk_size < 1 or s.batch_size < 1:
-    raise ValueError("config.sweep.chunk_size and batch_size must be >= 1, got "
-                     f"{s.chunk_size} and {s.batch_size}.")
+  if s.batch_size != "auto" and (not isinstance(s.batch_size, int) or s.batch_size < 1):
+    raise ValueError(f"config.sweep.batch_size must be a positive int or 'auto', got "
+                     f"{s.batch_size!r}.")
+  if s.chunk_size < 1:
+    raise ValueError(f"config.sweep.chunk_size must be >= 1, got {s.chunk_size}.")
 
 
 def mask_sources(s, shape) -> dict[str, Any]:
@@ -140,6 +142,35 @@ def image_results(logits_fn, image, *, settings, sources, activation, num_classe
         raw[family][name] = {e: squeeze(p, w) for e, p, w in
                              zip(stacked.names, parts, widths, strict=True)}
   return {"maps": maps, "effects": raw} if s.save_effects else {"maps": maps}
+
+
+def auto_batch_size(logits_fn, image_shape, *, budget_bytes: float, probe: int = 8,
+                    limit: int = 4096) -> int:
+  """The largest batch of masks whose forward pass fits ``budget_bytes``.
+
+  Read off the compiled executable's memory analysis, not found by trial: the
+  forward pass is compiled (not run) at ``probe`` and ``2 * probe`` images; its
+  memory (temporaries, arguments, outputs) is linear in the batch, so two points give
+  the bytes per mask and the fixed part.
+
+  Raises:
+    ValueError: not even one mask fits.
+  """
+  def usage(batch):
+    shape = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+    m = jax.jit(logits_fn).lower(shape).compile().memory_analysis()
+    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+  small, large = usage(probe), usage(2 * probe)
+  per_mask = (large - small) / probe
+  fixed = small - per_mask * probe
+  if per_mask <= 0:
+    return limit
+  fits = int((budget_bytes - fixed) // per_mask)
+  if fits < 1:
+    raise ValueError(f"One mask needs {fixed + per_mask:.3g} bytes but the budget "
+                     f"(config.sweep.memory_budget_gb) is {budget_bytes:.3g} bytes.")
+  return min(fits, limit)
 
 
 def model_fingerprint(params, stats) -> str:
@@ -226,6 +257,11 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
     if sources is None:
       sources = mask_sources(s, images.shape[1:3])
       flops = forward_flops(logits_fn, jnp.asarray(images[0]))
+      if s.batch_size == "auto":
+        batch = auto_batch_size(logits_fn, images.shape[1:],
+                                budget_bytes=s.memory_budget_gb * 2**30)
+        s = s.copy_and_resolve_references()
+        s.batch_size = batch
     per_image = [image_results(logits_fn, jnp.asarray(x), settings=s, sources=sources,
                                activation=activation, num_classes=dataset.num_classes,
                                mesh=mesh) for x in images]
@@ -246,6 +282,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   steady = time.perf_counter() - t_steady if t_steady is not None else 0.0
   rate = steady_masks / steady if steady_masks else (done_masks / elapsed if elapsed else 0.)
   summary = {"process": process, "processes": processes, "devices": len(devices),
+             "batch_size": s.batch_size,
              "device_kind": devices[0].device_kind, "images": num, "chunks": len(mine),
              "masks_computed": done_masks, "seconds": elapsed,
              "masks_per_s": rate, "forward_flops": flops}
@@ -325,5 +362,6 @@ if __name__ == "__main__":
   main()
 
 
-__all__ = ["FAMILIES", "StackedEstimand", "SweepResults", "check_settings", "image_results",
-           "load", "mask_sources", "matmul_peak", "model_fingerprint", "run"]
+__all__ = ["FAMILIES", "StackedEstimand", "SweepResults", "auto_batch_size", "check_settings",
+           "image_results", "load", "mask_sources", "matmul_peak", "model_fingerprint",
+           "run"]

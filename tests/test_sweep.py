@@ -153,3 +153,26 @@ def test_two_processes_equal_one_device(trained_smoke, one_device, tmp_path):
                (want.maps["grid"], want.effects["grid"]))
   summaries = [json.loads((tmp_path / f"throughput-p{i}.json").read_text()) for i in (0, 1)]
   assert [s["chunks"] for s in summaries] == [1, 1]  # chunk 0 and chunk 1
+
+
+def test_auto_batch_size_is_the_largest_that_fits_by_memory_analysis(trained_smoke):
+  logits_fn, _ = checkpoint.load_logits_fn(trained_smoke[1])
+
+  def usage(batch):  # the compiled forward pass's own accounting, at that batch
+    m = jax.jit(logits_fn).lower(jax.ShapeDtypeStruct((batch, 32, 32, 1), np.float32)
+                                 ).compile().memory_analysis()
+    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+  budget = 3 * usage(8)
+  batch = sweep.auto_batch_size(logits_fn, (32, 32, 1), budget_bytes=budget)
+  assert usage(batch) <= budget < usage(batch + 1)
+  with pytest.raises(ValueError, match="One mask needs"):
+    sweep.auto_batch_size(logits_fn, (32, 32, 1), budget_bytes=100)
+  from configs import smoke
+
+  config = smoke.get_config()  # batch_size takes an int or "auto"
+  config.sweep.batch_size = "big"
+  with pytest.raises(ValueError, match="batch_size must be a positive int or 'auto'"):
+    sweep.check_settings(config.sweep)
+  config.sweep.batch_size = "auto"
+  sweep.check_settings(config.sweep)
