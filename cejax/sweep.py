@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from cejax import analysis, checkpoint, effects, masks, sharding
@@ -259,9 +260,9 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
       flops = forward_flops(logits_fn, jnp.asarray(images[0]))
       if s.batch_size == "auto":
         batch = auto_batch_size(logits_fn, images.shape[1:],
-                                budget_bytes=s.memory_budget_gb * 2**30)
-        s = s.copy_and_resolve_references()
-        s.batch_size = batch
+                                budget_bytes=s.memory_budget_gb * 2**30,
+                                limit=max(masks.num_masks(m) for m in sources.values()))
+        s = ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch))
     per_image = [image_results(logits_fn, jnp.asarray(x), settings=s, sources=sources,
                                activation=activation, num_classes=dataset.num_classes,
                                mesh=mesh) for x in images]
@@ -334,7 +335,7 @@ def load(out: Path) -> SweepResults:
 
 
 def main(argv=None) -> None:
-  from absl import app, flags
+  from absl import app, flags, logging
   from ml_collections import config_flags
 
   flags_ = flags.FLAGS
@@ -349,6 +350,7 @@ def main(argv=None) -> None:
   def _main(args):
     if len(args) > 1:
       raise app.UsageError(f"Unexpected arguments: {args[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
     if flags_.distributed:
       jax.distributed.initialize()
     summary = run(flags_.config, Path(flags_.workdir), out=flags_.out or None,

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -155,7 +156,8 @@ def test_two_processes_equal_one_device(trained_smoke, one_device, tmp_path):
   assert [s["chunks"] for s in summaries] == [1, 1]  # chunk 0 and chunk 1
 
 
-def test_auto_batch_size_is_the_largest_that_fits_by_memory_analysis(trained_smoke):
+def test_auto_batch_size_is_the_largest_that_fits_by_memory_analysis(trained_smoke,
+                                                                      tmp_path):
   logits_fn, _ = checkpoint.load_logits_fn(trained_smoke[1])
 
   def usage(batch):  # the compiled forward pass's own accounting, at that batch
@@ -176,3 +178,10 @@ def test_auto_batch_size_is_the_largest_that_fits_by_memory_analysis(trained_smo
     sweep.check_settings(config.sweep)
   config.sweep.batch_size = "auto"
   sweep.check_settings(config.sweep)
+  # The job resolves "auto" before its first image (here: every mask in one batch).
+  auto = _config(trained_smoke)
+  auto.sweep = ml_collections.ConfigDict(dict(auto.sweep.to_dict(), batch_size="auto",
+                                              families=("grid",), num_images=1))
+  summary = sweep.run(auto, trained_smoke[1], out=tmp_path, devices=jax.devices()[:1],
+                      progress=False)
+  assert summary["batch_size"] == 16 and summary["masks_computed"] == 16
