@@ -71,9 +71,13 @@ def record_settings(out_dir: Path, settings: Mapping[str, Any], *, fresh: bool =
   checkpoint.write_json_atomic(settings_file, settings)
 
 
-def chunk_starts(num_images: int, chunk_size: int) -> list[int]:
-  """The first image of each chunk; chunk ``c`` belongs to worker ``c % num_workers``."""
-  return list(range(0, num_images, chunk_size))
+def chunks(num_images: int, chunk_size: int, *, worker: int = 0,
+           num_workers: int = 1) -> dict[int, range]:
+  """``{c: image positions of chunk c}`` for the chunks of ``worker``: those with
+  ``c % num_workers == worker`` (all of them by default)."""
+  starts = range(0, num_images, chunk_size)
+  return {c: range(start, min(start + chunk_size, num_images))
+          for c, start in enumerate(starts) if c % num_workers == worker}
 
 
 def build(evaluator_classes, context: common.Context) -> list[Any]:
@@ -108,13 +112,10 @@ def run_chunks(chosen, dataset, *, model: common.Model, space, out_dir: Path, se
   chunk_dir = Path(out_dir) / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
   size = settings.chunk_size
-  paths = []
-  for c, start in enumerate(chunk_starts(len(indices), size)):
-    path = chunk_dir / f"{c:04d}.npz"
-    paths.append(path)
-    if c % num_workers != worker:
-      continue
-    idx = np.arange(start, min(start + size, len(indices)))
+  paths = [chunk_dir / f"{c:04d}.npz" for c in chunks(len(indices), size)]
+  for c, positions in chunks(len(indices), size, worker=worker,
+                             num_workers=num_workers).items():
+    path, idx = paths[c], np.asarray(positions)
     if not path.exists():
       # Pad the last chunk by repeating images, so every chunk has one compiled shape.
       batch = _batch(dataset, [indices[i] for i in np.resize(idx, size)])
@@ -201,10 +202,8 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   space = common.pixel_space(dataset.normalization)
   chosen = build(chosen_classes, common.Context(model, settings, space, rand))
   indices = image_list(dataset, settings.split, settings.num_images)
-  mine = sum(len(indices[s:s + settings.chunk_size]) for c, s in
-             enumerate(chunk_starts(len(indices), settings.chunk_size))
-             if c % num_workers == worker)
-  with tqdm(total=mine, unit="image", desc=f"analyze (worker {worker})",
+  mine = chunks(len(indices), settings.chunk_size, worker=worker, num_workers=num_workers)
+  with tqdm(total=sum(map(len, mine.values())), unit="image", desc=f"analyze (worker {worker})",
             disable=not progress) as bar:
     paths = run_chunks(chosen, dataset, model=model, space=space, out_dir=out,
                        settings=settings, indices=indices, key=jax.random.key(settings.seed),

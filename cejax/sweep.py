@@ -122,26 +122,27 @@ def image_results(logits_fn, image, *, settings, sources, activation, num_classe
   s = settings
   stacked = StackedEstimand(tuple(s.estimands), all_targets=s.targets == "all")
   widths = stacked.widths(num_classes)
-  cuts = np.cumsum(widths)[:-1]
-  squeeze = lambda a, w: a[..., 0] if w == 1 else a
+  fills = _interventions(s)
+
+  def by_estimand(values):  # (..., V) -> {estimand: (...) or (..., k)}
+    parts = np.split(np.asarray(values), np.cumsum(widths)[:-1], axis=-1)
+    return {e: p[..., 0] if w == 1 else p
+            for e, p, w in zip(stacked.names, parts, widths, strict=True)}
+
   maps, raw = {}, {}
   for family, source in sources.items():
     maps[family], raw[family] = {}, {}
     for name in s.interventions:
-      res = effects.causal_effect(logits_fn, image, source,
-                                  intervention=_interventions(s)[name], estimand=stacked,
-                                  batch_size=s.batch_size, activation=activation, mesh=mesh)
+      res = effects.causal_effect(logits_fn, image, source, intervention=fills[name],
+                                  estimand=stacked, batch_size=s.batch_size,
+                                  activation=activation, mesh=mesh)
       # On the host first: the map is then one program on one device whatever the mesh
       # (a replicated input would make it an SPMD program with another reduction order).
       per_mask = np.asarray(res.effects)
-      full = effects.ce_map(per_mask, source, batch_size=s.batch_size)  # (h, w, V)
-      parts = np.split(np.asarray(full), cuts, axis=-1)
-      maps[family][name] = {e: squeeze(p, w) for e, p, w in
-                            zip(stacked.names, parts, widths, strict=True)}
+      maps[family][name] = by_estimand(
+          effects.ce_map(per_mask, source, batch_size=s.batch_size))  # from (h, w, V)
       if s.save_effects:
-        parts = np.split(per_mask, cuts, axis=-1)
-        raw[family][name] = {e: squeeze(p, w) for e, p, w in
-                             zip(stacked.names, parts, widths, strict=True)}
+        raw[family][name] = by_estimand(per_mask)
   return {"maps": maps, "effects": raw} if s.save_effects else {"maps": maps}
 
 
@@ -235,18 +236,16 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   num = count if s.num_images <= 0 else min(s.num_images, count)
   chunk_dir = out / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
-  mine = [c for c, _ in enumerate(analysis.chunk_starts(num, s.chunk_size))
-          if c % processes == process]
+  mine = analysis.chunks(num, s.chunk_size, worker=process, num_workers=processes)
   activation = checkpoint.activation_of(run_info)
   sources = None
   done_masks, t_start, t_steady, steady_masks = 0, time.perf_counter(), None, 0
-  bar = tqdm(total=sum(len(range(c * s.chunk_size, min(num, (c + 1) * s.chunk_size)))
-                       for c in mine), unit="image", desc=f"sweep (process {process})",
-             position=process, disable=not progress)
+  bar = tqdm(total=sum(map(len, mine.values())), unit="image",
+             desc=f"sweep (process {process})", position=process, disable=not progress)
   flops = None
-  for c in mine:
+  for c, positions in mine.items():
     path = chunk_dir / f"{c:05d}.npz"
-    idx = list(range(c * s.chunk_size, min(num, (c + 1) * s.chunk_size)))
+    idx = list(positions)
     if path.exists():
       bar.update(len(idx))
       continue

@@ -101,24 +101,33 @@ def test_occlusion_equals_captum_including_a_truncated_last_window(pair):
     saliency.occlusion(logits_fn, x, t, window=4, stride=5)
 
 
+def _linear_softmax(seed, *, h=12, w=10, c=2, k=3):
+  """A linear softmax model and two images: ``(logits_fn, weights, x)``."""
+  rng = np.random.default_rng(seed)
+  weights = rng.normal(size=(h * w * c, k)).astype(np.float32)
+  x = rng.normal(size=(2, h, w, c)).astype(np.float32)
+  return (lambda im: im.reshape(len(im), -1) @ weights), weights, x
+
+
+def _kept_target_probs(image, kept, weights, target):
+  """Numpy (float64): the target's softmax probability of ``image * kept_i``, ``(n,)``."""
+  z = (image[None] * kept[..., None]).reshape(len(kept), -1) @ weights.astype(np.float64)
+  prob = np.exp(z - z.max(1, keepdims=True))
+  return (prob / prob.sum(1, keepdims=True))[:, target]
+
+
 def test_rise_is_petsiuks_formula():
   """``S = sum_i f_t(I * M_i) M_i / (N p)``, in numpy from the materialised kept masks,
   on a linear softmax model."""
-  rng = np.random.default_rng(0)
-  h, w, c, k = 12, 10, 2, 3
-  weights = rng.normal(size=(h * w * c, k)).astype(np.float32)
-  logits_fn = lambda x: x.reshape(len(x), -1) @ weights
-  x = rng.normal(size=(2, h, w, c)).astype(np.float32)
+  logits_fn, weights, x = _linear_softmax(0)
+  h, w = x.shape[1:3]
   t = np.array([2, 0])
   key, n, p = jax.random.key(3), 37, 0.4
   ours = saliency.rise(logits_fn, x, t, key=key, num_masks=n, cells=3, p=p, batch_size=8)
   kept = 1.0 - np.asarray(masks.rise_masks(key, num=n, shape=(h, w), cells=3, p=p)(
       jnp.arange(n)), np.float64)
   for i in range(2):
-    z = (x[i][None] * kept[..., None]).reshape(n, -1) @ weights.astype(np.float64)
-    prob = np.exp(z - z.max(1, keepdims=True))
-    prob = (prob / prob.sum(1, keepdims=True))[:, t[i]]
-    ref = np.tensordot(prob, kept, 1) / (n * p)
+    ref = np.tensordot(_kept_target_probs(x[i], kept, weights, t[i]), kept, 1) / (n * p)
     np.testing.assert_allclose(ours[i], ref, rtol=1e-5, atol=1e-6)
 
 
@@ -126,11 +135,8 @@ def test_adaptive_rise_stops_by_its_rule_and_equals_fixed_count_rise():
   """Tolerance 0: all masks, the fixed-count RISE map. A looser tolerance stops early, at
   the first batch whose map moved by at most the tolerance (checked in numpy from the
   materialised masks), with the fixed-count map of the masks it used."""
-  rng = np.random.default_rng(1)
-  h, w, c, k = 12, 10, 1, 3
-  weights = rng.normal(size=(h * w * c, k)).astype(np.float32)
-  logits_fn = lambda x: x.reshape(len(x), -1) @ weights
-  x = rng.normal(size=(2, h, w, c)).astype(np.float32)
+  logits_fn, weights, x = _linear_softmax(1, c=1)
+  h, w = x.shape[1:3]
   t = np.array([1, 2])
   key, n, b = jax.random.key(5), 60, 8
   maps, used = saliency.adaptive_rise(logits_fn, x, t, key=key, tolerance=0.0, max_masks=n,
@@ -144,9 +150,7 @@ def test_adaptive_rise_stops_by_its_rule_and_equals_fixed_count_rise():
   kept = 1.0 - np.asarray(masks.rise_masks(key, num=n, shape=(h, w), cells=3)(jnp.arange(n)),
                           np.float64)
   for i in range(2):
-    z = (x[i][None] * kept[..., None]).reshape(n, -1) @ weights.astype(np.float64)
-    prob = np.exp(z - z.max(1, keepdims=True))
-    prob = (prob / prob.sum(1, keepdims=True))[:, t[i]]
+    prob = _kept_target_probs(x[i], kept, weights, t[i])
     counts = [min(m, n) for m in range(b, n + b, b)]  # the last batch may be partial
     running = [np.tensordot(prob[:m], kept[:m], 1) / (m * 0.5) for m in counts]
     change = [np.inf] + [np.linalg.norm(a - prev) / np.linalg.norm(a)
