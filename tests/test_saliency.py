@@ -144,11 +144,14 @@ def test_adaptive_rise_stops_by_its_rule_and_equals_fixed_count_rise():
   np.testing.assert_array_equal(used, [n, n])
   fixed = saliency.rise(logits_fn, x, t, key=key, num_masks=n, cells=3, batch_size=b)
   np.testing.assert_allclose(maps, fixed, rtol=1e-5, atol=1e-7)
+  kept = 1.0 - np.asarray(masks.rise_masks(key, num=n, shape=(h, w), cells=3)(jnp.arange(n)),
+                          np.float64)
+  for i in range(2):  # and Petsiuk's formula over all n masks, in numpy
+    full = np.tensordot(_kept_target_probs(x[i], kept, weights, t[i]), kept, 1) / (n * 0.5)
+    np.testing.assert_allclose(maps[i], full, rtol=1e-5, atol=1e-6)
   tol = 0.15
   maps, used = saliency.adaptive_rise(logits_fn, x, t, key=key, tolerance=tol,
                                       max_masks=n, cells=3, batch_size=b)
-  kept = 1.0 - np.asarray(masks.rise_masks(key, num=n, shape=(h, w), cells=3)(jnp.arange(n)),
-                          np.float64)
   for i in range(2):
     prob = _kept_target_probs(x[i], kept, weights, t[i])
     counts = [min(m, n) for m in range(b, n + b, b)]  # the last batch may be partial
