@@ -5,7 +5,8 @@ one device, two devices (one per core), two processes of one device each.
 
 Builds a random-weight DenseNet-121 workdir (1 channel, 5 classes, like the synthetic
 set) and a 224-px synthetic test split, then runs the paper's 10 x 10 grid with the
-zero fill and the expected estimand over ``--images`` images in each layout. Each
+zero fill and the expected estimand over ``--images`` images in each layout, with full
+forward passes (``--incremental``: the job's incremental recompute). Each
 layout runs in a fresh process (the device count is fixed when JAX starts); the
 second and later chunks give the steady-state rate (the first pays for compilation).
 Prints one JSON line per layout and writes them to ``<out>/results.json``.
@@ -61,7 +62,7 @@ def make_workdir(workdir: Path) -> None:
     ckpt.close()
 
 
-def make_config(out: Path, images: int):
+def make_config(out: Path, images: int, incremental: bool):
   from configs import synthetic
 
   config = synthetic.get_config()
@@ -73,6 +74,7 @@ def make_config(out: Path, images: int):
   s.num_images, s.chunk_size, s.batch_size = images, 2, 25
   s.families, s.grid_cells, s.interventions, s.estimands = ("grid",), 10, ("zero",), \
       ("expected",)
+  s.incremental = incremental
   return config
 
 
@@ -106,12 +108,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", type=int, default=12)
   parser.add_argument("--out", type=Path, default=Path("/tmp/sweep_bench"))
+  parser.add_argument("--incremental", action="store_true",
+                      help="let the job use incremental recompute (default: full forward)")
   args = parser.parse_args()
   sys.path.insert(0, str(ROOT))
   args.out.mkdir(parents=True, exist_ok=True)
   workdir = args.out / "densenet121"
   make_workdir(workdir)
-  config = make_config(args.out, args.images)
+  config = make_config(args.out, args.images, args.incremental)
   from cejax.data import pipeline
 
   pipeline.load_dataset(config.data)  # build the 224-px split once, before timing

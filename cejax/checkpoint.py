@@ -143,16 +143,18 @@ def _model_variables(model: nnx.Module):
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
 
 
-def load_model(workdir: Path, *, step: int | str = "best"):
+def load_model(workdir: Path, *, step: int | str = "best", compute_dtype: str | None = None):
   """Restores ``(graphdef, params, batch_stats, run)`` in eval mode.
 
   Args:
     workdir: a training workdir.
     step: ``"best"`` (by the validation metric; the latest when none), ``"latest"``
       or a step number.
+    compute_dtype: the dtype the restored model computes in (default: the one it was
+      trained with, ``run["dtype"]``); the weights are float32 either way.
   """
   run = read_run(workdir)
-  model = build_model(run)
+  model = build_model(run if compute_dtype is None else dict(run, dtype=compute_dtype))
   model.eval()
   graphdef, params, batch_stats = _model_variables(model)
   ckpt = Checkpointer(workdir, best_metric=run.get("best_metric"))

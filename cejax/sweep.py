@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from cejax import analysis, checkpoint, effects, masks, sharding
+from cejax import analysis, checkpoint, effects, incremental, masks, sharding
 from cejax import config as config_lib
 from cejax.estimands import ESTIMANDS, activate, estimand_value
 from cejax.evaluators import store
@@ -48,6 +49,7 @@ from cejax.evaluators import store
 FAMILIES = ("grid", "sliding", "rise")
 SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
 TARGETS = ("predicted", "all")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,9 @@ def check_settings(s) -> None:
   if s.batch_size != "auto" and (not isinstance(s.batch_size, int) or s.batch_size < 1):
     raise ValueError(f"config.sweep.batch_size must be a positive int or 'auto', got "
                      f"{s.batch_size!r}.")
+  if s.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"config.sweep.compute_dtype is {s.compute_dtype!r}; valid are "
+                     f"{COMPUTE_DTYPES}.")
   if s.chunk_size < 1:
     raise ValueError(f"config.sweep.chunk_size must be >= 1, got {s.chunk_size}.")
 
@@ -115,10 +120,25 @@ def _interventions(s):
   return {"zero": "zero", "mean": "mean", "blur": effects.Blur(sigma=s.blur_sigma)}
 
 
+def incremental_paths(model, image_shape, settings, sources) -> dict[str, str]:
+  """``{family: "incremental" or the reason it runs full forward passes}``: the
+  incremental recompute (``cejax.incremental``) is used where it applies, unless
+  ``settings.incremental`` is off."""
+  if not settings.incremental:
+    return {f: "full forward (config.sweep.incremental is False)" for f in sources}
+  paths = {}
+  for family, source in sources.items():
+    decision = incremental.plan(model, image_shape, source)
+    paths[family] = ("incremental" if decision.applies
+                     else f"full forward ({decision.reason})")
+  return paths
+
+
 def image_results(logits_fn, image, *, settings, sources, activation, num_classes,
-                  mesh=None) -> dict[str, Any]:
+                  mesh=None, model=None, paths=None) -> dict[str, Any]:
   """One image's maps (and effects): ``{"maps": {family: {intervention: {estimand:
-  array}}}, "effects": ...}``."""
+  array}}}, "effects": ...}``. Families whose ``paths`` entry is ``"incremental"``
+  are computed by ``incremental.causal_effect(model, ...)``."""
   s = settings
   stacked = StackedEstimand(tuple(s.estimands), all_targets=s.targets == "all")
   widths = stacked.widths(num_classes)
@@ -133,9 +153,14 @@ def image_results(logits_fn, image, *, settings, sources, activation, num_classe
   for family, source in sources.items():
     maps[family], raw[family] = {}, {}
     for name in s.interventions:
-      res = effects.causal_effect(logits_fn, image, source, intervention=fills[name],
-                                  estimand=stacked, batch_size=s.batch_size,
-                                  activation=activation, mesh=mesh)
+      if paths and paths[family] == "incremental":
+        res = incremental.causal_effect(model, image, source, intervention=fills[name],
+                                        estimand=stacked, batch_size=s.batch_size,
+                                        activation=activation, mesh=mesh)
+      else:
+        res = effects.causal_effect(logits_fn, image, source, intervention=fills[name],
+                                    estimand=stacked, batch_size=s.batch_size,
+                                    activation=activation, mesh=mesh)
       # On the host first: the map is then one program on one device whatever the mesh
       # (a replicated input would make it an SPMD program with another reduction order).
       per_mask = np.asarray(res.effects)
@@ -220,8 +245,10 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   s = config.sweep
   check_settings(s)
   out = Path(out or Path(workdir) / "sweep")
-  graphdef, params, stats, run_info = checkpoint.load_model(workdir)
+  graphdef, params, stats, run_info = checkpoint.load_model(
+      workdir, compute_dtype=s.compute_dtype)
   logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
+  model = nnx.merge(graphdef, params, stats)
   dataset = pipeline.load_dataset(config.data)
   if dataset.num_classes != run_info["num_classes"]:
     raise ValueError(f"The data set has {dataset.num_classes} classes but the model in "
@@ -238,7 +265,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   chunk_dir.mkdir(parents=True, exist_ok=True)
   mine = analysis.chunks(num, s.chunk_size, worker=process, num_workers=processes)
   activation = checkpoint.activation_of(run_info)
-  sources = None
+  sources = paths = None
   done_masks, t_start, t_steady, steady_masks = 0, time.perf_counter(), None, 0
   bar = tqdm(total=sum(map(len, mine.values())), unit="image",
              desc=f"sweep (process {process})", position=process, disable=not progress)
@@ -256,6 +283,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
                        f"({type(e).__name__}: {e}).") from e
     if sources is None:
       sources = mask_sources(s, images.shape[1:3])
+      paths = incremental_paths(model, images.shape[1:], s, sources)
       flops = forward_flops(logits_fn, jnp.asarray(images[0]))
       if s.batch_size == "auto":
         batch = auto_batch_size(logits_fn, images.shape[1:],
@@ -264,7 +292,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
         s = ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch))
     per_image = [image_results(logits_fn, jnp.asarray(x), settings=s, sources=sources,
                                activation=activation, num_classes=dataset.num_classes,
-                               mesh=mesh) for x in images]
+                               mesh=mesh, model=model, paths=paths) for x in images]
     tree = jax.tree.map(lambda *a: np.stack(a), *per_image)
     tree["ids"] = np.asarray([f"{s.split}/{i}" for i in idx])
     store.save_tree(path, tree)
@@ -285,7 +313,8 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
              "batch_size": s.batch_size,
              "device_kind": devices[0].device_kind, "images": num, "chunks": len(mine),
              "masks_computed": done_masks, "seconds": elapsed,
-             "masks_per_s": rate, "forward_flops": flops}
+             "masks_per_s": rate, "forward_flops": flops,
+             "paths": paths if sources is not None else None}
   if flops and done_masks:
     peak = matmul_peak(devices)
     summary.update(gflops_per_s=rate * flops / 1e9, peak_gflops_per_s=peak / 1e9,
@@ -364,5 +393,5 @@ if __name__ == "__main__":
 
 
 __all__ = ["FAMILIES", "StackedEstimand", "SweepResults", "auto_batch_size", "check_settings",
-           "image_results", "load", "mask_sources", "matmul_peak", "model_fingerprint",
-           "run"]
+           "image_results", "incremental_paths", "load", "mask_sources", "matmul_peak",
+           "model_fingerprint", "run"]

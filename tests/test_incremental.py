@@ -1,0 +1,163 @@
+"""Incremental recompute (``cejax.incremental``): the region arithmetic against
+brute-force activation differences and exhaustive positions, and the effects against
+the full-forward sweep (``effects.causal_effect``) for every estimand, batch size,
+border masks, odd image sizes and several devices."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cejax import effects, incremental, masks, sharding, sweep
+from cejax.estimands import ESTIMANDS
+from cejax.models import densenet
+from cejax.regions import AxisOp, Plan
+
+
+def _model(**kw):
+  """Small DenseNets: the tiny preset, or two short blocks (the patch reaches the head)."""
+  kw = dict(growth_rate=4, block_config=(2, 1), num_init_features=8, bn_size=2,
+            in_channels=2, num_classes=4) | kw
+  model = densenet.DenseNet(rngs=nnx.Rngs(0), **kw)
+  # Running statistics away from (0, 1), so BatchNorm is not the identity.
+  stats = [(path, var) for path, var in nnx.iter_graph(model)
+           if isinstance(var, nnx.BatchStat)]
+  for i, (path, var) in enumerate(stats):
+    var[...] = jax.random.uniform(jax.random.key(i), var.shape, minval=0.5,
+                                  maxval=1.5) * (1.0 if path[-1] == "var" else 0.3)
+  model.eval()
+  return model
+
+
+def test_patches_contain_every_changed_output_and_windows_stay_in_bounds():
+  # Exhaustive over input patch positions, for each kind of layer and odd sizes.
+  for (k, s, p), n, r in itertools.product([(7, 2, 3), (3, 2, 1), (3, 1, 1), (2, 2, 0)],
+                                           [7, 8, 13, 31], [1, 2, 5, 9]):
+    op = AxisOp(k, s, p, n)
+    if r > n:
+      continue
+    plan = Plan.make(op, r)
+    for a in range(n - r + 1):
+      lo, hi = op.changed(a, a + r - 1)
+      c = int(plan.start_out(a))
+      assert 0 <= c and c + plan.size_out <= op.size_out
+      assert c <= lo and hi < c + plan.size_out, (op, r, a)
+      ws = c * s  # window start in padded coordinates
+      assert ws <= a + p and a + p + r <= ws + plan.window  # holds the input patch
+      assert ws + plan.window <= p + n + plan.pad_after  # inside the padded map
+      assert (plan.window - k) // s + 1 >= plan.size_out  # yields the output patch
+
+
+def _activations(model, x):
+  """Each windowed layer's output (a dense layer's: its new channels), brute force."""
+  out = {}
+  h = model.stem.conv(x)
+  out["stem.conv"] = h
+  h = nnx.relu(model.stem.norm(h))
+  if model.stem.pool:
+    h = nnx.max_pool(h, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    out["stem.pool"] = h
+  for b, block in enumerate(model.blocks):
+    for i, layer in enumerate(block.layers):
+      new = layer(h)
+      out[f"block{b + 1}.layer{i + 1}"] = new[..., h.shape[-1]:]
+      h = new
+    if b < len(model.transitions):
+      h = model.transitions[b](h)
+      out[f"transition{b + 1}"] = h
+  return out
+
+
+@pytest.mark.parametrize("box", [(0, 0, 4, 3), (11, 17, 6, 5), (33, 36, 4, 5)])
+def test_region_arithmetic_equals_brute_force_activation_differences(box):
+  model = densenet.DenseNetTiny(num_classes=3, in_channels=1, rngs=nnx.Rngs(1))
+  model.eval()
+  image = jax.random.normal(jax.random.key(0), (1, 37, 41, 1))
+  y0, x0, bh, bw = box
+  changed = image.at[0, y0:y0 + bh, x0:x0 + bw].add(
+      jax.random.normal(jax.random.key(2), (bh, bw, 1)) * 5)
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda x: _activations(nnx.merge(graphdef, state), x))
+  clean, masked = run(image), run(changed)
+  lo, hi = np.array([y0, x0]), np.array([y0 + bh - 1, x0 + bw - 1])
+  for name, oy, ox in incremental.layer_ops(model, image.shape[1:]):
+    (ly, hy), (lx, hx) = oy.changed(lo[0], hi[0]), ox.changed(lo[1], hi[1])
+    lo, hi = np.array([ly, lx]), np.array([hy, hx])
+    diff = np.abs(np.asarray(masked[name] - clean[name]))[0].max(-1) > 0
+    rows, cols = np.flatnonzero(diff.any(1)), np.flatnonzero(diff.any(0))
+    # The rule's region is exactly the box of the changed activations.
+    assert (rows[0], rows[-1], cols[0], cols[-1]) == (ly, hy, lx, hx), name
+
+
+def _all_estimands(activation):
+  names = tuple(ESTIMANDS)
+  return sweep.StackedEstimand(names, all_targets=True), names
+
+
+@pytest.mark.parametrize("kind", ["two blocks, 61 x 67", "tiny, 45 x 38"])
+def test_effects_equal_the_full_forward_sweep(kind):
+  model = _model() if kind.startswith("two") else _model(
+      growth_rate=12, block_config=(3, 3, 3), num_init_features=24, bn_size=4)
+  h, w = (61, 67) if kind.startswith("two") else (45, 38)
+  image = jax.random.normal(jax.random.key(3), (h, w, 2))
+  graphdef, state = nnx.split(model)
+  logits_fn = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
+  # Grid cells of uneven sizes, windows cut at the far edges, boxes on the borders.
+  sources = {
+      "grid": masks.grid(shape=(h, w), n=7),
+      "sliding": masks.sliding_windows(shape=(h, w), window=(6, 9), stride=(5, 7)),
+      "boxes": masks.box_masks(jnp.array([[0, 0, 3, 4], [w - 5, h - 2, w - 1, h - 1],
+                                          [10.2, 20.5, 14.9, 25.7]]), shape=(h, w)),
+  }
+  # Two blocks: patches all the way to the head, which adds the patch's change to the
+  # clean mean. Tiny: dense layers switch to the whole map part-way (full_fraction).
+  fraction = 1.0 if kind.startswith("two") else 0.6
+  # Each source with another activation, fill and batch size (1: plain slices; 4: a
+  # vmap of gathers, 3 masks of padding on the last chunk; None: every mask at once).
+  fills = ["zero", "mean", effects.Blur(sigma=2.0)]
+  for (name, source), activation, fill, batch in zip(
+      sources.items(), ["softmax", "sigmoid", "softmax"], fills, [1, 4, None], strict=True):
+    estimand, _ = _all_estimands(activation)
+    decision = incremental.plan(model, image.shape, source, full_fraction=fraction)
+    assert decision.applies and decision.macs_incremental < decision.macs_full
+    patched = [s.plans is not None for s in decision.steps]
+    if kind.startswith("two"):
+      assert all(patched)
+    else:
+      assert patched[:3] == [True] * 3 and not all(patched)
+    want = effects.causal_effect(logits_fn, image, source, intervention=fill,
+                                 estimand=estimand, activation=activation, batch_size=4)
+    got = incremental.causal_effect(model, image, source, intervention=fill,
+                                    estimand=estimand, activation=activation,
+                                    batch_size=batch, full_fraction=fraction)
+    np.testing.assert_allclose(got.clean_logits, want.clean_logits, rtol=0, atol=1e-5)
+    err = np.abs(np.asarray(got.effects) - np.asarray(want.effects)).max()
+    assert err <= 1e-5 and np.abs(np.asarray(want.effects)).max() > 1e-3, (name, err)
+
+
+def test_several_devices_equal_one_device():
+  model = _model()
+  image = jax.random.normal(jax.random.key(4), (61, 67, 2))
+  grid = masks.grid(shape=(61, 67), n=5)
+  one = incremental.causal_effect(model, image, grid, estimand="per_class", batch_size=2)
+  for n in (2, 4):
+    got = incremental.causal_effect(model, image, grid, estimand="per_class", batch_size=2,
+                                    mesh=sharding.mask_mesh(jax.devices()[:n]))
+    np.testing.assert_array_equal(got.effects, one.effects)
+
+
+def test_masks_it_cannot_speed_up_are_named_with_the_reason():
+  model = _model()
+  image = jnp.zeros((61, 67, 2))
+  rise = masks.rise_masks(jax.random.key(0), num=4, shape=(61, 67))
+  assert "not local" in incremental.plan(model, image.shape, rise).reason
+  noise = effects.GaussianNoise(std=0.1)
+  grid = masks.grid(shape=(61, 67), n=5)
+  assert "random" in incremental.plan(model, image.shape, grid, intervention=noise).reason
+  whole = jnp.ones((2, 61, 67)).at[0, 0, 0].set(0)
+  assert "whole image" in incremental.plan(model, image.shape, whole).reason
+  with pytest.raises(ValueError, match="does not apply: RISE masks are not local"):
+    incremental.causal_effect(model, image, rise)
