@@ -373,13 +373,26 @@ def main(argv=None) -> None:
   flags.DEFINE_bool("fresh", False, "Discard the chunks of an earlier sweep.")
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (TPU "
                     "pods, SLURM, Open MPI detect the cluster themselves).")
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for a cluster "
+                      "JAX does not detect (with --num_processes and --process_id).")
+  flags.DEFINE_integer("num_processes", 0, "Processes in all (explicit coordinator).")
+  flags.DEFINE_integer("process_id", -1, "This process's index (explicit coordinator).")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def _main(args):
     if len(args) > 1:
       raise app.UsageError(f"Unexpected arguments: {args[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
-    if flags_.distributed:
+    if flags_.coordinator_address:
+      if flags_.num_processes < 1 or not 0 <= flags_.process_id < flags_.num_processes:
+        raise app.UsageError("--coordinator_address needs --num_processes >= 1 and "
+                             "0 <= --process_id < --num_processes.")
+      # CPU processes talk over gloo (GPU/TPU backends ignore this setting).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(coordinator_address=flags_.coordinator_address,
+                                 num_processes=flags_.num_processes,
+                                 process_id=flags_.process_id)
+    elif flags_.distributed:
       jax.distributed.initialize()
     summary = run(flags_.config, Path(flags_.workdir), out=flags_.out or None,
                   fresh=flags_.fresh)

@@ -161,3 +161,22 @@ def test_masks_it_cannot_speed_up_are_named_with_the_reason():
   assert "whole image" in incremental.plan(model, image.shape, whole).reason
   with pytest.raises(ValueError, match="does not apply: RISE masks are not local"):
     incremental.causal_effect(model, image, rise)
+
+
+@pytest.mark.parametrize("preset", ["densenet121", "densenet169", "densenet201"])
+def test_plans_for_the_large_presets(preset):
+  # Built abstractly (shapes only): the plan needs the architecture, not the weights.
+  model = nnx.eval_shape(lambda: densenet.create_densenet(preset, num_classes=14,
+                                                          rngs=nnx.Rngs(0)))
+  decisions = {n: incremental.plan(model, (n, n, 3), masks.grid(shape=(n, n), n=10))
+               for n in (224, 448)}
+  assert all(d.applies for d in decisions.values())
+  if preset == "densenet121":
+    # Multiply-accumulates of a full forward pass, as counted in issue 13's table
+    # (2.83 G at 224, 11.3 G at 448); the patches save at least 1.8x and 2.7x of them.
+    assert round(decisions[224].macs_full / 1e9, 2) == 2.83
+    assert round(decisions[448].macs_full / 1e9, 1) == 11.3
+    assert decisions[224].macs_full / decisions[224].macs_incremental > 1.8
+    assert decisions[448].macs_full / decisions[448].macs_incremental > 2.7
+  steps = decisions[224].steps
+  assert steps[0].plans is not None and steps[-1].plans is None  # block 4 (7 x 7) in full
