@@ -92,9 +92,10 @@ def _do_predictions(forward, inputs_fn, indices, keys_base, num_draws, random):
   return logits.reshape(b, num_draws, -1), True
 
 
-def _split_static(obj, what: str):
+def split_static(obj, what: str):
   """``(dynamic, static)``: a pytree of arrays and numbers passes through ``jit`` as an
-  argument; anything else must be hashable and becomes part of the program's identity."""
+  argument; anything else must be hashable and becomes part of the program's identity
+  (shared with the other sweeps' programs, e.g. ``cejax.incremental``)."""
   leaves = jax.tree.leaves(obj)
   if all(isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
          for x in leaves):
@@ -108,7 +109,9 @@ def _split_static(obj, what: str):
   return None, obj
 
 
-def _check_masks(masks, image_shape):
+def check_masks(masks, image_shape):
+  """``masks`` (an array, checked to be in [0, 1], or a recipe) for images of spatial
+  ``image_shape``; raises ``ValueError`` naming what is wrong."""
   if masks_lib.is_recipe(masks):
     shape = tuple(masks.shape)
   else:
@@ -169,11 +172,11 @@ def causal_effect(logits_fn: LogitsFn, image: Image, masks: Masks | masks_lib.Ma
   check_activation(activation)
   if interventions.is_random(intervention) and key is None:
     raise ValueError(f"{type(intervention).__name__} is random: pass key=.")
-  masks = _check_masks(masks, image.shape[:2])
+  masks = check_masks(masks, image.shape[:2])
   batch_size = validation.check_batch_size(batch_size, masks_lib.num_masks(masks))
   key = jax.random.key(0) if key is None else key
-  dyn_intervention, static_intervention = _split_static(intervention, "intervention")
-  dyn_masks, static_masks = _split_static(masks, "mask source")
+  dyn_intervention, static_intervention = split_static(intervention, "intervention")
+  dyn_masks, static_masks = split_static(masks, "mask source")
   result = _causal_effect(logits_fn, image, dyn_masks, dyn_intervention, key, target,
                           static_masks=static_masks,
                           static_intervention=static_intervention, estimand=estimand,
@@ -267,7 +270,7 @@ def ce_map(effects: Effects, masks: Masks | masks_lib.MaskSource, *,
   batch_size = validation.check_batch_size(batch_size, num)
   if not recipe:
     masks = jnp.asarray(masks, jnp.float32)
-  dyn_masks, static_masks = _split_static(masks, "mask source")
+  dyn_masks, static_masks = split_static(masks, "mask source")
   return _ce_map(effects, dyn_masks, static_masks=static_masks, weighting=weighting,
                  batch_size=batch_size)
 

@@ -255,7 +255,7 @@ def _avg_pool(x):
 
 def _dense_inner(layer, x):
   """A dense layer up to the 3x3 convolution's input (all pointwise)."""
-  t = densenet._pointwise(layer.conv1, nnx.relu(layer.norm1(x)))
+  t = densenet.pointwise(layer.conv1, nnx.relu(layer.norm1(x)))
   return nnx.relu(layer.norm2(t))
 
 
@@ -283,7 +283,7 @@ def clean_cache(model: densenet.DenseNet, image, steps) -> dict[str, jax.Array]:
     if b < len(model.transitions):
       name = f"transition{b + 1}"
       tr = model.transitions[b]
-      t = densenet._pointwise(tr.conv, nnx.relu(tr.norm(h)))
+      t = densenet.pointwise(tr.conv, nnx.relu(tr.norm(h)))
       if plans[name] is not None:
         cache[name] = _pad(t, plans[name], 0)
       h = _avg_pool(t)
@@ -360,7 +360,7 @@ def masked_logits(model: densenet.DenseNet, cache, steps, patch, start) -> jax.A
         x = tr(x[None])[0]
       else:
         x, start = advance(f"transition{b + 1}", x, start, None, _avg_pool,
-                           pre=lambda x, tr=tr: densenet._pointwise(
+                           pre=lambda x, tr=tr: densenet.pointwise(
                                tr.conv, nnx.relu(tr.norm(x))))
   if full:
     return model.head(x[None])[0]
@@ -394,7 +394,7 @@ def causal_effect(model: densenet.DenseNet, image, masks, *, intervention="zero"
   intervention = interventions.resolve(intervention)
   check_estimand(estimand)
   check_activation(activation)
-  masks = effects._check_masks(masks, image.shape[:2])
+  masks = effects.check_masks(masks, image.shape[:2])
   decision = plan(model, image.shape, masks, intervention=intervention,
                   full_fraction=full_fraction)
   if not decision.applies:
@@ -403,8 +403,8 @@ def causal_effect(model: densenet.DenseNet, image, masks, *, intervention="zero"
   starts, _ = mask_boxes(masks, image.shape)
   batch_size = validation.check_batch_size(batch_size, masks_lib.num_masks(masks))
   graphdef, state = nnx.split(model)
-  dyn_fill, static_fill = effects._split_static(intervention, "intervention")
-  dyn_masks, static_masks = effects._split_static(masks, "mask source")
+  dyn_fill, static_fill = effects.split_static(intervention, "intervention")
+  dyn_masks, static_masks = effects.split_static(masks, "mask source")
   result = _effect(graphdef, state, image, jnp.asarray(starts), dyn_masks, dyn_fill,
                    target, steps=decision.steps, box=decision.box,
                    static_masks=static_masks, static_fill=static_fill, estimand=estimand,

@@ -54,7 +54,7 @@ def _conv(in_features, out_features, kernel, *, stride=1, padding=0, dtype, rngs
   )
 
 
-def _pointwise(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+def pointwise(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   """A bias-free 1x1 convolution as a matrix product over the channel axis.
 
   Same parameters and the same math as ``conv(x)``; XLA:CPU runs the dot about twice
@@ -76,7 +76,7 @@ class DenseLayer(nnx.Module):
     self.conv2 = _conv(width, growth_rate, 3, padding=1, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    y = _pointwise(self.conv1, nnx.relu(self.norm1(x)))
+    y = pointwise(self.conv1, nnx.relu(self.norm1(x)))
     y = self.conv2(nnx.relu(self.norm2(y)))
     return jnp.concatenate([x, y], axis=-1)
 
@@ -108,7 +108,7 @@ class Transition(nnx.Module):
     self.conv = _conv(in_features, out_features, 1, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    x = _pointwise(self.conv, nnx.relu(self.norm(x)))
+    x = pointwise(self.conv, nnx.relu(self.norm(x)))
     return nnx.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
 
 
