@@ -1,0 +1,194 @@
+"""Planning incremental recompute (``cejax.incremental``) for a DenseNet: which layers
+are windowed ops and how their patches grow (``layer_ops``, ``steps_for``), the box
+every mask's support fits in (``mask_boxes``), the multiply-accumulates saved
+(``macs``), and whether the path applies at all, or why not (``plan``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cejax import interventions
+from cejax import masks as masks_lib
+from cejax.models import densenet
+from cejax.regions import AxisOp, Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One windowed layer of the walk: its name, its op per axis, and its ``plans``
+  (``(y, x)``), or ``None`` once the patch covers the map (run in full)."""
+
+  name: str
+  ops: tuple[AxisOp, AxisOp]
+  plans: tuple[Plan, Plan] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """Whether the incremental path applies: ``reason`` says why not; ``steps`` and the
+  multiply-accumulate counts of one masked forward pass (``macs_full``,
+  ``macs_incremental``) describe it when it does."""
+
+  applies: bool
+  reason: str
+  box: tuple[int, int] | None = None
+  steps: tuple[Step, ...] = ()
+  macs_full: int = 0
+  macs_incremental: int = 0
+
+
+def layer_ops(model: densenet.DenseNet, image_shape) -> list[tuple[str, AxisOp, AxisOp]]:
+  """The windowed layers of ``model`` in order, with their per-axis ops for images of
+  ``image_shape`` ``(h, w[, c])``."""
+  size = list(image_shape[:2])
+  out = []
+
+  def add(name, kernel, stride, padding):
+    ops = tuple(AxisOp(kernel, stride, padding, n) for n in size)
+    out.append((name, *ops))
+    size[:] = [op.size_out for op in ops]
+
+  conv = model.stem.conv
+  add("stem.conv", conv.kernel_size[0], conv.strides[0], conv.padding[0][0])
+  if model.stem.pool:
+    add("stem.pool", 3, 2, 1)
+  for b, block in enumerate(model.blocks):
+    for i in range(len(block.layers)):
+      add(f"block{b + 1}.layer{i + 1}", 3, 1, 1)
+    if b < len(model.transitions):
+      add(f"transition{b + 1}", 2, 2, 0)
+  return out
+
+
+# Above this fraction of a map, a patch costs about what the full map does (and more
+# in copies): from there on the network runs in full (benchmarks/RESULTS.md).
+FULL_FRACTION = 0.6
+
+
+def steps_for(model, image_shape, box, full_fraction=FULL_FRACTION) -> tuple[Step, ...]:
+  size_in, full, steps = tuple(box), False, []
+  for name, oy, ox in layer_ops(model, image_shape):
+    plans = None if full else (Plan.make(oy, size_in[0]), Plan.make(ox, size_in[1]))
+    if plans is not None and not name.startswith("stem"):
+      # Dense layers and transitions may switch early: their clean inputs are cached.
+      area = plans[0].size_out * plans[1].size_out
+      full = area >= full_fraction * oy.size_out * ox.size_out
+      plans = None if full else plans
+    steps.append(Step(name, (oy, ox), plans))
+    if plans is not None:
+      size_in = (plans[0].size_out, plans[1].size_out)
+      full = size_in == (oy.size_out, ox.size_out)
+  return tuple(steps)
+
+
+def macs(model, steps, image_shape) -> tuple[int, int]:
+  """Multiply-accumulates of one forward pass, full and incremental (convolutions and
+  1x1 products; pooling and pointwise layers are not counted)."""
+  full = incremental = 0
+  stem = model.stem.conv
+  c_in = stem.in_features
+  for step in steps:
+    oy, ox = step.ops
+    area_in, area_out = oy.size * ox.size, oy.size_out * ox.size_out
+    if step.plans is not None:
+      py, px = step.plans
+      patch_in, patch_out = py.size_in * px.size_in, py.size_out * px.size_out
+    else:
+      patch_in, patch_out = area_in, area_out
+    if step.name == "stem.conv":
+      per = stem.kernel_size[0] * stem.kernel_size[1] * c_in * stem.out_features
+      full, incremental = full + area_out * per, incremental + patch_out * per
+    elif step.name.startswith("block"):
+      b, i = (int(s) for s in step.name[5:].split(".layer"))
+      layer = model.blocks[b - 1].layers[i - 1]
+      one = layer.conv1.in_features * layer.conv1.out_features
+      three = 9 * layer.conv2.in_features * layer.conv2.out_features
+      full += area_in * one + area_out * three
+      incremental += patch_in * one + patch_out * three
+    elif step.name.startswith("transition"):
+      conv = model.transitions[int(step.name[10:]) - 1].conv
+      per = conv.in_features * conv.out_features
+      full, incremental = full + area_in * per, incremental + patch_in * per
+  return full, incremental
+
+
+def mask_boxes(masks, image_shape) -> tuple[np.ndarray, tuple[int, int]]:
+  """Per-mask box starts ``(m, 2)`` and the static box size ``(bh, bw)`` that holds
+  every mask's support, each box inside the image.
+
+  Raises:
+    ValueError: the masks are not local or not known on the host (the reason).
+  """
+  h, w = image_shape[:2]
+  if isinstance(masks, masks_lib.RiseMasks):
+    raise ValueError("RISE masks are not local (each covers the whole image).")
+  if isinstance(masks, masks_lib.Grid):
+    n = masks.n
+    rows = np.minimum((np.arange(h) * n) // h, n - 1)
+    cols = np.minimum((np.arange(w) * n) // w, n - 1)
+    r0 = np.array([np.flatnonzero(rows == i)[0] for i in range(n)])
+    c0 = np.array([np.flatnonzero(cols == i)[0] for i in range(n)])
+    size = (int(np.bincount(rows).max()), int(np.bincount(cols).max()))
+    starts = np.stack(np.meshgrid(r0, c0, indexing="ij"), -1).reshape(-1, 2)
+  elif isinstance(masks, masks_lib.SlidingWindows):
+    (wh, ww), (sh, sw) = masks.window, masks.stride
+    ys = masks_lib.window_starts(h, wh, sh)
+    xs = masks_lib.window_starts(w, ww, sw)
+    size = (min(wh, h), min(ww, w))
+    starts = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+  else:
+    starts, size = _support_boxes(masks, h, w)
+  starts = np.minimum(starts, np.array([h - size[0], w - size[1]]))
+  if size == (h, w):
+    raise ValueError("The masks' supports span the whole image (a box of "
+                     f"{h} x {w}): nothing to save.")
+  return starts.astype(np.int32), size
+
+
+def _support_boxes(masks, h, w):
+  num = masks_lib.num_masks(masks)
+  lo, hi = np.zeros((num, 2), np.int64), np.zeros((num, 2), np.int64)
+  for first in range(0, num, 256):
+    idx = np.arange(first, min(first + 256, num))
+    try:
+      chunk = np.asarray(masks(jnp.asarray(idx)) if masks_lib.is_recipe(masks)
+                         else masks[first:first + len(idx)])
+    except jax.errors.ConcretizationTypeError:
+      raise ValueError("The masks are traced (inside jit): their supports are not "
+                       "known when the program is built.") from None
+    rows, cols = chunk.any(2), chunk.any(1)
+    for j, (r, c) in enumerate(zip(rows, cols, strict=True)):
+      if r.any():
+        lo[first + j] = (r.argmax(), c.argmax())
+        hi[first + j] = (h - 1 - r[::-1].argmax(), w - 1 - c[::-1].argmax())
+  size = tuple(int(s) for s in (hi - lo).max(0) + 1)
+  return lo, size
+
+
+def plan(model: densenet.DenseNet, image_shape, masks, *, intervention="zero",
+         full_fraction: float = FULL_FRACTION) -> Decision:
+  """Whether the incremental path applies to ``masks`` (and how), or why not.
+
+  ``full_fraction``: dense layers and transitions whose patch would cover at least
+  this fraction of their map run in full, and so does the rest of the network.
+  """
+  if not isinstance(model, densenet.DenseNet):
+    return Decision(False, f"{type(model).__name__} is not a cejax DenseNet.")
+  if interventions.is_random(interventions.resolve(intervention)):
+    return Decision(False, "random interventions draw a new fill per mask and draw.")
+  try:
+    _, box = mask_boxes(masks, image_shape)
+  except ValueError as e:
+    return Decision(False, str(e))
+  steps = steps_for(model, image_shape, box, full_fraction)
+  full, inc = macs(model, steps, image_shape)
+  return Decision(True, "", box, steps, full, inc)
+
+
+__all__ = ["FULL_FRACTION", "Decision", "Step", "layer_ops", "macs", "mask_boxes", "plan",
+           "steps_for"]
