@@ -124,16 +124,6 @@ def clean_cache(model: densenet.DenseNet, image, steps) -> dict[str, jax.Array]:
   return cache
 
 
-class _Popper:
-  """``next(popper)`` takes the first step off ``steps`` (which shows what is left)."""
-
-  def __init__(self, steps):
-    self.steps = steps
-
-  def __next__(self):
-    return self.steps.pop(0)
-
-
 def _whole(clean, patch, start):
   """The whole map: ``clean`` with ``patch`` laid over it at ``start``."""
   return jax.lax.dynamic_update_slice(clean, patch.astype(clean.dtype),
@@ -142,15 +132,14 @@ def _whole(clean, patch, start):
 
 def masked_logits(model: densenet.DenseNet, cache, steps, patch, start) -> jax.Array:
   """Logits ``(k,)`` of the image with its box at ``start`` replaced by ``patch``."""
-  plans_left = list(steps)
-  plans = _Popper(plans_left)
+  by_name = {s.name: s for s in steps}
   x = patch.astype(model.dtype)
   full = False
 
   def advance(name, x, start, full_fn, window_fn, pre=None):
     """One windowed layer: in full, or on the patch (then maybe switching to full)."""
     nonlocal full
-    step = next(plans)
+    step = by_name[name]
     if full or step.plans is None:
       full = True
       return full_fn(x), start
@@ -168,10 +157,9 @@ def masked_logits(model: densenet.DenseNet, cache, steps, patch, start) -> jax.A
   for b, block in enumerate(model.blocks):
     for i, layer in enumerate(block.layers):
       name = f"block{b + 1}.layer{i + 1}"
-      if not full and plans_left[0].plans is None:  # switch: the whole map from here
+      if not full and by_name[name].plans is None:  # switch: the whole map from here
         x, start, full = _whole(cache[f"block{b + 1}"][..., :x.shape[-1]], x, start), None, True
       if full:
-        next(plans)
         x = layer(x[None])[0]
         continue
       width = x.shape[-1]
@@ -185,10 +173,9 @@ def masked_logits(model: densenet.DenseNet, cache, steps, patch, start) -> jax.A
       x, start = jnp.concatenate([around, y.astype(around.dtype)], -1), new_start
     if b < len(model.transitions):
       tr = model.transitions[b]
-      if not full and plans_left[0].plans is None:
+      if not full and by_name[f"transition{b + 1}"].plans is None:
         x, start, full = _whole(cache[f"block{b + 1}"], x, start), None, True
       if full:
-        next(plans)
         x = tr(x[None])[0]
       else:
         x, start = advance(f"transition{b + 1}", x, start, None, _avg_pool,
@@ -232,12 +219,11 @@ def causal_effect(model: densenet.DenseNet, image, masks, *, intervention="zero"
   if not decision.applies:
     raise ValueError(f"Incremental recompute does not apply: {decision.reason} Use "
                      "effects.causal_effect.")
-  starts, _ = mask_boxes(masks, image.shape)
   batch_size = validation.check_batch_size(batch_size, masks_lib.num_masks(masks))
   graphdef, state = nnx.split(model)
   dyn_fill, static_fill = effects.split_static(intervention, "intervention")
   dyn_masks, static_masks = effects.split_static(masks, "mask source")
-  result = _effect(graphdef, state, image, jnp.asarray(starts), dyn_masks, dyn_fill,
+  result = _effect(graphdef, state, image, jnp.asarray(decision.starts), dyn_masks, dyn_fill,
                    target, steps=decision.steps, box=decision.box,
                    static_masks=static_masks, static_fill=static_fill, estimand=estimand,
                    batch_size=batch_size, activation=activation, mesh=mesh)

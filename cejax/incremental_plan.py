@@ -30,7 +30,8 @@ class Step:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-  """Whether the incremental path applies: ``reason`` says why not; ``steps`` and the
+  """Whether the incremental path applies: ``reason`` says why not; the masks' box
+  (``box``, ``starts`` as ``mask_boxes`` gives them), ``steps`` and the
   multiply-accumulate counts of one masked forward pass (``macs_full``,
   ``macs_incremental``) describe it when it does."""
 
@@ -40,6 +41,7 @@ class Decision:
   steps: tuple[Step, ...] = ()
   macs_full: int = 0
   macs_incremental: int = 0
+  starts: np.ndarray | None = None
 
 
 def layer_ops(model: densenet.DenseNet, image_shape) -> list[tuple[str, AxisOp, AxisOp]]:
@@ -129,8 +131,7 @@ def mask_boxes(masks, image_shape) -> tuple[np.ndarray, tuple[int, int]]:
     raise ValueError("RISE masks are not local (each covers the whole image).")
   if isinstance(masks, masks_lib.Grid):
     n = masks.n
-    rows = np.minimum((np.arange(h) * n) // h, n - 1)
-    cols = np.minimum((np.arange(w) * n) // w, n - 1)
+    rows, cols = masks_lib.grid_cells(h, n), masks_lib.grid_cells(w, n)
     r0 = np.array([np.flatnonzero(rows == i)[0] for i in range(n)])
     c0 = np.array([np.flatnonzero(cols == i)[0] for i in range(n)])
     size = (int(np.bincount(rows).max()), int(np.bincount(cols).max()))
@@ -161,11 +162,10 @@ def _support_boxes(masks, h, w):
     except jax.errors.ConcretizationTypeError:
       raise ValueError("The masks are traced (inside jit): their supports are not "
                        "known when the program is built.") from None
-    rows, cols = chunk.any(2), chunk.any(1)
-    for j, (r, c) in enumerate(zip(rows, cols, strict=True)):
-      if r.any():
-        lo[first + j] = (r.argmax(), c.argmax())
-        hi[first + j] = (h - 1 - r[::-1].argmax(), w - 1 - c[::-1].argmax())
+    rows, cols = chunk.any(2), chunk.any(1)  # (b, h), (b, w); an empty mask: (0, 0)
+    lo[idx] = np.stack([rows.argmax(1), cols.argmax(1)], -1)
+    hi[idx] = np.where(rows.any(1)[:, None], np.stack(
+        [h - 1 - rows[:, ::-1].argmax(1), w - 1 - cols[:, ::-1].argmax(1)], -1), 0)
   size = tuple(int(s) for s in (hi - lo).max(0) + 1)
   return lo, size
 
@@ -182,12 +182,12 @@ def plan(model: densenet.DenseNet, image_shape, masks, *, intervention="zero",
   if interventions.is_random(interventions.resolve(intervention)):
     return Decision(False, "random interventions draw a new fill per mask and draw.")
   try:
-    _, box = mask_boxes(masks, image_shape)
+    starts, box = mask_boxes(masks, image_shape)
   except ValueError as e:
     return Decision(False, str(e))
   steps = steps_for(model, image_shape, box, full_fraction)
   full, inc = macs(model, steps, image_shape)
-  return Decision(True, "", box, steps, full, inc)
+  return Decision(True, "", box, steps, full, inc, starts)
 
 
 __all__ = ["FULL_FRACTION", "Decision", "Step", "layer_ops", "macs", "mask_boxes", "plan",

@@ -30,6 +30,12 @@ def _check_shape(shape) -> tuple[int, int]:
   return int(shape[0]), int(shape[1])
 
 
+def grid_cells(size: int, n: int) -> np.ndarray:
+  """The grid cell (0 .. n-1) of each of ``size`` pixels along one axis (cell edges at
+  ``round(i * size / n)``)."""
+  return np.minimum((np.arange(size) * n) // size, n - 1)
+
+
 def grid_masks(*, shape, n: int = 10) -> Masks:
   """An ``n x n`` partition of the image into blocks (the paper uses 10 x 10).
 
@@ -40,9 +46,7 @@ def grid_masks(*, shape, n: int = 10) -> Masks:
   h, w = _check_shape(shape)
   if not 1 <= n <= min(h, w):
     raise ValueError(f"n must be in [1, {min(h, w)}] for shape {shape}, got {n}.")
-  rows = np.minimum((np.arange(h) * n) // h, n - 1)
-  cols = np.minimum((np.arange(w) * n) // w, n - 1)
-  block = rows[:, None] * n + cols[None, :]
+  block = grid_cells(h, n)[:, None] * n + grid_cells(w, n)[None, :]
   return jnp.asarray(block[None] == np.arange(n * n)[:, None, None], jnp.float32)
 
 
@@ -146,9 +150,7 @@ class Grid:
 
   def __call__(self, indices: jax.Array) -> jax.Array:
     (h, w), n = self.shape, self.n
-    rows = jnp.minimum((jnp.arange(h) * n) // h, n - 1)
-    cols = jnp.minimum((jnp.arange(w) * n) // w, n - 1)
-    block = rows[:, None] * n + cols[None, :]
+    block = jnp.asarray(grid_cells(h, n)[:, None] * n + grid_cells(w, n)[None, :])
     return (block[None] == indices[:, None, None]).astype(jnp.float32)
 
 
