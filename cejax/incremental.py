@@ -8,9 +8,14 @@ halo and shrinks by its stride (``cejax.regions``); pointwise layers (BatchNorm 
 mode, ReLU, 1x1 convolutions) keep it. Each layer is recomputed on a patch of static
 size at a per-mask (traced) position: the clean input around the patch is cut from the
 cached clean activation (padded as the layer pads), the recomputed input patch is laid
-over it, and the layer runs on that window without padding. From the first layer whose
-patch covers its whole map, the rest of the network runs in full. Global average
-pooling adds the patch's change to the clean mean.
+over it, and the layer runs on that window without padding. Within a dense block the
+features live in one buffer, the clean block output cut to the block's last patch,
+into which each layer writes its new features in place (no concatenation per layer),
+and the 3x3 convolutions on patches run as one matrix product over the kernel's taps
+plus shifted sums. From the first layer whose patch covers ``full_fraction`` of its
+map, the rest of the network runs in full with the model's own layers. Global average
+pooling adds the patch's change to the clean mean, and the clean logits come from the
+cached clean features.
 
 The effects equal the full-forward sweep (``effects.causal_effect``) up to float32
 round-off, for every estimand and intervention that is not random (the fill is
@@ -77,6 +82,21 @@ def _conv_valid(conv: nnx.Conv):
   return fn
 
 
+def _conv_by_shifts(conv: nnx.Conv):
+  """``_conv_valid`` for a stride-1 convolution as one matrix product over all kernel
+  taps and a sum of shifted slices: a patch is small and its convolution has few output
+  channels, where XLA:CPU's convolution runs at about half its matrix-product rate
+  (benchmarks/RESULTS.md)."""
+  def fn(x):
+    dtype = conv.dtype or x.dtype
+    kh, kw, c, k = conv.kernel.shape
+    h, w = x.shape[0] - kh + 1, x.shape[1] - kw + 1
+    taps = conv.kernel[...].astype(dtype).transpose(2, 0, 1, 3).reshape(c, kh * kw * k)
+    z = jnp.dot(x.astype(dtype), taps).reshape(*x.shape[:2], kh, kw, k)
+    return sum(z[dy:dy + h, dx:dx + w, dy, dx] for dy in range(kh) for dx in range(kw))
+  return fn
+
+
 def _max_pool(x):
   return nnx.max_pool(x[None], window_shape=(3, 3), strides=(2, 2))[0]
 
@@ -130,6 +150,38 @@ def _whole(clean, patch, start):
                                       (start[0], start[1], 0))
 
 
+def _block_on_patches(layers, steps, cache, clean, x, start):
+  """A dense block's ``layers`` (each with a patch plan in ``steps``) on patches: the
+  block's input patch ``x`` at ``start`` in, the block's features on the last layer's
+  output patch and its start out.
+
+  The features are kept in one buffer, the clean block output cut to that last patch,
+  into which the input patch and each layer's new features are written in place: a
+  layer reads its input patch from it, so nothing is concatenated per layer.
+  """
+  at, out = start, []
+  for step in steps[:len(layers)]:
+    py, px = step.plans
+    at = jnp.stack([py.start_out(at[0]), px.start_out(at[1])])
+    out.append(at)
+  last, (py, px) = out[-1], steps[len(layers) - 1].plans
+  buffer = jax.lax.dynamic_slice(clean, (last[0], last[1], 0),
+                                 (py.size_out, px.size_out, clean.shape[-1]))
+  buffer = jax.lax.dynamic_update_slice(buffer, x.astype(buffer.dtype),
+                                        (start[0] - last[0], start[1] - last[1], 0))
+  at, width = start, x.shape[-1]
+  for layer, step in zip(layers, steps, strict=False):
+    py, px = step.plans
+    v = jax.lax.dynamic_slice(buffer, (at[0] - last[0], at[1] - last[1], 0),
+                              (py.size_in, px.size_in, buffer.shape[-1]))[..., :width]
+    y, at = _windowed(step.plans, cache[step.name], _dense_inner(layer, v), at,
+                      _conv_by_shifts(layer.conv2))
+    buffer = jax.lax.dynamic_update_slice(buffer, y.astype(buffer.dtype),
+                                          (at[0] - last[0], at[1] - last[1], width))
+    width += y.shape[-1]
+  return buffer[..., :width], last
+
+
 def masked_logits(model: densenet.DenseNet, cache, steps, patch, start) -> jax.Array:
   """Logits ``(k,)`` of the image with its box at ``start`` replaced by ``patch``."""
   by_name = {s.name: s for s in steps}
@@ -155,22 +207,21 @@ def masked_logits(model: densenet.DenseNet, cache, steps, patch, start) -> jax.A
     x, start = advance("stem.pool", x, start, lambda x: _max_pool(jnp.pad(
         x, ((1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)), _max_pool)
   for b, block in enumerate(model.blocks):
-    for i, layer in enumerate(block.layers):
-      name = f"block{b + 1}.layer{i + 1}"
-      if not full and by_name[name].plans is None:  # switch: the whole map from here
-        x, start, full = _whole(cache[f"block{b + 1}"][..., :x.shape[-1]], x, start), None, True
-      if full:
-        x = layer(x[None])[0]
-        continue
-      width = x.shape[-1]
-      y, new_start = advance(name, x, start, None, _conv_valid(layer.conv2),
-                             pre=functools.partial(_dense_inner, layer))
-      clean = cache[f"block{b + 1}"][..., :width]
-      around = jax.lax.dynamic_slice(clean, (new_start[0], new_start[1], 0),
-                                     (y.shape[0], y.shape[1], width))
-      around = jax.lax.dynamic_update_slice(around, x, (start[0] - new_start[0],
-                                                        start[1] - new_start[1], 0))
-      x, start = jnp.concatenate([around, y.astype(around.dtype)], -1), new_start
+    names = [f"block{b + 1}.layer{i + 1}" for i in range(len(block.layers))]
+    clean = cache[f"block{b + 1}"]
+    done = 0
+    if not full:
+      done = next((i for i, n in enumerate(names) if by_name[n].plans is None), len(names))
+      if done:
+        x, start = _block_on_patches(block.layers[:done], [by_name[n] for n in names],
+                                     cache, clean, x, start)
+        full = done < len(names) or (x.shape[0], x.shape[1]) == clean.shape[:2]
+        if full:  # the whole map from here
+          x = _whole(clean[..., :x.shape[-1]], x, start) if done < len(names) else x
+      elif names:  # switch at the block's first layer
+        x, start, full = _whole(clean[..., :x.shape[-1]], x, start), None, True
+    for layer in block.layers[done:]:
+      x = layer(x[None])[0]
     if b < len(model.transitions):
       tr = model.transitions[b]
       if not full and by_name[f"transition{b + 1}"].plans is None:
@@ -240,11 +291,12 @@ def _effect(graphdef, state, image, starts, masks, fill, target, *, steps, box,
   masks = static_masks if masks is None else masks
   fill = static_fill if fill is None else fill
   recipe = masks_lib.is_recipe(masks)
-  clean_logits = model(image[None])[0].astype(jnp.float32)
+  cache = clean_cache(model, image, steps)
+  # The clean logits from the cached features: the forward pass the cache already is.
+  clean_logits = model.classifier(cache["mean"][None])[0].astype(jnp.float32)
   t = jnp.argmax(clean_logits) if target is None else jnp.asarray(target)
   t = t.astype(jnp.int32)
   value = fill.fill(image, None)
-  cache = clean_cache(model, image, steps)
 
   def one(mask, start, cache):
     cut = lambda a: jax.lax.dynamic_slice(a, (start[0], start[1], 0), (*box, a.shape[-1]))

@@ -100,7 +100,8 @@ def _all_estimands(activation):
 
 def test_effects_equal_the_full_forward_sweep():
   # Two blocks (61 x 67): patches all the way to the head, which adds the patch's change
-  # to the clean mean. Tiny (45 x 38): dense layers switch to whole maps part-way.
+  # to the clean mean. Tiny: the walk switches to whole maps part-way through a block
+  # (45 x 38), at a block's first layer (61 x 67) or at a transition (64 x 64).
   # Grid cells of uneven sizes, windows cut at the far edges, boxes on the borders; each
   # case with another estimand activation, fill and batch size (1: plain slices; 4: a
   # vmap of gathers, with padding masks on the last chunk; None: every mask at once).
@@ -113,7 +114,12 @@ def test_effects_equal_the_full_forward_sweep():
           shape=(h, w)), "softmax", effects.Blur(sigma=2.0), None),
       (tiny, (45, 38), 0.6, lambda h, w: masks.sliding_windows(
           shape=(h, w), window=(6, 9), stride=(5, 7)), "sigmoid", "mean", 4),
+      (tiny, (61, 67), 0.6, lambda h, w: masks.grid(shape=(h, w), n=7), "softmax",
+       "zero", 1),
+      (tiny, (64, 64), 0.5, lambda h, w: masks.sliding_windows(
+          shape=(h, w), window=(6, 9), stride=(6, 9)), "softmax", "zero", None),
   ]
+  switches = []
   for model, (h, w), fraction, make, activation, fill, batch in cases:
     image = jax.random.normal(jax.random.key(3), (h, w, 2))
     source = make(h, w)
@@ -127,6 +133,7 @@ def test_effects_equal_the_full_forward_sweep():
       assert all(patched)
     else:
       assert patched[:3] == [True] * 3 and not all(patched)
+      switches.append(decision.steps[patched.index(False)].name)
     want = effects.causal_effect(logits_fn, image, source, intervention=fill,
                                  estimand=estimand, activation=activation, batch_size=4)
     got = incremental.causal_effect(model, image, source, intervention=fill,
@@ -135,6 +142,7 @@ def test_effects_equal_the_full_forward_sweep():
     np.testing.assert_allclose(got.clean_logits, want.clean_logits, rtol=0, atol=1e-5)
     err = np.abs(np.asarray(got.effects) - np.asarray(want.effects)).max()
     assert err <= 1e-5 and np.abs(np.asarray(want.effects)).max() > 1e-3, (fill, err)
+  assert switches == ["block1.layer2", "block2.layer1", "transition1"]
 
 
 def test_masks_it_cannot_speed_up_are_named_with_the_reason():
