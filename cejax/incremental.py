@@ -159,18 +159,17 @@ def _block_on_patches(layers, steps, cache, clean, x, start):
   into which the input patch and each layer's new features are written in place: a
   layer reads its input patch from it, so nothing is concatenated per layer.
   """
-  at, out = start, []
-  for step in steps[:len(layers)]:
+  last = start
+  for step in steps:
     py, px = step.plans
-    at = jnp.stack([py.start_out(at[0]), px.start_out(at[1])])
-    out.append(at)
-  last, (py, px) = out[-1], steps[len(layers) - 1].plans
+    last = jnp.stack([py.start_out(last[0]), px.start_out(last[1])])
+  py, px = steps[-1].plans
   buffer = jax.lax.dynamic_slice(clean, (last[0], last[1], 0),
                                  (py.size_out, px.size_out, clean.shape[-1]))
   buffer = jax.lax.dynamic_update_slice(buffer, x.astype(buffer.dtype),
                                         (start[0] - last[0], start[1] - last[1], 0))
   at, width = start, x.shape[-1]
-  for layer, step in zip(layers, steps, strict=False):
+  for layer, step in zip(layers, steps, strict=True):
     py, px = step.plans
     v = jax.lax.dynamic_slice(buffer, (at[0] - last[0], at[1] - last[1], 0),
                               (py.size_in, px.size_in, buffer.shape[-1]))[..., :width]
@@ -213,11 +212,13 @@ def masked_logits(model: densenet.DenseNet, cache, steps, patch, start) -> jax.A
     if not full:
       done = next((i for i, n in enumerate(names) if by_name[n].plans is None), len(names))
       if done:
-        x, start = _block_on_patches(block.layers[:done], [by_name[n] for n in names],
-                                     cache, clean, x, start)
-        full = done < len(names) or (x.shape[0], x.shape[1]) == clean.shape[:2]
-        if full:  # the whole map from here
-          x = _whole(clean[..., :x.shape[-1]], x, start) if done < len(names) else x
+        x, start = _block_on_patches(block.layers[:done],
+                                     [by_name[n] for n in names[:done]], cache, clean, x,
+                                     start)
+        if done < len(names):  # switch part-way: the whole map from here
+          x, full = _whole(clean[..., :x.shape[-1]], x, start), True
+        else:
+          full = (x.shape[0], x.shape[1]) == clean.shape[:2]
       elif names:  # switch at the block's first layer
         x, start, full = _whole(clean[..., :x.shape[-1]], x, start), None, True
     for layer in block.layers[done:]:
