@@ -2,7 +2,7 @@
 
     python analyze.py --config=configs/synthetic.py --workdir=runs/synthetic
 
-Runs the evaluators of ``config.analysis.evaluators`` (``cejax.evaluators``: CE maps
+Runs the evaluators of ``config.analysis.evaluators`` (``cejax.jobs.evaluators``: CE maps
 and saliency baselines, localization and faithfulness, the sanity check, attacks, the
 adversarial-image detector, input-transform defenses) on ``--config.analysis.
 num_images`` images and writes ``report.html``, ``metrics.json`` and CSV tables to
@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "A training workdir (or one written by cejax.convert).")
+flags.DEFINE_string("workdir", None, "A training workdir (or one written by cejax.jobs.convert).")
 flags.DEFINE_string("out", "", "Output directory; default WORKDIR/analysis.")
 flags.DEFINE_bool("fresh", False, "Discard per-image results of an earlier analysis.")
 flags.DEFINE_integer("num_workers", 1, "Processes sharing this analysis (e.g. one per CPU "
@@ -31,7 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from cejax import analysis
+  from cejax.jobs import analysis
 
   path = analysis.analyze(FLAGS.config, FLAGS.workdir, out=FLAGS.out or None,
                           fresh=FLAGS.fresh, worker=FLAGS.worker,

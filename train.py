@@ -7,7 +7,7 @@ Any config field can be overridden, e.g. ``--config.train.num_epochs=2``.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cejax import training
+from cejax.jobs import training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)

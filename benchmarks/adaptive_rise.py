@@ -31,7 +31,8 @@ def main():
   import jax
   import numpy as np
 
-  from cejax import checkpoint, metrics, saliency
+  from cejax import metrics, saliency
+  from cejax.jobs import checkpoint
   from cejax.data import pipeline
   from configs import synthetic
 

@@ -33,7 +33,8 @@ def main():
   sys.path.insert(0, root)
   import importlib.util
 
-  from cejax import autoencoder, checkpoint
+  from cejax import autoencoder
+  from cejax.jobs import checkpoint
   from cejax.data import pipeline
 
   spec = importlib.util.spec_from_file_location("cfg", os.path.join(root, args.config))

@@ -32,7 +32,7 @@ def main():
   import jax
   jax.config.update("jax_num_cpu_devices", 2)
 
-  from cejax import sweep
+  from cejax.jobs import sweep
   from configs import sweep as sweep_config
 
   results, speed = {}, {}

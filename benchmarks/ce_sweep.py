@@ -54,7 +54,8 @@ def main():
   from flax import nnx
 
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-  from cejax import checkpoint, effects, masks, sharding
+  from cejax import effects, masks, sharding
+  from cejax.jobs import checkpoint
   from cejax.models import densenet
 
   records = []
@@ -74,11 +75,11 @@ def main():
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     forward_flops = float(cost.get("flops", float("nan")))
     if args.rise:
-      mask_set = masks.rise_masks(jax.random.key(1), num=args.rise, shape=(size, size))
+      mask_set = masks.rise(jax.random.key(1), num=args.rise, shape=(size, size))
       num = args.rise
     else:
-      mask_set = masks.sliding_window_masks(shape=(size, size), window=size // 8,
-                                            stride=size // 8)
+      mask_set = masks.to_array(masks.sliding_windows(shape=(size, size), window=size // 8,
+                                            stride=size // 8))
       mask_set = jnp.concatenate([mask_set] * (-(-args.num_masks // len(mask_set))))
       mask_set = mask_set[: args.num_masks]
       num = args.num_masks
@@ -113,11 +114,10 @@ def main():
       prefix, suffix = checkpoint.make_stage_fns(g, nnx.to_pure_dict(params),
                                                  nnx.to_pure_dict(stats), args.latent)
       width = prefix(image[None]).shape[-1]
-      inter = effects.latent_interventions(
+      inter = latent.latent_interventions(
           channels=np.arange(num) % width, values=[0.0])
       for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        fn = jax.jit(lambda im: effects.latent_causal_effect(
-            prefix, suffix, im, inter, batch_size=batch_size).effects)
+        fn = jax.jit(lambda im: effects.causal_effect(latent.forward(prefix, suffix), im, inter, batch_size=batch_size).effects)
         t0 = time.perf_counter()
         compiled = fn.lower(image).compile()
         compile_s = time.perf_counter() - t0
@@ -138,10 +138,10 @@ def main():
       forward = jax.jit(logits_fn)
       ms = np.asarray(mask_set(jnp.arange(args.loop_masks)) if args.rise
                       else mask_set[: args.loop_masks])
-      jax.block_until_ready(forward(effects.intervene(image, ms[0], 0.0)[None]))
+      jax.block_until_ready(forward(interventions.intervene(image, ms[0], 0.0)[None]))
       t0 = time.perf_counter()
       for m in ms:  # the notebooks' way: one masked image per forward call
-        jax.block_until_ready(forward(effects.intervene(image, m, 0.0)[None]))
+        jax.block_until_ready(forward(interventions.intervene(image, m, 0.0)[None]))
       t = time.perf_counter() - t0
       rec = {"model": name, "image_size": size, "dtype": args.dtype,
              "masks": len(ms), "batch_size": 1, "devices": 1, "mode": "loop",

@@ -15,7 +15,8 @@ import time
 import jax
 from flax import nnx
 
-from cejax import checkpoint, effects, masks
+from cejax import effects, masks
+from cejax.jobs import checkpoint
 from cejax.models import densenet
 
 
@@ -35,7 +36,7 @@ def main():
   logits_fn = checkpoint.make_logits_fn(graphdef, nnx.to_pure_dict(params),
                                         nnx.to_pure_dict(stats))
   n = int(round(args.masks ** 0.5))
-  grid = masks.grid_masks(shape=(args.size, args.size), n=n)
+  grid = masks.to_array(masks.grid(shape=(args.size, args.size), n=n))
   images = jax.random.normal(jax.random.key(0), (args.calls + 2, args.size, args.size,
                                                  channels))
   sweep = lambda image: effects.causal_effect(logits_fn, image, grid, batch_size=16).effects

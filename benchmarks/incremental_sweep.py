@@ -56,8 +56,8 @@ def main():
                                    estimand=est)
 
     def fast(b, est="expected", fraction=incremental.FULL_FRACTION, image=image, grid=grid):
-      return incremental.causal_effect(model, image, grid, batch_size=b, mesh=mesh,
-                                       estimand=est, full_fraction=fraction)
+      return effects.causal_effect(incremental.forward(model, full_fraction=fraction), image,
+                                   grid, batch_size=b, mesh=mesh, estimand=est)
 
     runs = {f"full B{b}": functools.partial(full, b)
             for b in map(int, args.full_batch_sizes.split(","))}

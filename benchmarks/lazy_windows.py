@@ -18,7 +18,8 @@ import time
 import jax
 from flax import nnx
 
-from cejax import checkpoint, effects, masks
+from cejax import effects, masks
+from cejax.jobs import checkpoint
 from cejax.models import densenet
 
 

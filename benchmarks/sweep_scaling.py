@@ -1,4 +1,4 @@
-"""Throughput of the dataset-scale sweep (``cejax.sweep``) for DenseNet-121 at 224 px:
+"""Throughput of the dataset-scale sweep (``cejax.jobs.sweep``) for DenseNet-121 at 224 px:
 one device, two devices (one per core), two processes of one device each.
 
     python benchmarks/sweep_scaling.py --images=12 --out=/tmp/sweep_bench
@@ -32,7 +32,7 @@ RUN = textwrap.dedent("""
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                                    num_processes=int(procs), process_id=int(pid))
     import ml_collections
-    from cejax import sweep
+    from cejax.jobs import sweep
     config = ml_collections.ConfigDict(json.loads(config_json))
     summary = sweep.run(config, workdir, out=out, progress=False)
     print("SUMMARY " + json.dumps(summary))
@@ -42,7 +42,7 @@ RUN = textwrap.dedent("""
 def make_workdir(workdir: Path) -> None:
   from flax import nnx
 
-  from cejax import checkpoint
+  from cejax.jobs import checkpoint
 
   if (workdir / "run.json").exists():
     return
@@ -72,8 +72,8 @@ def make_config(out: Path, images: int, incremental: bool):
   config.data.num_test = images
   s = config.sweep
   s.num_images, s.chunk_size, s.batch_size = images, 2, 25
-  s.families, s.grid_cells, s.interventions, s.estimands = ("grid",), 10, ("zero",), \
-      ("expected",)
+  s.families, s.interventions, s.estimands = ("grid",), ("zero",), ("expected",)
+  config.masks.grid_cells = 10
   s.incremental = incremental
   return config
 

@@ -24,18 +24,22 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from cejax import attack_core as core
-from cejax.attack_core import AttackResult, PixelSpace, attack_loss, success
-from cejax.minimal_attacks import carlini_wagner_l2, deepfool
-from cejax.sharding import shard_batch
+import cejax._attack_core as core
+from cejax import sharding
+from cejax._attack_core import AttackResult, PixelSpace, attack_loss, success
+from cejax._deprecation import deprecated_names
+from cejax._minimal_attacks import carlini_wagner_l2, deepfool
 from cejax.types import LogitsFn, Pixels
 
 __all__ = ["AttackResult", "PixelSpace", "attack_loss", "bim", "bpda_pgd",
            "carlini_wagner_l2", "deepfool", "epsilon_sweep", "fgsm", "mifgsm", "pgd",
-           "shard_batch", "success"]
+           "success"]
+
+__getattr__ = deprecated_names(__name__, {
+    "shard_batch": ("cejax.sharding.shard_batch", sharding.shard_batch)})
 
 
-@core.attack_program("targeted", "activation")
+@core.attack_program
 def fgsm(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
          key=None, eps, targeted=False, activation="softmax",
          space: PixelSpace) -> AttackResult:
@@ -68,7 +72,7 @@ def _iterate(logits_fn, images, labels, start, *, eps, steps, step_size, norm, d
   return x
 
 
-@core.attack_program("steps", "step_size", "targeted", "activation")
+@core.attack_program
 def bim(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
         key=None, eps, steps=10, step_size=None,
         targeted=False, activation="softmax", space: PixelSpace) -> AttackResult:
@@ -82,7 +86,7 @@ def bim(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
   return core.attack_result(logits_fn, space, images, adv, labels, targeted, activation)
 
 
-@core.attack_program("steps", "step_size", "decay", "targeted", "activation")
+@core.attack_program
 def mifgsm(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
            key=None, eps, steps=10, step_size=None,
            decay=1.0, targeted=False, activation="softmax",
@@ -97,8 +101,7 @@ def mifgsm(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
   return core.attack_result(logits_fn, space, images, adv, labels, targeted, activation)
 
 
-@core.attack_program("steps", "step_size", "norm", "restarts", "random_start", "targeted",
-         "activation")
+@core.attack_program
 def pgd(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
         key, eps, steps=20, step_size=None, norm="linf",
         restarts=1, random_start=True, targeted=False, activation="softmax",
@@ -142,8 +145,7 @@ def pgd(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
   return core.attack_result(logits_fn, space, images, adv, labels, targeted, activation)
 
 
-@core.attack_program("defense", "steps", "step_size", "norm", "restarts", "random_start",
-                     "targeted", "activation")
+@core.attack_program
 def bpda_pgd(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
              key, defense: Callable, eps, steps=20,
              step_size=None, norm="linf", restarts=1, random_start=True, targeted=False,

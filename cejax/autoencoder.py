@@ -8,7 +8,7 @@ that keeps the code maps spatially smooth), and intervene on its *code* channels
   decoder back to the stage's width;
 * ``train_autoencoder``: Optax training on the frozen ``prefix_fn``'s features;
 * ``code_fns``: the ``(prefix, suffix)`` pair whose split point is the code, for
-  ``effects.latent_causal_effect``;
+  ``latent.forward`` (``effects.causal_effect``);
 * ``fidelity``: how closely the classifier with the autoencoder inserted reproduces the
   original predictions.
 """
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cejax import estimands as effects
+from cejax import estimands
 
 
 class FeatureAutoencoder(nnx.Module):
@@ -115,13 +115,13 @@ def fidelity(logits_fn: Callable, prefix_fn: Callable, suffix_fn: Callable,
     same decision), ``mean_abs_prob_diff``, ``max_abs_prob_diff``, ``relative_l1`` of
     the feature reconstruction.
   """
-  effects.check_activation(activation)
+  estimands.check_activation(activation)
   images = jnp.asarray(images)
   logits = logits_fn(images).astype(jnp.float32)
   h = prefix_fn(images)
   recon = model(h)
   logits_ae = suffix_fn(recon).astype(jnp.float32)
-  p, q = effects.activate(logits, activation), effects.activate(logits_ae, activation)
+  p, q = estimands.activate(logits, activation), estimands.activate(logits_ae, activation)
   if activation == "softmax":
     agree = (jnp.argmax(logits, -1) == jnp.argmax(logits_ae, -1)).mean()
   else:

@@ -1,32 +1,36 @@
 """Estimands: how the prediction under an intervention is compared with the clean one.
 
-See ``cejax.effects`` for the table of definitions. Any callable with ``Estimand``'s
-signature can stand in for a built-in name.
+With ``p = act(logits(x))``, ``q = act(logits(do))`` (``act`` softmax for multi-class,
+sigmoid for multi-label) and target class ``t``:
+
+=========== ================================================================
+expected    softmax: ``sum_c p_c (q_c - p_c)``, the paper's expected causal effect
+            (ECE). Sigmoid: each finding ``c`` is its own binary variable, and the
+            paper's definition applied to it gives ``p_c (q_c - p_c) + (1 - p_c)
+            ((1 - q_c) - (1 - p_c)) = (2 p_c - 1)(q_c - p_c)``; ``expected`` is
+            the sum of these over findings. It does not depend on ``target``.
+probability ``q_t - p_t``
+logit       ``z'_t - z_t``
+kl          ``KL(p || q)`` (softmax), or the sum of per-finding Bernoulli KLs (sigmoid)
+per_class   ``q - p`` for every class, shape ``(m, k)`` (per-finding effects)
+=========== ================================================================
+
+``ESTIMANDS`` maps each name to its function; any function with ``Estimand``'s
+signature stands in for a name. A target outside ``[0, k)`` gives NaN, never a
+clamped or wrapped class.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
-ESTIMANDS = ("expected", "probability", "logit", "kl", "per_class")
+from cejax._deprecation import deprecated_names
+
 ACTIVATIONS = ("softmax", "sigmoid")
-
-
-class CEResult(NamedTuple):
-  """Per-mask effects and the clean prediction.
-
-  Attributes:
-    effects: ``(m,)``, or ``(m, k)`` for ``per_class``.
-    clean_logits: ``(k,)`` logits of the unmodified input.
-    target: ``()`` int32, the class the target estimands refer to.
-  """
-
-  effects: jax.Array
-  clean_logits: jax.Array
-  target: jax.Array
 
 
 def check_activation(activation: str) -> str:
@@ -42,7 +46,6 @@ def activate(logits, activation: str):
   return jax.nn.softmax(logits, -1) if activation == "softmax" else jax.nn.sigmoid(logits)
 
 
-
 def take_class(values, target):
   """``values[..., target]``, NaN when ``target`` is outside ``[0, k)`` (never clamped,
   never wrapped like a negative numpy index)."""
@@ -52,48 +55,77 @@ def take_class(values, target):
 
 
 class Estimand(Protocol):
-  """A user-defined estimand: any hashable callable with this signature (a plain
-  function will do). ``clean_logits (k,)``, ``do_logits``/``do_probs`` ``(b, k)`` (the
-  mean over draws for random interventions), ``target ()`` int32; returns ``(b, ...)``.
+  """An estimand: any hashable function with this signature (a plain function will do).
+
+  ``clean_logits (k,)``, ``do_logits``/``do_probs`` ``(b, k)`` (the mean over draws for
+  random interventions), ``target ()`` int32; returns ``(b, ...)``.
   """
 
   def __call__(self, clean_logits: jax.Array, do_logits: jax.Array, do_probs: jax.Array,
                target: jax.Array, activation: str) -> jax.Array: ...
 
 
-def check_estimand(estimand):
-  """``estimand`` if it is a name in ``ESTIMANDS`` or a callable; ``ValueError`` otherwise."""
-  if isinstance(estimand, str):
-    if estimand not in ESTIMANDS:
-      raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are "
-                       f"{list(ESTIMANDS)} or a callable (see Estimand).")
-  elif not callable(estimand):
-    raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are "
-                     f"{list(ESTIMANDS)} or a callable (see Estimand).")
-  return estimand
-
-
-def estimand_value(estimand, clean_logits, do_logits, do_probs, target, activation):
-  """The estimand for one or more interventions (leading axes broadcast)."""
-  if callable(estimand):
-    return estimand(clean_logits, do_logits, do_probs, target, activation)
+def expected(clean_logits, do_logits, do_probs, target, activation):
+  """The paper's expected causal effect (see the module table)."""
+  del do_logits, target
   p = activate(clean_logits, activation)
-  q = do_probs
-  if estimand == "expected":
-    weight = p if activation == "softmax" else 2 * p - 1
-    return jnp.sum(weight * (q - p), -1)
-  if estimand == "probability":
-    return take_class(q, target) - take_class(p, target)
-  if estimand == "logit":
-    return take_class(do_logits, target) - take_class(clean_logits, target)
-  if estimand == "per_class":
-    return q - p
-  if estimand == "kl":
-    eps = 1e-12
-    if activation == "softmax":
-      logp = jax.nn.log_softmax(clean_logits)
-      return jnp.sum(p * (logp - jnp.log(q + eps)), -1)
-    qc = jnp.clip(q, eps, 1 - eps)
-    return jnp.sum(p * (jnp.log(p + eps) - jnp.log(qc))
-                   + (1 - p) * (jnp.log(1 - p + eps) - jnp.log(1 - qc)), -1)
-  raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are {list(ESTIMANDS)}.")
+  weight = p if activation == "softmax" else 2 * p - 1
+  return jnp.sum(weight * (do_probs - p), -1)
+
+
+def probability(clean_logits, do_logits, do_probs, target, activation):
+  """``q_t - p_t``."""
+  del do_logits
+  return take_class(do_probs, target) - take_class(activate(clean_logits, activation), target)
+
+
+def logit(clean_logits, do_logits, do_probs, target, activation):
+  """``z'_t - z_t``."""
+  del do_probs, activation
+  return take_class(do_logits, target) - take_class(clean_logits, target)
+
+
+def kl(clean_logits, do_logits, do_probs, target, activation):
+  """``KL(p || q)``, or the sum of per-finding Bernoulli KLs for ``sigmoid``."""
+  del do_logits, target
+  eps = 1e-12
+  p, q = activate(clean_logits, activation), do_probs
+  if activation == "softmax":
+    return jnp.sum(p * (jax.nn.log_softmax(clean_logits) - jnp.log(q + eps)), -1)
+  qc = jnp.clip(q, eps, 1 - eps)
+  return jnp.sum(p * (jnp.log(p + eps) - jnp.log(qc))
+                 + (1 - p) * (jnp.log(1 - p + eps) - jnp.log(1 - qc)), -1)
+
+
+def per_class(clean_logits, do_logits, do_probs, target, activation):
+  """``q - p`` for every class, ``(b, k)``."""
+  del do_logits, target
+  return do_probs - activate(clean_logits, activation)
+
+
+ESTIMANDS: dict[str, Callable] = {"expected": expected, "probability": probability,
+                                  "logit": logit, "kl": kl, "per_class": per_class}
+
+
+def resolve(estimand) -> Callable:
+  """The function of a name in ``ESTIMANDS``, or ``estimand`` itself if callable.
+
+  Raises:
+    ValueError: neither (the message lists the valid names).
+  """
+  if isinstance(estimand, str) and estimand in ESTIMANDS:
+    return ESTIMANDS[estimand]
+  if callable(estimand) and not isinstance(estimand, str):
+    return estimand
+  raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are {list(ESTIMANDS)} "
+                   "or a callable (see Estimand).")
+
+
+__getattr__ = deprecated_names(__name__, {
+    "check_estimand": ("estimands.resolve", resolve),
+    "estimand_value": ("estimands.ESTIMANDS[name](...)",
+                       lambda name, *args: resolve(name)(*args)),
+})
+
+__all__ = ["ACTIVATIONS", "ESTIMANDS", "Estimand", "activate", "check_activation", "expected",
+           "kl", "logit", "per_class", "probability", "resolve", "take_class"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.ndimage
 
 
 def _kernel_1d(sigma: float, truncate: float) -> np.ndarray:
@@ -62,6 +61,8 @@ def petsiuk_kernel(size: int = 11, sigma: float = 5.0) -> np.ndarray:
   ``scipy.ndimage.gaussian_filter`` of a ``size x size`` delta (scipy's default
   'reflect' edges fold the tails back in), so it sums to 1.
   """
+  import scipy.ndimage  # here, not at import: the kernel is made once per metric
+
   delta = np.zeros((size, size))
   delta[size // 2, size // 2] = 1.0
   return scipy.ndimage.gaussian_filter(delta, sigma)

@@ -17,37 +17,48 @@ map, the rest of the network runs in full with the model's own layers. Global av
 pooling adds the patch's change to the clean mean, and the clean logits come from the
 cached clean features.
 
-The effects equal the full-forward sweep (``effects.causal_effect``) up to float32
-round-off, for every estimand and intervention that is not random (the fill is
-computed on the whole image once, then cut to the box). ``plan`` says whether the path
-applies to given masks, and why not when it does not.
+``forward(model)`` is this path as a forward of ``effects.causal_effect``. Its effects
+equal full forward passes up to float32 round-off, for every estimand and intervention
+that is not random (the fill is computed on the whole image once, then cut to the
+box). ``plan`` says whether the path applies to given masks, and why not when it does
+not.
 
 Example::
 
     grid = masks.grid(shape=(224, 224), n=10)
     decision = incremental.plan(model, image.shape, grid)  # .applies, .reason
-    result = incremental.causal_effect(model, image, grid, batch_size=1)
+    result = effects.causal_effect(incremental.forward(model), image, grid, batch_size=1)
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cejax import interventions, sharding, validation
+from cejax import effects, interventions
 from cejax import masks as masks_lib
-from cejax.estimands import CEResult, activate, check_activation, check_estimand, estimand_value
-from cejax.incremental_plan import (  # noqa: F401  (re-exported: the planning API)
+from cejax._deprecation import deprecated_names
+from cejax._incremental_plan import (
+  DENSE,
   FULL_FRACTION,
+  STEM_CONV,
+  STEM_POOL,
+  TRANSITION,
   Decision,
+  Layer,
   Step,
   layer_ops,
+  macs,
   mask_boxes,
   plan,
+  steps_for,
+  support_boxes,
 )
+from cejax._regions import AxisOp, Plan
 from cejax.models import densenet
 
 # --- the walk ----------------------------------------------------------------------
@@ -114,34 +125,40 @@ def _dense_inner(layer, x):
 def clean_cache(model: densenet.DenseNet, image, steps) -> dict[str, jax.Array]:
   """The clean activations the walk needs for ``image`` ``(h, w, c)``: each patch
   layer's input, padded as its plans say, the blocks' outputs, the final feature map."""
-  plans = {s.name: s.plans for s in steps}
+  plans = {s.layer: s.plans for s in steps}
   cache = {}
   x = image.astype(model.dtype)
-  if plans["stem.conv"] is not None:
-    cache["stem.conv"] = _pad(x, plans["stem.conv"], 0)
+  stem_conv, stem_pool = Layer(STEM_CONV), Layer(STEM_POOL)
+  if plans[stem_conv] is not None:
+    cache[stem_conv.name] = _pad(x, plans[stem_conv], 0)
   h = nnx.relu(model.stem.norm(model.stem.conv(x[None])))[0]
   if model.stem.pool:
-    if plans["stem.pool"] is not None:
-      cache["stem.pool"] = _pad(h, plans["stem.pool"], -jnp.inf)
+    if plans[stem_pool] is not None:
+      cache[stem_pool.name] = _pad(h, plans[stem_pool], -jnp.inf)
     h = _max_pool(jnp.pad(h, ((1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf))
   for b, block in enumerate(model.blocks):
     for i, layer in enumerate(block.layers):
-      name = f"block{b + 1}.layer{i + 1}"
+      where = Layer(DENSE, b + 1, i + 1)
       v = _dense_inner(layer, h)
-      if plans[name] is not None:
-        cache[name] = _pad(v, plans[name], 0)
+      if plans[where] is not None:
+        cache[where.name] = _pad(v, plans[where], 0)
       h = jnp.concatenate([h, layer.conv2(v[None])[0]], -1)
-    cache[f"block{b + 1}"] = h
+    cache[_block_key(b + 1)] = h
     if b < len(model.transitions):
-      name = f"transition{b + 1}"
+      where = Layer(TRANSITION, b + 1)
       tr = model.transitions[b]
       t = densenet.pointwise(tr.conv, nnx.relu(tr.norm(h)))
-      if plans[name] is not None:
-        cache[name] = _pad(t, plans[name], 0)
+      if plans[where] is not None:
+        cache[where.name] = _pad(t, plans[where], 0)
       h = _avg_pool(t)
   cache["features"] = model.feature_map(h[None])[0]
   cache["mean"] = cache["features"].mean((0, 1))
   return cache
+
+
+def _block_key(block: int) -> str:
+  """The cache key of a dense block's clean output."""
+  return f"block{block}"
 
 
 def _whole(clean, patch, start):
@@ -173,7 +190,7 @@ def _block_on_patches(layers, steps, cache, clean, x, start):
     py, px = step.plans
     v = jax.lax.dynamic_slice(buffer, (at[0] - last[0], at[1] - last[1], 0),
                               (py.size_in, px.size_in, buffer.shape[-1]))[..., :width]
-    y, at = _windowed(step.plans, cache[step.name], _dense_inner(layer, v), at,
+    y, at = _windowed(step.plans, cache[step.layer.name], _dense_inner(layer, v), at,
                       _conv_by_shifts(layer.conv2))
     buffer = jax.lax.dynamic_update_slice(buffer, y.astype(buffer.dtype),
                                           (at[0] - last[0], at[1] - last[1], width))
@@ -183,54 +200,56 @@ def _block_on_patches(layers, steps, cache, clean, x, start):
 
 def masked_logits(model: densenet.DenseNet, cache, steps, patch, start) -> jax.Array:
   """Logits ``(k,)`` of the image with its box at ``start`` replaced by ``patch``."""
-  by_name = {s.name: s for s in steps}
+  by_layer = {s.layer: s for s in steps}
   x = patch.astype(model.dtype)
   full = False
 
-  def advance(name, x, start, full_fn, window_fn, pre=None):
+  def advance(layer, x, start, full_fn, window_fn, pre=None):
     """One windowed layer: in full, or on the patch (then maybe switching to full)."""
     nonlocal full
-    step = by_name[name]
+    step = by_layer[layer]
     if full or step.plans is None:
       full = True
       return full_fn(x), start
-    y, start = _windowed(step.plans, cache[name], pre(x) if pre else x, start, window_fn)
+    y, start = _windowed(step.plans, cache[layer.name], pre(x) if pre else x, start,
+                         window_fn)
     full = (y.shape[0], y.shape[1]) == (step.ops[0].size_out, step.ops[1].size_out)
     return y, start
 
   stem = model.stem
-  x, start = advance("stem.conv", x, start, lambda x: stem.conv(x[None])[0],
+  x, start = advance(Layer(STEM_CONV), x, start, lambda x: stem.conv(x[None])[0],
                      _conv_valid(stem.conv))
   x = nnx.relu(stem.norm(x))
   if stem.pool:
-    x, start = advance("stem.pool", x, start, lambda x: _max_pool(jnp.pad(
+    x, start = advance(Layer(STEM_POOL), x, start, lambda x: _max_pool(jnp.pad(
         x, ((1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)), _max_pool)
   for b, block in enumerate(model.blocks):
-    names = [f"block{b + 1}.layer{i + 1}" for i in range(len(block.layers))]
-    clean = cache[f"block{b + 1}"]
+    block_steps = [by_layer[Layer(DENSE, b + 1, i + 1)] for i in range(len(block.layers))]
+    clean = cache[_block_key(b + 1)]
     done = 0
     if not full:
-      done = next((i for i, n in enumerate(names) if by_name[n].plans is None), len(names))
+      done = next((i for i, st in enumerate(block_steps) if st.plans is None),
+                  len(block_steps))
       if done:
-        x, start = _block_on_patches(block.layers[:done],
-                                     [by_name[n] for n in names[:done]], cache, clean, x,
-                                     start)
-        if done < len(names):  # switch part-way: the whole map from here
+        x, start = _block_on_patches(block.layers[:done], block_steps[:done], cache, clean,
+                                     x, start)
+        if done < len(block_steps):  # switch part-way: the whole map from here
           x, full = _whole(clean[..., :x.shape[-1]], x, start), True
         else:
           full = (x.shape[0], x.shape[1]) == clean.shape[:2]
-      elif names:  # switch at the block's first layer
+      elif block_steps:  # switch at the block's first layer
         x, start, full = _whole(clean[..., :x.shape[-1]], x, start), None, True
     for layer in block.layers[done:]:
       x = layer(x[None])[0]
     if b < len(model.transitions):
       tr = model.transitions[b]
-      if not full and by_name[f"transition{b + 1}"].plans is None:
-        x, start, full = _whole(cache[f"block{b + 1}"], x, start), None, True
+      where = Layer(TRANSITION, b + 1)
+      if not full and by_layer[where].plans is None:
+        x, start, full = _whole(cache[_block_key(b + 1)], x, start), None, True
       if full:
         x = tr(x[None])[0]
       else:
-        x, start = advance(f"transition{b + 1}", x, start, None, _avg_pool,
+        x, start = advance(where, x, start, None, _avg_pool,
                            pre=lambda x, tr=tr: densenet.pointwise(
                                tr.conv, nnx.relu(tr.norm(x))))
   if full:
@@ -242,87 +261,99 @@ def masked_logits(model: densenet.DenseNet, cache, steps, patch, start) -> jax.A
   return model.classifier(mean[None].astype(f.dtype))[0].astype(jnp.float32)
 
 
-# --- the effect ----------------------------------------------------------------------
+# --- the forward ---------------------------------------------------------------------
 
-def causal_effect(model: densenet.DenseNet, image, masks, *, intervention="zero",
-                  estimand="expected", target: int | None = None,
-                  batch_size: int | None = None, activation: str = "softmax",
-                  mesh: jax.sharding.Mesh | None = None,
-                  full_fraction: float = FULL_FRACTION) -> CEResult:
-  """``effects.causal_effect`` of ``model`` (a DenseNet in eval mode) by incremental
-  recompute; the same arguments and result (up to float32 round-off).
-  ``full_fraction`` as in ``plan``.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class IncrementalForward:
+  """Incremental recompute as a forward of ``effects.causal_effect``; ``forward``
+  builds it, ``prepare`` plans it for the masks (and raises if it does not apply).
+
+  Attributes:
+    graphdef, state: the DenseNet in eval mode (``nnx.split``).
+    full_fraction: as in ``plan``.
+    steps, box, starts: the plan of the masks (set by ``prepare``).
+    masks, intervention: set by ``prepare``.
+  """
+
+  graphdef: Any = dataclasses.field(metadata=dict(static=True))
+  state: Any
+  full_fraction: float = dataclasses.field(default=FULL_FRACTION,
+                                           metadata=dict(static=True))
+  steps: tuple[Step, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+  box: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
+  starts: Any = None
+  masks: Any = None
+  intervention: Any = None
+
+  @property
+  def num(self) -> int:
+    return self.masks.num
+
+  def prepare(self, what, *, image, intervention) -> IncrementalForward:
+    intervention = interventions.resolve("zero" if intervention is None else intervention)
+    source = masks_lib.as_source(what, image.shape[:2])
+    decision = plan(nnx.merge(self.graphdef, self.state), image.shape, source,
+                    intervention=intervention, full_fraction=self.full_fraction)
+    if not decision.applies:
+      raise ValueError(f"Incremental recompute does not apply: {decision.reason} Use the "
+                       "full forward (pass the logits_fn).")
+    return dataclasses.replace(self, steps=decision.steps, box=decision.box,
+                               starts=jnp.asarray(decision.starts), masks=source,
+                               intervention=intervention)
+
+  def setup(self, image):
+    model = nnx.merge(self.graphdef, self.state)
+    cache = clean_cache(model, image, self.steps)
+    # The clean logits from the cached features: the forward pass the cache already is.
+    clean_logits = model.classifier(cache["mean"][None])[0]
+    return clean_logits, (cache, self.intervention.fill(image, None), image)
+
+  def logits(self, context, indices, keys):
+    del keys  # random interventions do not apply (prepare refuses them)
+    cache, value, image = context
+    model = nnx.merge(self.graphdef, self.state)
+    chunk, starts = self.masks(indices), self.starts[indices]
+
+    def one(mask, start):
+      cut = lambda a: jax.lax.dynamic_slice(a, (start[0], start[1], 0),
+                                            (*self.box, a.shape[-1]))
+      patch = interventions.intervene(cut(image), cut(mask[..., None])[..., 0], cut(value))
+      return masked_logits(model, cache, self.steps, patch, start)
+
+    if chunk.shape[0] == 1:  # one mask: plain slices, no gathers
+      logits = one(chunk[0], starts[0])[None]
+    else:
+      logits = jax.vmap(one)(chunk, starts)
+    return logits, effects.masks_ok(chunk, image)
+
+
+def forward(model: densenet.DenseNet, *, full_fraction: float = FULL_FRACTION
+            ) -> IncrementalForward:
+  """Incremental recompute of ``model`` (a cejax DenseNet, put in eval mode first) as a
+  forward of ``effects.causal_effect``.
 
   Raises:
-    ValueError: what ``effects.causal_effect`` raises, or the path does not apply to
-      these masks or this intervention (the message says why; use
-      ``effects.causal_effect`` then).
+    ValueError: ``model`` is not a cejax DenseNet.
   """
-  from cejax import effects
-
-  validation.check_image(image)
-  image = jnp.asarray(image)
-  intervention = interventions.resolve(intervention)
-  check_estimand(estimand)
-  check_activation(activation)
-  masks = effects.check_masks(masks, image.shape[:2])
-  decision = plan(model, image.shape, masks, intervention=intervention,
-                  full_fraction=full_fraction)
-  if not decision.applies:
-    raise ValueError(f"Incremental recompute does not apply: {decision.reason} Use "
-                     "effects.causal_effect.")
-  batch_size = validation.check_batch_size(batch_size, masks_lib.num_masks(masks))
+  if not isinstance(model, densenet.DenseNet):
+    raise ValueError(f"Incremental recompute needs a cejax DenseNet, got "
+                     f"{type(model).__name__}.")
   graphdef, state = nnx.split(model)
-  dyn_fill, static_fill = effects.split_static(intervention, "intervention")
-  dyn_masks, static_masks = effects.split_static(masks, "mask source")
-  result = _effect(graphdef, state, image, jnp.asarray(decision.starts), dyn_masks, dyn_fill,
-                   target, steps=decision.steps, box=decision.box,
-                   static_masks=static_masks, static_fill=static_fill, estimand=estimand,
-                   batch_size=batch_size, activation=activation, mesh=mesh)
-  validation.check_target(target, result.clean_logits.shape[-1])
-  return result
+  return IncrementalForward(graphdef, state, full_fraction)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "graphdef", "steps", "box", "static_masks", "static_fill", "estimand", "batch_size",
-    "activation", "mesh"))
-def _effect(graphdef, state, image, starts, masks, fill, target, *, steps, box,
-            static_masks, static_fill, estimand, batch_size, activation, mesh):
-  model = nnx.merge(graphdef, state)
-  masks = static_masks if masks is None else masks
-  fill = static_fill if fill is None else fill
-  recipe = masks_lib.is_recipe(masks)
-  cache = clean_cache(model, image, steps)
-  # The clean logits from the cached features: the forward pass the cache already is.
-  clean_logits = model.classifier(cache["mean"][None])[0].astype(jnp.float32)
-  t = jnp.argmax(clean_logits) if target is None else jnp.asarray(target)
-  t = t.astype(jnp.int32)
-  value = fill.fill(image, None)
-
-  def one(mask, start, cache):
-    cut = lambda a: jax.lax.dynamic_slice(a, (start[0], start[1], 0), (*box, a.shape[-1]))
-    patch = interventions.intervene(cut(image), cut(mask[..., None])[..., 0], cut(value))
-    return masked_logits(model, cache, steps, patch, start)
-
-  leaves, treedef = jax.tree.flatten(cache)
-
-  def chunk_fn(indices, data, image, *leaves):
-    cache = jax.tree.unflatten(treedef, leaves)
-    chunk_starts, mask_data = data
-    chunk = masks(indices) if recipe else mask_data
-    if chunk.shape[0] == 1:  # one mask: plain slices, no gathers
-      logits = one(chunk[0], chunk_starts[0], cache)[None]
-    else:
-      logits = jax.vmap(one, in_axes=(0, 0, None))(chunk, chunk_starts, cache)
-    probs = activate(logits, activation)
-    value = estimand_value(estimand, clean_logits, logits, probs, t, activation)
-    ok = ((chunk >= 0) & (chunk <= 1)).all((1, 2)) & jnp.isfinite(image).all()
-    return jnp.where(ok.reshape(ok.shape + (1,) * (value.ndim - 1)), value, jnp.nan)
-
-  effects = sharding.sweep(chunk_fn, starts.shape[0], (starts, None if recipe else masks),
-                           batch_size=batch_size, mesh=mesh, args=(image, *leaves))
-  return CEResult(effects, clean_logits, t)
+def _causal_effect(model, image, masks, *, full_fraction=FULL_FRACTION, **kwargs):
+  return effects.causal_effect(forward(model, full_fraction=full_fraction), image, masks,
+                               **kwargs)
 
 
-__all__ = ["Decision", "Step", "causal_effect", "clean_cache", "layer_ops", "mask_boxes",
-           "masked_logits", "plan"]
+__getattr__ = deprecated_names(__name__, {
+    "causal_effect": ("effects.causal_effect(incremental.forward(model), image, masks, "
+                      "...)", _causal_effect),
+})
+
+__all__ = ["DENSE", "FULL_FRACTION", "STEM_CONV", "STEM_POOL", "TRANSITION", "AxisOp",
+           "Decision", "IncrementalForward", "Layer", "Plan", "Step", "clean_cache",
+           "forward", "layer_ops", "macs", "mask_boxes", "masked_logits", "plan",
+           "steps_for", "support_boxes"]

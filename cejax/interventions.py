@@ -2,7 +2,8 @@
 
 Built-ins are frozen dataclasses registered as pytrees: arrays are leaves (traced under
 ``jit``), sizes and modes static metadata, so an intervention passes through ``jit`` as
-an argument. Any object with ``fill`` and ``num_draws`` works (``Intervention``).
+an argument. Any object with ``fill`` and ``num_draws`` works (``Intervention``); one
+whose fill draws random values declares ``random = True``.
 """
 
 from __future__ import annotations
@@ -14,24 +15,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import filters, validation
+from cejax import filters
+from cejax._validation import check_floating, check_mask_range
 
 
 @runtime_checkable
 class Intervention(Protocol):
   """What ``do(X_M = v)`` writes under a mask: any object with these members works.
 
-  ``fill(image, key)`` returns ``v``, an array of the image's shape ``(h, w, c)``;
-  ``key`` is ``None`` unless ``random`` is true, in which case the prediction is
+  ``fill(image, key)`` returns ``v``, an array of the image's shape ``(h, w, c)``.
+
+  Randomness is declared, never guessed: an intervention whose fill draws from its
+  key sets ``random = True`` (a class attribute will do); the prediction is then
   averaged over ``num_draws`` fills, draw ``d`` of mask ``i`` with key
-  ``fold_in(fold_in(key, i), d)``. To pass one through ``jax.jit`` as an argument,
-  register it as a pytree with its arrays as data and ``num_draws``/``random`` as
-  static metadata (``jax.tree_util.register_dataclass``, as the built-ins are);
-  otherwise it must be hashable, and is treated as a static setting.
+  ``fold_in(fold_in(key, i), d)``, and the call needs ``key=``. Without ``random``
+  (or with ``random = False``) the fill is called with ``key=None`` once per image and
+  ``num_draws`` must be 1; a fill that fails without a key is reported with this hint.
+
+  To pass one through ``jax.jit`` as an argument, register it as a pytree with its
+  arrays as data and ``num_draws`` as static metadata
+  (``jax.tree_util.register_dataclass``, as the built-ins are); otherwise it must be
+  hashable, and is treated as a static setting.
   """
 
   num_draws: int
-  random: bool
 
   def fill(self, image: jax.Array, key: jax.Array | None) -> jax.Array: ...
 
@@ -158,7 +165,13 @@ INTERVENTIONS = (Constant, ImageMean, Blur, Reference, GaussianNoise, ImageSet)
 
 def resolve(spec) -> Intervention:
   """An ``Intervention`` from a built-in name (``"zero"``, ``"mean"``, ``"blur"``) or any
-  object with ``fill`` and ``num_draws``; ``ValueError`` otherwise."""
+  object with ``fill`` and ``num_draws``.
+
+  Raises:
+    ValueError: an unknown name, a missing member, ``num_draws`` not a positive
+      integer, or ``num_draws > 1`` on an intervention that is not random (every draw
+      would be the same).
+  """
   if isinstance(spec, str):
     if spec not in _SHORTCUTS:
       raise ValueError(f"Unknown intervention {spec!r}; valid names are "
@@ -173,7 +186,32 @@ def resolve(spec) -> Intervention:
                      "object with those members (see Intervention).")
   if not isinstance(spec.num_draws, (int, np.integer)) or spec.num_draws < 1:
     raise ValueError(f"num_draws must be a positive integer, got {spec.num_draws!r}.")
+  if spec.num_draws > 1 and not is_random(spec):
+    raise ValueError(f"{type(spec).__name__} has num_draws={spec.num_draws} but does not "
+                     "declare random = True: every draw would be the same fill. Set "
+                     "random = True if fill draws from its key, else num_draws = 1.")
   return spec
+
+
+def check_fill(intervention, image) -> None:
+  """Traces a user's ``fill(image, None)`` once (no FLOPs) and names what is wrong.
+
+  Raises:
+    ValueError: the fill fails without a key (it needs ``random = True``) or does not
+      return the image's shape.
+  """
+  if type(intervention) in INTERVENTIONS or is_random(intervention):
+    return
+  name = type(intervention).__name__
+  try:
+    out = jax.eval_shape(lambda x: intervention.fill(x, None), image)
+  except Exception as e:  # the user's code: any failure gets the hint
+    raise ValueError(f"{name}.fill(image, key=None) failed ({type(e).__name__}: {e}). If "
+                     "it draws random values, declare random = True on the intervention "
+                     "and pass key= (see Intervention).") from e
+  if tuple(out.shape) != tuple(image.shape):
+    raise ValueError(f"{name}.fill must return the image's shape {tuple(image.shape)}; "
+                     f"got {tuple(out.shape)}.")
 
 
 def is_random(intervention) -> bool:
@@ -188,7 +226,7 @@ def intervene(image, mask, value):
     ValueError: the image is not floating point (a soft mask would be rounded away),
       or a concrete mask has values outside [0, 1].
   """
-  validation.check_floating(image)
-  validation.check_mask_range(mask)
+  check_floating(image)
+  check_mask_range(mask)
   m = jnp.asarray(mask).astype(image.dtype)[..., None]
   return image * (1 - m) + value * m

@@ -1,12 +1,17 @@
 """Latent interventions ``do(h_k = v)`` on hidden features at one stage of a model.
 
-The prefix (image -> features) runs once; the suffix (features -> logits) is swept over
-the interventions like pixel masks, with the same estimands and ``CEResult``.
+``forward(prefix_fn, suffix_fn)`` is a forward for ``effects.causal_effect``: the
+prefix (image -> features) runs once per image, the suffix (features -> logits) over
+chunks of ``LatentInterventions`` as pixel masks are, with the same estimands, sharding
+and ``CEResult``::
+
+    inter = latent.latent_interventions(channels=range(64), values=[0.0])
+    result = effects.causal_effect(latent.forward(prefix_fn, suffix_fn), image, inter)
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,10 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import validation
-from cejax.compile import output_shape
-from cejax.estimands import CEResult, activate, check_activation, check_estimand, estimand_value
-from cejax.sharding import sweep
+from cejax._compile import output_shape
+from cejax._deprecation import deprecated_names
 
 
 class LatentInterventions(NamedTuple):
@@ -61,29 +64,10 @@ def intervene_latent(h, channel, value, region=None):
   return h * (1 - m) + jnp.asarray(value, h.dtype) * m
 
 
-def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
-                         interventions: LatentInterventions, *, estimand="expected",
-                         target=None, batch_size=None, activation="softmax",
-                         mesh=None) -> CEResult:
-  """Causal effects of interventions on hidden features at one stage.
-
-  The prefix runs once; the suffix is vmapped over the interventions in chunks of
-  ``batch_size``, sharded over ``mesh`` like pixel masks. Same estimands and result
-  as ``causal_effect``; ``clean_logits`` is ``suffix(prefix(x))``.
-
-  Args:
-    prefix_fn: ``images (n, h, w, c) -> features (n, h', w', C)``.
-    suffix_fn: ``features -> logits (n, k)``.
-    image: ``(h, w, c)``.
-    interventions: a ``LatentInterventions``.
-  """
-  validation.check_image(image)
-  image = jnp.asarray(image)
-  check_estimand(estimand)
-  check_activation(activation)
-  feature_shape = output_shape(prefix_fn, (1,) + image.shape, image.dtype)[1:]
+def _checked(interventions, feature_shape) -> LatentInterventions:
+  """``interventions`` as arrays, checked against the features ``(h', w', C)``."""
   raw_channels = interventions.channels
-  channels = jnp.asarray(interventions.channels, jnp.int32)
+  channels = jnp.asarray(raw_channels, jnp.int32)
   values = jnp.asarray(interventions.values, jnp.float32)
   num = int(channels.shape[0])
   if num == 0:
@@ -97,37 +81,72 @@ def latent_causal_effect(prefix_fn: Callable, suffix_fn: Callable, image,
   regions = interventions.regions
   if regions is not None:
     regions = jnp.asarray(regions, jnp.float32)
-    if regions.shape != (num,) + feature_shape[:2]:
-      raise ValueError(f"regions must have shape {(num,) + feature_shape[:2]}, got "
+    if regions.shape != (num,) + tuple(feature_shape[:2]):
+      raise ValueError(f"regions must have shape {(num,) + tuple(feature_shape[:2])}, got "
                        f"{regions.shape}.")
-  batch_size = validation.check_batch_size(batch_size, num)
-  data = (channels, values) if regions is None else (channels, values, regions)
-  result = _latent_causal_effect(prefix_fn, suffix_fn, image, data, target,
-                                 estimand=estimand, batch_size=batch_size,
-                                 activation=activation, mesh=mesh)
-  validation.check_target(target, result.clean_logits.shape[-1])
-  return result
+  return LatentInterventions(channels, values, regions)
 
 
-@functools.partial(jax.jit, static_argnames=("prefix_fn", "suffix_fn", "estimand",
-                                             "batch_size", "activation", "mesh"))
-def _latent_causal_effect(prefix_fn, suffix_fn, image, data, target, *, estimand,
-                          batch_size, activation, mesh):
-  h = prefix_fn(image[None])[0]
-  num = data[0].shape[0]
-  clean_logits = suffix_fn(h[None])[0].astype(jnp.float32)
-  t = (jnp.argmax(clean_logits) if target is None else jnp.asarray(target)).astype(jnp.int32)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LatentForward:
+  """The forward of latent interventions (see the module doc); ``forward`` builds it.
 
-  def chunk_fn(indices, chunk, h):
-    del indices
-    hs = jax.vmap(lambda *a: intervene_latent(h, *a))(*chunk)
-    logits = suffix_fn(hs).astype(jnp.float32)
-    value = estimand_value(estimand, clean_logits, logits, activate(logits, activation), t,
-                           activation)
-    # Traced values cannot raise (see the module doc): a non-finite image or a channel
-    # outside [0, C) gives NaN, never a silent no-op.
-    ok = jnp.isfinite(h).all() & (chunk[0] >= 0) & (chunk[0] < h.shape[-1])
-    return jnp.where(ok.reshape(ok.shape + (1,) * (value.ndim - 1)), value, jnp.nan)
+  Attributes:
+    prefix_fn: ``images (n, h, w, c) -> features (n, h', w', C)``.
+    suffix_fn: ``features -> logits (n, k)``; ``suffix(prefix(x))`` is the model.
+    interventions: the ``LatentInterventions`` (set by ``prepare``).
+  """
 
-  effects = sweep(chunk_fn, num, data, batch_size=batch_size, mesh=mesh, args=(h,))
-  return CEResult(effects, clean_logits, t)
+  prefix_fn: Callable = dataclasses.field(metadata=dict(static=True))
+  suffix_fn: Callable = dataclasses.field(metadata=dict(static=True))
+  interventions: Any = None
+
+  @property
+  def num(self) -> int:
+    return int(self.interventions.channels.shape[0])
+
+  def prepare(self, what, *, image, intervention) -> LatentForward:
+    if intervention is not None:
+      raise ValueError("Latent interventions carry their own values "
+                       "(LatentInterventions.values); intervention= is for pixel masks.")
+    if not isinstance(what, LatentInterventions):
+      raise ValueError(f"The latent forward intervenes on LatentInterventions "
+                       f"(latent.latent_interventions), got {type(what).__name__}.")
+    features = output_shape(self.prefix_fn, (1,) + image.shape, image.dtype)[1:]
+    return dataclasses.replace(self, interventions=_checked(what, features))
+
+  def setup(self, image):
+    h = self.prefix_fn(image[None])[0]
+    return self.suffix_fn(h[None])[0], h
+
+  def logits(self, h, indices, keys):
+    del keys  # nothing random
+    chunk = jax.tree.map(lambda a: a[indices], self.interventions)
+    if chunk.regions is None:
+      hs = jax.vmap(lambda c, v: intervene_latent(h, c, v))(chunk.channels, chunk.values)
+    else:
+      hs = jax.vmap(lambda *a: intervene_latent(h, *a))(*chunk)
+    # A channel outside [0, C) would be a silent no-op: NaN instead (the NaN contract).
+    ok = jnp.isfinite(h).all() & (chunk.channels >= 0) & (chunk.channels < h.shape[-1])
+    return self.suffix_fn(hs), ok
+
+
+def forward(prefix_fn: Callable, suffix_fn: Callable) -> LatentForward:
+  """The latent forward of a model split at a stage (``checkpoint.make_stage_fns``)."""
+  return LatentForward(prefix_fn, suffix_fn)
+
+
+def _latent_causal_effect(prefix_fn, suffix_fn, image, interventions, **kwargs):
+  from cejax import effects
+
+  return effects.causal_effect(forward(prefix_fn, suffix_fn), image, interventions, **kwargs)
+
+
+__getattr__ = deprecated_names(__name__, {
+    "latent_causal_effect": ("effects.causal_effect(latent.forward(prefix_fn, suffix_fn), "
+                             "image, interventions, ...)", _latent_causal_effect),
+})
+
+__all__ = ["LatentForward", "LatentInterventions", "forward", "intervene_latent",
+           "latent_interventions"]

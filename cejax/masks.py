@@ -1,12 +1,17 @@
-"""Mask generators: grids, sliding windows, boxes and random RISE masks.
+"""Masks: grids, sliding windows, boxes, random RISE masks, and your own.
 
-A mask has shape ``(h, w)`` with values in [0, 1]: 1 where the intervention
-replaces the image, 0 where the image is kept; soft values blend. Every generator
-is a pure function; anything random takes an explicit ``key``.
+A mask has shape ``(h, w)`` with values in [0, 1]: 1 where the intervention replaces
+the image, 0 where the image is kept; soft values blend. Every family is a *mask
+source*: an object with ``num`` masks of spatial ``shape`` whose ``__call__(indices)``
+makes masks ``indices`` on the device, inside the compiled program, so a set of
+``num x h x w`` never exists at once. One builder per family (``grid``,
+``sliding_windows``, ``boxes``, ``rise``); an array of masks is wrapped once, at the
+entry of ``causal_effect`` or ``ce_map`` (``as_source``), so nothing inside asks what a
+mask is. ``to_array`` makes every mask of a source, for plotting or small sets.
 
-Large random sets are never built on the host: ``RiseMasks`` is a *recipe* whose
-``__call__(indices)`` draws masks ``indices`` on the device, one chunk at a time,
-inside the sweep. Mask ``i`` depends only on ``(key, i)``.
+Sources are pytrees: arrays (box coordinates, RISE's key, a wrapped array) are leaves,
+traced under ``jit``; sizes are static metadata. Mask ``i`` depends only on ``i`` (and
+the key), never on the chunk or device that makes it.
 """
 
 from __future__ import annotations
@@ -19,9 +24,37 @@ from typing import Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
 
+from cejax._deprecation import deprecated_names
+from cejax._validation import check_mask_range
 from cejax.types import Masks, PRNGKey
+
+
+@runtime_checkable
+class MaskSource(Protocol):
+  """A set of masks: any object with these members can stand in for a mask array.
+
+  ``num`` masks of spatial ``shape``; ``__call__(indices (b,)) -> (b, h, w)`` makes
+  masks ``indices`` on the device. Indices past ``num`` (padding) may return anything
+  in [0, 1]. Register it as a pytree with ``num``/``shape`` as static metadata to pass
+  it through ``jax.jit`` as an argument (as the built-ins are), or make it hashable.
+  """
+
+  num: int
+  shape: tuple[int, int]
+
+  def __call__(self, indices: jax.Array) -> jax.Array: ...
+
+
+def _source(*, data, meta):
+  """A frozen dataclass registered as a pytree (``data`` leaves, ``meta`` static)."""
+
+  def wrap(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls, data_fields=list(data),
+                                            meta_fields=list(meta))
+
+  return wrap
 
 
 def _check_shape(shape) -> tuple[int, int]:
@@ -30,25 +63,102 @@ def _check_shape(shape) -> tuple[int, int]:
   return int(shape[0]), int(shape[1])
 
 
+# --- arrays ------------------------------------------------------------------------
+
+@_source(data=("masks",), meta=())
+class ArrayMasks:
+  """An array of masks ``(m, h, w)`` as a source (``as_source`` wraps arrays in it); the
+  one leaf is copied whole to every device of a mesh (large sets: use a lazy family)."""
+
+  masks: jax.Array
+
+  @property
+  def num(self) -> int:
+    return int(self.masks.shape[0])
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.masks.shape[1:])
+
+  def __call__(self, indices):
+    return self.masks[indices]
+
+
+def as_source(masks, shape=None) -> MaskSource:
+  """``masks`` as a ``MaskSource``: a source as it is, an array ``(m, h, w)`` (checked
+  to lie in [0, 1] when its values are known) wrapped as ``ArrayMasks``.
+
+  Args:
+    masks: a mask source or an array.
+    shape: the image's ``(h, w)`` the masks must match, or None.
+
+  Raises:
+    ValueError: not ``(m, h, w)``, values outside [0, 1] or NaN, no masks, or a
+      spatial shape other than ``shape``.
+  """
+  if not isinstance(masks, MaskSource) or isinstance(masks, (jax.Array, np.ndarray)):
+    masks = jnp.asarray(masks)
+    if masks.ndim != 3:
+      raise ValueError(f"masks must be (m, h, w); got shape {masks.shape}.")
+    check_mask_range(masks)
+    masks = ArrayMasks(masks.astype(jnp.promote_types(masks.dtype, jnp.float32)))
+  if shape is not None and tuple(masks.shape) != tuple(shape):
+    raise ValueError(f"masks have spatial shape {tuple(masks.shape)} but the image is "
+                     f"{tuple(shape)}.")
+  if masks.num == 0:
+    raise ValueError("masks is empty: pass at least one mask.")
+  return masks
+
+
+def to_array(masks) -> Masks:
+  """Every mask of a source (or an array), float32 ``(m, h, w)``."""
+  source = as_source(masks)
+  return jnp.asarray(source(jnp.arange(source.num)), jnp.float32)
+
+
+# --- grids ---------------------------------------------------------------------------
+
 def grid_cells(size: int, n: int) -> np.ndarray:
-  """The grid cell (0 .. n-1) of each of ``size`` pixels along one axis (cell edges at
-  ``round(i * size / n)``)."""
+  """The grid cell (0 .. n-1) of each of ``size`` pixels along one axis: pixel ``i`` is
+  in cell ``floor(i n / size)``, so cells differ in size by at most one pixel."""
   return np.minimum((np.arange(size) * n) // size, n - 1)
 
 
-def grid_masks(*, shape, n: int = 10) -> Masks:
-  """An ``n x n`` partition of the image into blocks (the paper uses 10 x 10).
+@_source(data=(), meta=("shape", "n"))
+class Grid:
+  """An ``n x n`` partition of the image into blocks, row-major over blocks."""
 
-  Returns:
-    float32 ``(n * n, h, w)``, row-major over blocks; block edges are
-    ``round(i * h / n)``, so uneven sizes differ by at most one pixel.
-  """
+  shape: tuple[int, int]
+  n: int
+
+  @property
+  def num(self) -> int:
+    return self.n * self.n
+
+  def __call__(self, indices):
+    (h, w), n = self.shape, self.n
+    block = jnp.asarray(grid_cells(h, n)[:, None] * n + grid_cells(w, n)[None, :])
+    return (block[None] == indices[:, None, None]).astype(jnp.float32)
+
+  def support_boxes(self) -> tuple[np.ndarray, tuple[int, int]]:
+    """See ``support_boxes``: the blocks' corners and the largest block."""
+    (h, w), n = self.shape, self.n
+    rows, cols = grid_cells(h, n), grid_cells(w, n)
+    r0 = np.array([np.flatnonzero(rows == i)[0] for i in range(n)])
+    c0 = np.array([np.flatnonzero(cols == i)[0] for i in range(n)])
+    size = (int(np.bincount(rows).max()), int(np.bincount(cols).max()))
+    return np.stack(np.meshgrid(r0, c0, indexing="ij"), -1).reshape(-1, 2), size
+
+
+def grid(*, shape, n: int = 10) -> Grid:
+  """An ``n x n`` grid of blocks (the paper uses 10 x 10); see ``grid_cells``."""
   h, w = _check_shape(shape)
   if not 1 <= n <= min(h, w):
     raise ValueError(f"n must be in [1, {min(h, w)}] for shape {shape}, got {n}.")
-  block = grid_cells(h, n)[:, None] * n + grid_cells(w, n)[None, :]
-  return jnp.asarray(block[None] == np.arange(n * n)[:, None, None], jnp.float32)
+  return Grid((h, w), int(n))
 
+
+# --- sliding windows -------------------------------------------------------------------
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
   """Window offsets along one axis, exactly as Captum's ``Occlusion``.
@@ -61,37 +171,13 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
   return [i * stride for i in range(count)]
 
 
-def sliding_window_masks(*, shape, window, stride) -> Masks:
-  """Square or rectangular windows slid over the image, as Captum's ``Occlusion``.
-
-  Window positions follow ``window_starts`` per axis (row-major over positions); a
-  window past the far edge is truncated, so every pixel is covered. As in Captum,
-  ``stride`` may not exceed ``window`` (that would leave pixels uncovered), and
-  overlapping windows are averaged by ``ce_map``'s coverage normalisation. For many
-  windows use the lazy ``sliding_windows`` recipe: this builds them all at once.
-
-  Returns:
-    float32 ``(m, h, w)``.
-
-  Raises:
-    ValueError: a window larger than the image, a non-positive stride, or a stride
-      larger than the window.
-  """
-  recipe = sliding_windows(shape=shape, window=window, stride=stride)
-  return recipe(jnp.arange(recipe.num))
-
-
 def _pair(value) -> tuple[int, int]:
   return (int(value), int(value)) if np.isscalar(value) else tuple(int(v) for v in value)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
-                   meta_fields=["shape", "window", "stride"])
-@dataclasses.dataclass(frozen=True)
+@_source(data=(), meta=("shape", "window", "stride"))
 class SlidingWindows:
-  """``sliding_window_masks`` as a lazy recipe: windows are made on the device, chunk
-  by chunk inside the sweep, so 37,000 stride-1 windows at 224 x 224 never exist at
-  once. A pytree with no leaves (everything is static), so it passes through ``jit``.
+  """Windows slid over the image as Captum's ``Occlusion``, row-major over positions.
 
   Attributes:
     shape: ``(h, w)``; window: ``(wh, ww)``; stride: ``(sh, sw)``.
@@ -106,9 +192,7 @@ class SlidingWindows:
     return (len(window_starts(self.shape[0], self.window[0], self.stride[0]))
             * len(window_starts(self.shape[1], self.window[1], self.stride[1])))
 
-  def __call__(self, indices: jax.Array) -> jax.Array:
-    """Windows ``indices`` (row-major over positions, as ``sliding_window_masks``),
-    float32 ``(b, h, w)``."""
+  def __call__(self, indices):
     (h, w), (wh, ww), (sh, sw) = self.shape, self.window, self.stride
     columns = len(window_starts(w, ww, sw))
     y0 = (indices // columns) * sh
@@ -119,10 +203,23 @@ class SlidingWindows:
     in_cols = (cols >= x0[:, None]) & (cols < x0[:, None] + ww)
     return (in_rows[:, :, None] & in_cols[:, None, :]).astype(jnp.float32)
 
+  def support_boxes(self) -> tuple[np.ndarray, tuple[int, int]]:
+    """See ``support_boxes``: the windows' corners and the window size."""
+    (h, w), (wh, ww), (sh, sw) = self.shape, self.window, self.stride
+    ys, xs = window_starts(h, wh, sh), window_starts(w, ww, sw)
+    starts = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    return starts, (min(wh, h), min(ww, w))
+
 
 def sliding_windows(*, shape, window, stride) -> SlidingWindows:
-  """A lazy recipe for ``sliding_window_masks(shape=, window=, stride=)`` (same masks,
-  same order, same checks); nothing is built until the sweep asks for a chunk."""
+  """Square or rectangular windows at ``window_starts`` per axis; a window past the far
+  edge is cut there, so every pixel is covered. As in Captum, ``stride`` may not exceed
+  ``window``; ``ce_map`` averages overlapping windows.
+
+  Raises:
+    ValueError: a window larger than the image, a non-positive stride, or a stride
+      larger than the window.
+  """
   h, w = _check_shape(shape)
   wh, ww = _pair(window)
   sh, sw = _pair(stride)
@@ -135,77 +232,42 @@ def sliding_windows(*, shape, window, stride) -> SlidingWindows:
   return SlidingWindows((h, w), (wh, ww), (sh, sw))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
-                   meta_fields=["shape", "n"])
-@dataclasses.dataclass(frozen=True)
-class Grid:
-  """``grid_masks`` as a lazy recipe (same blocks, same order)."""
+# --- boxes ---------------------------------------------------------------------------
 
-  shape: tuple[int, int]
-  n: int
-
-  @property
-  def num(self) -> int:
-    return self.n * self.n
-
-  def __call__(self, indices: jax.Array) -> jax.Array:
-    (h, w), n = self.shape, self.n
-    block = jnp.asarray(grid_cells(h, n)[:, None] * n + grid_cells(w, n)[None, :])
-    return (block[None] == indices[:, None, None]).astype(jnp.float32)
-
-
-def grid(*, shape, n: int = 10) -> Grid:
-  """A lazy recipe for ``grid_masks(shape=, n=)``."""
-  h, w = _check_shape(shape)
-  if not 1 <= n <= min(h, w):
-    raise ValueError(f"n must be in [1, {min(h, w)}] for shape {shape}, got {n}.")
-  return Grid((h, w), int(n))
-
-
-def box_masks(boxes: Float[Array, "m 4"], *, shape) -> Masks:
-  """Masks of ``[x_min, y_min, x_max, y_max]`` pixel boxes, soft at fractional edges.
-
-  Returns:
-    float32 ``(m, h, w)``: the fraction of each pixel covered by each box.
-  """
-  h, w = _check_shape(shape)
-  boxes = jnp.asarray(boxes, jnp.float32).reshape(-1, 4)
-
+def _box_masks(coordinates, shape):
   def overlap(lo, hi, n):
     edges = jnp.arange(n, dtype=jnp.float32)
     return jnp.clip(jnp.minimum(edges + 1, hi[:, None]) - jnp.maximum(edges, lo[:, None]),
                     0.0, 1.0)
 
-  ys = overlap(boxes[:, 1], boxes[:, 3], h)
-  xs = overlap(boxes[:, 0], boxes[:, 2], w)
+  ys = overlap(coordinates[:, 1], coordinates[:, 3], shape[0])
+  xs = overlap(coordinates[:, 0], coordinates[:, 2], shape[1])
   return ys[:, :, None] * xs[:, None, :]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["boxes"],
-                   meta_fields=["shape"])
-@dataclasses.dataclass(frozen=True)
+@_source(data=("coordinates",), meta=("shape",))
 class Boxes:
-  """``box_masks`` as a lazy recipe: the ``(m, 4)`` box coordinates are its only leaf
-  (traced under ``jit``), each chunk of masks is drawn from them on the device."""
+  """``[x_min, y_min, x_max, y_max]`` pixel boxes, ``(m, 4)`` (the only leaf); each mask
+  is the fraction of each pixel a box covers, soft at fractional edges."""
 
-  boxes: jax.Array
+  coordinates: jax.Array
   shape: tuple[int, int]
 
   @property
   def num(self) -> int:
-    return int(self.boxes.shape[0])
+    return int(self.coordinates.shape[0])
 
-  def __call__(self, indices: jax.Array) -> jax.Array:
-    return box_masks(self.boxes[indices], shape=self.shape)
+  def __call__(self, indices):
+    return _box_masks(self.coordinates[indices], self.shape)
 
 
 def boxes(coordinates, *, shape) -> Boxes:
-  """A lazy recipe for ``box_masks(coordinates, shape=)``: ``[x_min, y_min, x_max,
-  y_max]`` pixel boxes, soft at fractional edges."""
+  """Masks of ``[x_min, y_min, x_max, y_max]`` pixel boxes (``(m, 4)`` or ``(4,)``)."""
   h, w = _check_shape(shape)
-  coordinates = jnp.asarray(coordinates, jnp.float32).reshape(-1, 4)
-  return Boxes(coordinates, (h, w))
+  return Boxes(jnp.asarray(coordinates, jnp.float32).reshape(-1, 4), (h, w))
 
+
+# --- RISE ----------------------------------------------------------------------------
 
 def _mirror(index: np.ndarray, size: int) -> np.ndarray:
   """scikit-image's ``mode="reflect"`` (scipy's 'mirror'): ``d c b | a b c d | c b a``."""
@@ -239,59 +301,41 @@ def rise_grid(key, *, cells: int, p: float, cell_size) -> tuple[jax.Array, jax.A
   (each kept with probability ``p``) and a shift ``(dy, dx)``, uniform in
   ``[0, cell_size)`` per axis."""
   grid_key, shift_key = jax.random.split(key)
-  grid = jax.random.bernoulli(grid_key, p, (cells, cells)).astype(jnp.float32)
+  kept = jax.random.bernoulli(grid_key, p, (cells, cells)).astype(jnp.float32)
   shift = jax.random.randint(shift_key, (2,), 0, jnp.asarray(cell_size))
-  return grid, shift
+  return kept, shift
 
 
-def rise_upsample(grid, shift, *, shape) -> jax.Array:
+def rise_upsample(kept, shift, *, shape) -> jax.Array:
   """A RISE grid upsampled and cropped as in Petsiuk et al.'s code, ``(h, w)`` kept mask.
 
-  ``resize(grid, (cells + 1) * cell_size, order=1, mode="reflect")`` (scikit-image),
+  ``resize(kept, (cells + 1) * cell_size, order=1, mode="reflect")`` (scikit-image),
   cropped to ``shape`` at ``shift``: every cell spans ``(cells + 1) * cell / cells``
   upsampled pixels, and the crop hides the last partial one.
   """
-  cells = grid.shape[0]
+  cells = kept.shape[0]
   (h, w), (ch, cw) = shape, rise_cell_size(shape, cells)
   rows = jnp.asarray(_linear_upsample_matrix(cells, (cells + 1) * ch))
   cols = jnp.asarray(_linear_upsample_matrix(cells, (cells + 1) * cw))
   rows = jax.lax.dynamic_slice_in_dim(rows, shift[0], h, 0)
   cols = jax.lax.dynamic_slice_in_dim(cols, shift[1], w, 0)
   hi = jax.lax.Precision.HIGHEST
-  return jnp.matmul(jnp.matmul(rows, grid, precision=hi), cols.T, precision=hi)
+  return jnp.matmul(jnp.matmul(rows, kept, precision=hi), cols.T, precision=hi)
 
 
-def rise_mask(key, *, shape, cells: int, p: float) -> jax.Array:
-  """One RISE mask (Petsiuk et al., 2018), as an intervention mask.
-
-  A ``cells x cells`` grid of Bernoulli(p) *kept* cells, upsampled bilinearly to
-  ``(cells + 1) * cell_size`` and cropped at a random shift in ``[0, cell_size)``
-  (``rise_grid``, ``rise_upsample``). RISE masks mark what is **kept**, so the
-  returned intervention mask is ``1 - kept``: the fraction of pixels left untouched
-  is ``p`` on average.
-
-  Returns:
-    float32 ``(h, w)`` intervention mask.
-  """
-  grid, shift = rise_grid(key, cells=cells, p=p, cell_size=rise_cell_size(shape, cells))
-  return 1.0 - rise_upsample(grid, shift, shape=shape)
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["key"],
-                   meta_fields=["num", "shape", "cells", "p"])
-@dataclasses.dataclass(frozen=True)
+@_source(data=("key",), meta=("num", "shape", "cells", "p"))
 class RiseMasks:
-  """``num`` random RISE masks, drawn chunk by chunk on the device.
+  """``num`` random RISE masks (Petsiuk et al., 2018) as intervention masks.
 
-  A pytree whose only leaf is ``key``: it can be passed through ``jit`` as an
-  argument, and its size and shape stay static.
+  Mask ``i`` uses ``fold_in(key, i)``: a ``cells x cells`` grid of Bernoulli(p) *kept*
+  cells, upsampled bilinearly to ``(cells + 1) * cell_size`` and cropped at a random
+  shift in ``[0, cell_size)`` (``rise_grid``, ``rise_upsample``). RISE's masks mark
+  what is **kept**; the intervention mask is ``1 - kept``, so the fraction of pixels
+  left untouched is ``p`` on average.
 
   Attributes:
-    key: PRNG key; mask ``i`` uses ``fold_in(key, i)``.
-    num: number of masks.
-    shape: ``(h, w)``.
-    cells: coarse grid size (RISE's ``s``).
-    p: probability that a cell is kept.
+    key: PRNG key (the only leaf). num: number of masks. shape: ``(h, w)``.
+    cells: coarse grid size (RISE's ``s``). p: probability that a cell is kept.
   """
 
   key: jax.Array
@@ -300,21 +344,27 @@ class RiseMasks:
   cells: int = 8
   p: float = 0.5
 
-  def __call__(self, indices: jax.Array) -> jax.Array:
-    """Masks ``indices`` (any integer array shape ``(b,)``) as ``(b, h, w)``."""
-    return jax.vmap(lambda i: rise_mask(jax.random.fold_in(self.key, i), shape=self.shape,
-                                        cells=self.cells, p=self.p))(indices)
-
-  def grids(self, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def grids(self, indices) -> tuple[jax.Array, jax.Array]:
     """The kept-cell grids ``(b, cells, cells)`` and shifts ``(b, 2)`` of masks
     ``indices``: ``1 - rise_upsample(grid, shift)`` is the mask."""
     size = rise_cell_size(self.shape, self.cells)
     return jax.vmap(lambda i: rise_grid(jax.random.fold_in(self.key, i), cells=self.cells,
                                         p=self.p, cell_size=size))(indices)
 
+  def __call__(self, indices):
+    kept, shifts = self.grids(indices)
+    return 1.0 - jax.vmap(functools.partial(rise_upsample, shape=self.shape))(kept, shifts)
 
-def rise_masks(key: PRNGKey, *, num: int, shape, cells: int = 8, p: float = 0.5) -> RiseMasks:
-  """A recipe for ``num`` RISE masks (see ``RiseMasks``); nothing is drawn yet."""
+  def support_boxes(self):
+    raise ValueError("RISE masks are not local (each covers the whole image).")
+
+
+def rise(key: PRNGKey, *, num: int, shape, cells: int = 8, p: float = 0.5) -> RiseMasks:
+  """``num`` RISE masks (see ``RiseMasks``); nothing is drawn until a chunk is asked for.
+
+  Raises:
+    ValueError: ``num < 1``, ``p`` outside (0, 1), or ``cells`` outside [1, min(h, w)].
+  """
   h, w = _check_shape(shape)
   if num < 1:
     raise ValueError(f"num must be positive, got {num}.")
@@ -325,31 +375,24 @@ def rise_masks(key: PRNGKey, *, num: int, shape, cells: int = 8, p: float = 0.5)
   return RiseMasks(key, int(num), (h, w), int(cells), float(p))
 
 
-@runtime_checkable
-class MaskSource(Protocol):
-  """A lazy set of masks: any object with these members can replace a mask array.
+# --- the old names, for one release ---------------------------------------------------
 
-  ``num`` masks of spatial ``shape``; ``__call__(indices (b,)) -> (b, h, w)`` makes masks
-  ``indices`` on the device, inside the sweep, so ``num x h x w`` never exists at once.
-  Register it as a pytree with ``num``/``shape`` as static metadata to pass it through
-  ``jax.jit`` as an argument (as ``RiseMasks``), or make it hashable.
-  """
-
-  num: int
-  shape: tuple[int, int]
-
-  def __call__(self, indices: jax.Array) -> jax.Array: ...
+def _dense(family):
+  return lambda *args, **kwargs: to_array(family(*args, **kwargs))
 
 
-def is_recipe(masks) -> bool:
-  """Whether ``masks`` is a lazy ``MaskSource`` rather than a ``(m, h, w)`` array."""
-  return (not isinstance(masks, (jax.Array, np.ndarray)) and callable(masks)
-          and hasattr(masks, "num") and hasattr(masks, "shape"))
+__getattr__ = deprecated_names(__name__, {
+    "grid_masks": ("masks.to_array(masks.grid(...))", _dense(grid)),
+    "sliding_window_masks": ("masks.to_array(masks.sliding_windows(...))",
+                             _dense(sliding_windows)),
+    "box_masks": ("masks.to_array(masks.boxes(...))", _dense(boxes)),
+    "rise_masks": ("masks.rise", rise),
+    "is_recipe": ("isinstance(x, masks.MaskSource)", lambda m: not isinstance(
+        m, (jax.Array, np.ndarray)) and isinstance(m, MaskSource)),
+    "num_masks": ("masks.as_source(x).num", lambda m: as_source(m).num),
+    "mask_shape": ("masks.as_source(x).shape", lambda m: tuple(as_source(m).shape)),
+})
 
-
-def num_masks(masks) -> int:
-  return int(masks.num) if is_recipe(masks) else int(masks.shape[0])
-
-
-def mask_shape(masks) -> tuple[int, int]:
-  return tuple(masks.shape) if is_recipe(masks) else tuple(masks.shape[1:])
+__all__ = ["ArrayMasks", "Boxes", "Grid", "MaskSource", "RiseMasks", "SlidingWindows",
+           "as_source", "boxes", "grid", "grid_cells", "rise", "rise_cell_size", "rise_grid",
+           "rise_upsample", "sliding_windows", "to_array", "window_starts"]

@@ -8,7 +8,7 @@ at its last feature map, ``features_fn(images) -> (n, h', w', C)`` and
 their maps are upsampled bilinearly to the image size. Scores are target *logits*,
 as in the papers. Random methods take an explicit ``key``.
 
-Each method is compiled once (``cejax.compile``): eager calls with the same model
+Each method is compiled once (``cejax._compile.jit``): eager calls with the same model
 functions, hyperparameters and shapes reuse one program. Called eagerly, a target
 outside the model's classes raises ``ValueError``; under ``jit`` it gives a NaN map.
 """
@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cejax import effects as effects_lib
+from cejax import estimands, interventions
 from cejax import masks as masks_lib
-from cejax.compile import compile_once, output_shape
+from cejax._compile import jit, output_shape
 from cejax.types import ClassifyFn, FeaturesFn, Images, LogitsFn, Maps, PRNGKey, Targets
 
 
@@ -71,33 +72,36 @@ def _validate(args):
   """Eager checks before the compiled call: shapes, dtype, and the target range."""
   images, targets = args["images"], args["targets"]
   if isinstance(images, jax.core.Tracer):
-    return
+    return args
   images, targets = _check(images, targets)
   if isinstance(targets, jax.core.Tracer):
-    return  # traced: the NaN contract of _score_fn applies
+    return args  # traced: the NaN contract of _score_fn applies
   k = _num_classes(args, (1,) + images.shape[1:], images.dtype)
   t = np.asarray(targets)
   if t.size and (t.min() < 0 or t.max() >= k):
     raise ValueError(f"targets must be class indices in [0, {k}), got {t.tolist()}.")
+  return args
 
 
-_LOGITS = _CAM = dict(validate=_validate)
+# Images, targets, keys, baselines and tolerances are traced; models, sizes, flags static.
+_compiled = jit(data=("images", "targets", "key", "baseline", "tolerance"),
+                prepare=_validate)
 
 
-@compile_once(static_argnames=("logits_fn",), **_LOGITS)
+@_compiled
 def input_gradient(logits_fn: LogitsFn, images: Images, targets: Targets) -> Images:
   """``d logit_t / d x`` with the image's shape ``(n, h, w, c)``."""
   images, targets = _check(images, targets)
   return jax.grad(_score_fn(logits_fn, targets))(images)
 
 
-@compile_once(static_argnames=("logits_fn",), **_LOGITS)
+@_compiled
 def vanilla_gradient(logits_fn: LogitsFn, images: Images, targets: Targets) -> Maps:
   """Simonyan et al. (2014): max over channels of ``|d logit_t / d x|``."""
   return jnp.abs(input_gradient(logits_fn, images, targets)).max(-1)
 
 
-@compile_once(static_argnames=("logits_fn",), **_LOGITS)
+@_compiled
 def gradient_x_input(logits_fn: LogitsFn, images: Images, targets: Targets) -> Maps:
   """Shrikumar et al. (2016): ``sum_c x * d logit_t / d x``."""
   images, targets = _check(images, targets)
@@ -111,7 +115,7 @@ def _noisy(images, key, num_samples, sigma):
   return images[None] + sigma * spread[None, :, None, None, None] * noise
 
 
-@compile_once(static_argnames=("logits_fn", "num_samples", "sigma"), **_LOGITS)
+@_compiled
 def smoothgrad(logits_fn: LogitsFn, images: Images, targets: Targets, *,
                key: PRNGKey, num_samples: int = 50,
                sigma: float = 0.15):
@@ -134,7 +138,7 @@ def smoothgrad(logits_fn: LogitsFn, images: Images, targets: Targets, *,
   return grads.mean(0).max(-1)
 
 
-@compile_once(static_argnames=("logits_fn", "steps", "per_channel"), **_LOGITS)
+@_compiled
 def integrated_gradients(logits_fn: LogitsFn, images: Images, targets: Targets, *,
                          baseline=None, steps: int = 32,
                          per_channel: bool = False):
@@ -167,7 +171,7 @@ def _feature_grads(features_fn, classify_fn, images, targets):
   return feats, jax.grad(_score_fn(classify_fn, targets))(feats)
 
 
-@compile_once(static_argnames=("features_fn", "classify_fn"), **_CAM)
+@_compiled
 def cam(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images,
         targets: Targets) -> Maps:
   """Zhou et al. (2016): ``sum_c W[c, t] A_c`` for a global-average-pool + linear head.
@@ -181,7 +185,7 @@ def cam(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images,
   return _upsample(hw * (feats * grads).sum(-1), images.shape[1:3])
 
 
-@compile_once(static_argnames=("features_fn", "classify_fn"), **_CAM)
+@_compiled
 def grad_cam(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images,
              targets: Targets) -> Maps:
   """Selvaraju et al. (2017): ``ReLU(sum_c alpha_c A_c)``, ``alpha_c`` = mean gradient."""
@@ -201,7 +205,7 @@ def _grad_cam_pp_maps(feats, d1, d2, d3):
   return jax.nn.relu((weights * feats).sum(-1))
 
 
-@compile_once(static_argnames=("features_fn", "classify_fn"), **_CAM)
+@_compiled
 def grad_cam_pp(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images,
                 targets: Targets) -> Maps:
   """Grad-CAM++ (Chattopadhay et al., 2018)."""
@@ -210,7 +214,7 @@ def grad_cam_pp(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images
   return _upsample(_grad_cam_pp_maps(feats, grads, grads**2, grads**3), images.shape[1:3])
 
 
-@compile_once(static_argnames=("features_fn", "classify_fn", "num_samples", "sigma"), **_CAM)
+@_compiled
 def smooth_grad_cam_pp(features_fn: FeaturesFn, classify_fn: ClassifyFn, images: Images,
                        targets: Targets, *, key: PRNGKey,
                        num_samples: int = 50, sigma: float = 0.15):
@@ -234,14 +238,13 @@ def smooth_grad_cam_pp(features_fn: FeaturesFn, classify_fn: ClassifyFn, images:
   return _upsample(_grad_cam_pp_maps(clean, d1, d2, d3), images.shape[1:3])
 
 
-@compile_once(static_argnames=("logits_fn", "num_masks", "cells", "p", "batch_size",
-                               "activation"), **_LOGITS)
+@_compiled
 def rise(logits_fn: LogitsFn, images: Images, targets: Targets, *,
          key: PRNGKey, num_masks: int = 4000, cells: int = 8,
          p: float = 0.5, batch_size: int = 100, activation: str = "softmax"):
   """RISE (Petsiuk et al., 2018): ``S(x) = sum_i f_t(I * M_i) M_i(x) / (N p)``.
 
-  ``M_i`` are the *kept* masks of ``masks.rise_masks`` (Petsiuk's generator: an
+  ``M_i`` are the *kept* masks of ``masks.rise`` (Petsiuk's generator: an
   ``s x s`` Bernoulli(p) grid upsampled bilinearly to ``(s + 1) x cell`` and cropped at
   a random shift), ``I * M_i`` keeps the image where ``M_i`` is 1 and puts 0 (in the
   model's input space, as in their code) elsewhere, and ``f_t`` is the target's
@@ -249,23 +252,21 @@ def rise(logits_fn: LogitsFn, images: Images, targets: Targets, *,
   default ``num_masks`` is Petsiuk's 4000 for ResNet-50 at 224 px (their ``s = 7``).
   """
   images, targets = _check(images, targets)
-  recipe = masks_lib.rise_masks(key, num=num_masks, shape=images.shape[1:3], cells=cells,
-                                p=p)
+  recipe = masks_lib.rise(key, num=num_masks, shape=images.shape[1:3], cells=cells, p=p)
 
   def one(image, target):
     result = effects_lib.causal_effect(
         logits_fn, image, recipe, estimand="probability", target=target,
         batch_size=batch_size, activation=activation, intervention="zero")
     # effects are q_i - p_t: add p_t back for RISE's f_t(I * M_i).
-    clean = effects_lib.activate(result.clean_logits, activation)
+    clean = estimands.activate(result.clean_logits, activation)
     probs = result.effects + clean[jnp.clip(result.target, 0, clean.shape[-1] - 1)]
     return effects_lib.ce_map(probs, recipe, weighting="rise", batch_size=batch_size)
 
   return jax.lax.map(lambda a: one(*a), (images, targets))
 
 
-@compile_once(static_argnames=("logits_fn", "max_masks", "cells", "p", "batch_size",
-                               "activation"), **_LOGITS)
+@_compiled
 def adaptive_rise(logits_fn: LogitsFn, images: Images, targets: Targets, *,
                   key: PRNGKey, tolerance, max_masks: int = 10000, cells: int = 8,
                   p: float = 0.5, batch_size: int = 100,
@@ -284,13 +285,12 @@ def adaptive_rise(logits_fn: LogitsFn, images: Images, targets: Targets, *,
     ``(maps (n, h, w), masks_used (n,) int32)``.
   """
   images, targets = _check(images, targets)
-  recipe = masks_lib.rise_masks(key, num=max_masks, shape=images.shape[1:3], cells=cells,
-                                p=p)
+  recipe = masks_lib.rise(key, num=max_masks, shape=images.shape[1:3], cells=cells, p=p)
   h, w = images.shape[1:3]
   offsets = jnp.arange(batch_size, dtype=jnp.int32)
 
   def one(image, target):
-    clean = effects_lib.activate(logits_fn(image[None])[0].astype(jnp.float32), activation)
+    clean = estimands.activate(logits_fn(image[None])[0].astype(jnp.float32), activation)
     p_t = clean[target]
 
     def body(state):
@@ -299,8 +299,8 @@ def adaptive_rise(logits_fn: LogitsFn, images: Images, targets: Targets, *,
       ok = indices < max_masks
       masked = recipe(jnp.minimum(indices, max_masks - 1))
       masked, image_ = jax.lax.optimization_barrier((masked, image))
-      x = jax.vmap(lambda m: effects_lib.intervene(image_, m, 0.0))(masked)
-      q = effects_lib.activate(logits_fn(x).astype(jnp.float32), activation)
+      x = jax.vmap(lambda m: interventions.intervene(image_, m, 0.0))(masked)
+      q = estimands.activate(logits_fn(x).astype(jnp.float32), activation)
       # As rise: the probability estimand q_t - p_t, with p_t added back.
       f = (q[:, target] - p_t) + p_t
       acc = acc + jnp.tensordot((1.0 - masked) * ok[:, None, None], f, axes=((0,), (0,)))
@@ -322,8 +322,7 @@ def adaptive_rise(logits_fn: LogitsFn, images: Images, targets: Targets, *,
   return jax.lax.map(lambda a: one(*a), (images, targets))
 
 
-@compile_once(static_argnames=("logits_fn", "window", "stride", "batch_size", "activation"),
-              **_LOGITS)
+@_compiled
 def occlusion(logits_fn: LogitsFn, images: Images, targets: Targets, *,
               window: int, stride: int, batch_size: int = 64,
               activation: str = "softmax"):
@@ -334,12 +333,12 @@ def occlusion(logits_fn: LogitsFn, images: Images, targets: Targets, *,
   ``Occlusion(lambda x: softmax(model(x))).attribute(x, target=t,
   sliding_window_shapes=(c, window, window), strides=(c, stride, stride),
   baselines=0)``. Windows are placed as Captum places them
-  (``masks.sliding_window_masks``). This is the CE map of the ``probability``
+  (``masks.sliding_windows``). This is the CE map of the ``probability``
   estimand with sliding windows and the ``"zero"`` intervention, sign flipped.
   """
   images, targets = _check(images, targets)
-  mask_set = masks_lib.sliding_window_masks(shape=images.shape[1:3], window=window,
-                                            stride=stride)
+  mask_set = masks_lib.to_array(masks_lib.sliding_windows(
+      shape=images.shape[1:3], window=window, stride=stride))
 
   def one(image, target):
     result = effects_lib.causal_effect(

@@ -1,9 +1,10 @@
-"""Mesh helpers for sweeps over masks.
+"""Mesh helpers: the mask axis of a causal effect over every device, a batch of images
+over every device.
 
-A sweep shards its mask axis over every device of a 1-D mesh; model parameters
-are closed over and so replicated. The same code runs on one host or many: on a
-cluster call ``jax.distributed.initialize()`` first in every process (it detects
-TPU pods, SLURM and Open MPI; otherwise pass ``coordinator_address``,
+``map_chunks`` shards an item axis (masks, latent interventions) over every device of a
+1-D mesh; model parameters are closed over and so replicated. The same code runs on one
+host or many: on a cluster call ``jax.distributed.initialize()`` first in every process
+(it detects TPU pods, SLURM and Open MPI; otherwise pass ``coordinator_address``,
 ``num_processes`` and ``process_id``), then build the mesh over ``jax.devices()``,
 which then lists the devices of every process.
 """
@@ -15,6 +16,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from cejax._deprecation import deprecated_names
 
 
 def mask_mesh(devices=None, *, axis: str = "masks") -> jax.sharding.Mesh:
@@ -29,14 +32,15 @@ def padded_size(m, batch_size, devices):
   return -(-m // per) * per
 
 
-def sweep(chunk_fn: Callable, num: int, data=None, *, batch_size: int,
-          mesh: jax.sharding.Mesh | None = None, axis: str | None = None, args=()):
-  """Maps ``chunk_fn(indices (b,), data_chunk, *args)`` over ``num`` items in chunks.
+def map_chunks(chunk_fn: Callable, num: int, *, batch_size: int,
+               mesh: jax.sharding.Mesh | None = None, axis: str | None = None, args=()):
+  """Maps ``chunk_fn(indices (b,), *args)`` over items ``0 .. num - 1`` in chunks of
+  ``batch_size`` (a ``lax.map``, so memory is bounded by one chunk).
 
-  Items are padded to a multiple of ``batch_size`` (times the mesh size) and the
-  padding is cut from the result. ``data`` (leading axis ``num``) is split with the
-  indices; ``args`` are passed whole (replicated). With ``mesh``, the item axis is
-  sharded over mesh axis ``axis`` (default: all of the mesh's axes).
+  Indices are padded to a multiple of ``batch_size`` (times the mesh size) and the
+  padding is cut from the result; ``args`` are passed whole (replicated). With
+  ``mesh``, the index axis is sharded over mesh axis ``axis`` (default: all of the
+  mesh's axes) with ``jax.shard_map``.
 
   Returns:
     ``chunk_fn``'s outputs concatenated over items, leading axis ``num``.
@@ -44,34 +48,30 @@ def sweep(chunk_fn: Callable, num: int, data=None, *, batch_size: int,
   devices = 1 if mesh is None else mesh.size
   total = padded_size(num, batch_size, devices)
   indices = jnp.arange(total, dtype=jnp.int32)
-  data = jax.tree.map(
-      lambda d: jnp.pad(d, [(0, total - num)] + [(0, 0)] * (d.ndim - 1)), data)
 
-  def local(indices, data, *args):
+  def local(indices, *args):
     chunks = indices.reshape(-1, batch_size)
-    dchunks = jax.tree.map(lambda d: d.reshape(-1, batch_size, *d.shape[1:]), data)
-    out = jax.lax.map(lambda c: chunk_fn(c[0], c[1], *args), (chunks, dchunks))
+    out = jax.lax.map(lambda c: chunk_fn(c, *args), chunks)
     return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]), out)
 
   if mesh is None:
-    out = local(indices, data, *args)
+    out = local(indices, *args)
   else:
     spec = P(axis if axis is not None else mesh.axis_names)
-    specs = (spec, jax.tree.map(lambda _: spec, data)) + (P(),) * len(args)
+    specs = (spec,) + (P(),) * len(args)
 
     def run(*inputs):
       # Lay inputs out on the mesh (a no-op when they already are), then split.
-      inputs = jax.tree.map(
-          lambda x, sp: None if x is None else jax.reshard(
-              x, jax.sharding.NamedSharding(mesh, sp)), inputs, specs,
-          is_leaf=lambda x: x is None)
+      inputs = tuple(
+          jax.tree.map(lambda x, sp=sp: jax.reshard(x, jax.sharding.NamedSharding(mesh, sp)),
+                       tree) for tree, sp in zip(inputs, specs, strict=True))
       out = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=spec,
                           check_vma=False)(*inputs)
       # Effects are small (m numbers per image): gather them to cut the padding.
       return jax.tree.map(
           lambda o: jax.reshard(o, jax.sharding.NamedSharding(mesh, P())), out)
 
-    out = jax.jit(run)(indices, data, *args)
+    out = jax.jit(run)(indices, *args)
   return jax.tree.map(lambda o: o[:num], out)
 
 
@@ -94,3 +94,16 @@ def shard_batch(fn: Callable, mesh: jax.sharding.Mesh, *, axis: str | None = Non
     return jitted(jax.device_put(images, batch), jax.device_put(labels, batch))
 
   return wrapped
+
+
+def _sweep(chunk_fn, num, data=None, *, batch_size, mesh=None, axis=None, args=()):
+  if data is not None:
+    raise ValueError("sharding.sweep's data= is gone: close over the data and index it "
+                     "with the chunk's indices (sharding.map_chunks).")
+  return map_chunks(lambda indices, *a: chunk_fn(indices, None, *a), num,
+                    batch_size=batch_size, mesh=mesh, axis=axis, args=args)
+
+
+__getattr__ = deprecated_names(__name__, {"sweep": ("sharding.map_chunks", _sweep)})
+
+__all__ = ["map_chunks", "mask_mesh", "padded_size", "shard_batch"]

@@ -4,7 +4,7 @@ Convert the PyTorch checkpoint, then analyze with CheXNet's preprocessing (resiz
 256, center crop 224, ImageNet mean/std, 3 channels) and multi-label estimands;
 localization is scored on ChestX-ray14's boxes, rescaled through resize and crop::
 
-    python -m cejax.convert --input=m-25012018-123527.pth.tar --workdir=runs/chexnet
+    python -m cejax.jobs.convert --input=m-25012018-123527.pth.tar --workdir=runs/chexnet
     python analyze.py --config=configs/chexnet.py --workdir=runs/chexnet \\
         --config.data.manual_dir=/path/to/ChestX-ray14
 
@@ -27,11 +27,12 @@ def get_config():
   a.num_images = 32
   a.chunk_size = 4
   a.batch_size = 16
-  a.grid_cells = 10  # the paper's 10 x 10 grid (22-pixel blocks)
-  a.window_div = 4  # 56-pixel windows ...
-  a.stride_div = 8  # ... every 28 pixels
-  a.rise_masks = 4000  # Petsiuk et al.'s count and cells at 224 px
-  a.rise_cells = 7
+  m = config.masks
+  m.grid_cells = 10  # the paper's 10 x 10 grid (22-pixel blocks)
+  m.window = 56  # 56-pixel windows ...
+  m.stride = 28  # ... every 28 pixels
+  m.rise_masks = 4000  # Petsiuk et al.'s count and cells at 224 px
+  m.rise_cells = 7
   a.noise_samples = 50
   a.ig_steps = 8
   a.deletion_steps = 8

@@ -22,10 +22,10 @@ def get_config():
   config.analysis.num_images = 8
   config.analysis.chunk_size = 4
   config.analysis.batch_size = 32
-  config.analysis.grid_cells = 4
-  config.analysis.stride_div = 8
-  config.analysis.rise_masks = 64
-  config.analysis.rise_cells = 4
+  config.masks.grid_cells = 4
+  config.masks.stride = 4  # pixels (window: 32 / 4 = 8 pixels)
+  config.masks.rise_masks = 64
+  config.masks.rise_cells = 4
   config.analysis.noise_samples = 2
   config.analysis.ig_steps = 4
   config.analysis.deletion_steps = 4

@@ -3,7 +3,7 @@ of every test image (1,000), expected CE and the target probability. Run, after
 training the demo::
 
     python train.py --config=configs/synthetic.py --workdir=runs/synthetic
-    python -m cejax.sweep --config=configs/sweep.py --workdir=runs/synthetic
+    python -m cejax.jobs.sweep --config=configs/sweep.py --workdir=runs/synthetic
 
 On a cluster, start the same command in every process with ``--distributed``.
 """

@@ -10,7 +10,7 @@ its default and meaning, is declared once in ``cejax.config.base_config``; unkno
 are an error there.
 """
 
-from cejax.config import base_config
+from cejax.jobs.config import base_config
 
 
 def get_config():

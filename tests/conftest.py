@@ -48,7 +48,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_smoke(tmp_path_factory, data_dir):
   """A smoke run trained once for the session: ``(config, workdir)``."""
-  from cejax import training
+  from cejax.jobs import training
 
   workdir = tmp_path_factory.mktemp("smoke_run")
   config = smoke_config(data_dir)
@@ -61,7 +61,7 @@ def trained_tiny(tmp_path_factory, data_dir):
   """A tiny DenseNet that classifies (about half of the 5-class smoke test set right,
   30-40 s here): the smoke data at 32 px, 2048 training images, 8 epochs of batches
   of 64. Returns ``(config, workdir)``."""
-  from cejax import training
+  from cejax.jobs import training
 
   workdir = tmp_path_factory.mktemp("tiny_run")
   config = smoke_config(data_dir)

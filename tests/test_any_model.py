@@ -62,7 +62,7 @@ def _models():
 def test_ce_saliency_and_attack_run_on_any_model(name):
   logits_fn = _models()[name]
   image = jax.random.normal(jax.random.key(1), (SIZE, SIZE, C))
-  grid = masks.grid_masks(shape=(SIZE, SIZE), n=2)
+  grid = masks.to_array(masks.grid(shape=(SIZE, SIZE), n=2))
   result = effects.causal_effect(logits_fn, image, grid, estimand="probability", target=1,
                                  batch_size=3)
   p = jax.nn.softmax(logits_fn(image[None])[0])[1]

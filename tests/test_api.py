@@ -47,15 +47,15 @@ def test_no_module_uses_another_modules_private_names():
 def test_unknown_config_keys_name_the_closest_valid_key():
   import pytest
 
-  from cejax import config, training
+  from cejax.jobs import config, training
   from configs import chexnet, smoke, synthetic_eval
 
   for module in (smoke, chexnet, synthetic_eval):  # every shipped config is valid
     config.check_keys(module.get_config(), config.base_config())
   typo = smoke.get_config()
-  typo.analysis.rise_mask = 100
-  with pytest.raises(ValueError, match=r"config\.analysis\.rise_mask\. Did you mean "
-                                       r"config\.analysis\.rise_masks\?"):
+  typo.masks.rise_mask = 100
+  with pytest.raises(ValueError, match=r"config\.masks\.rise_mask\. Did you mean "
+                                       r"config\.masks\.rise_masks\?"):
     config.check_keys(typo, config.base_config())
   typo = smoke.get_config()
   typo.train.learnig_rate = 0.1

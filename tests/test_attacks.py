@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from compile_count import Compilations
 
-from cejax import attacks, checkpoint, defenses, sharding
+from cejax import attacks, defenses, sharding
 from cejax.data import pipeline
+from cejax.jobs import checkpoint
 
 H = W = 6
 PIXELS = attacks.PixelSpace()  # these toy models take [0, 1] pixels as they are

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cejax import autoencoder, checkpoint, effects
+from cejax import autoencoder, effects, latent
 from cejax.data import pipeline
+from cejax.jobs import checkpoint
 
 
 def test_total_variation_closed_form():
@@ -36,8 +37,8 @@ def test_autoencoder_learns_the_stage_and_preserves_predictions(trained_tiny):
   # intervention pushed through the decoder and the classifier's suffix.
   code_prefix, code_suffix = autoencoder.code_fns(prefix, suffix, model)
   image = jnp.asarray(test[0])
-  inter = effects.latent_interventions(channels=np.arange(16), values=[0.0])
-  res = effects.latent_causal_effect(code_prefix, code_suffix, image, inter,
+  inter = latent.latent_interventions(channels=np.arange(16), values=[0.0])
+  res = effects.causal_effect(latent.forward(code_prefix, code_suffix), image, inter,
                                      estimand="probability", batch_size=5)
   code = model.encode(prefix(image[None]))
   t = jnp.argmax(suffix(model.decode(code))[0])

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from cejax import checkpoint, convert
+from cejax.jobs import checkpoint, convert
 
 torch = pytest.importorskip("torch")
 from torch_densenet import TorchDenseNet, randomize  # noqa: E402
@@ -153,8 +153,8 @@ def test_imported_chexnet_layout_analyzes_real_chestxray14_images(tmp_path, ches
          f"--workdir={workdir}", f"--config.data.manual_dir={chestxray_dir}",
          f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.image_size=72",
          "--config.data.crop_size=64", "--config.analysis.num_images=4",
-         "--config.analysis.chunk_size=4", "--config.analysis.grid_cells=4",
-         "--config.analysis.rise_masks=16", "--config.analysis.noise_samples=2",
+         "--config.analysis.chunk_size=4", "--config.masks.grid_cells=4",
+         "--config.masks.rise_masks=16", "--config.analysis.noise_samples=2",
          "--config.analysis.ig_steps=2", "--config.analysis.deletion_steps=2",
          "--config.analysis.attack_steps=2", "--config.analysis.defenses=()",
          "--config.analysis.epsilons=(0.01,)", "--config.analysis.attacks=('fgsm',)",

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax import test_util as jtu
 
-from cejax import checkpoint
+from cejax.jobs import checkpoint
 from cejax.models import densenet
 
 

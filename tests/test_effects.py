@@ -10,7 +10,8 @@ from compile_count import Compilations as _Compilations
 from flax import nnx
 from jax import test_util as jtu
 
-from cejax import checkpoint, effects, masks
+from cejax import effects, estimands, interventions, latent, masks
+from cejax.jobs import checkpoint
 from cejax.models import densenet
 
 H = W = 12
@@ -37,8 +38,8 @@ def make_logits_fn(seed=0):
 def setup():
   image = jax.random.normal(jax.random.key(1), (H, W, C))
   mask_set = jnp.concatenate([
-      masks.grid_masks(shape=(H, W), n=3),
-      masks.sliding_window_masks(shape=(H, W), window=5, stride=4),
+      masks.to_array(masks.grid(shape=(H, W), n=3)),
+      masks.to_array(masks.sliding_windows(shape=(H, W), window=5, stride=4)),
       jax.random.uniform(jax.random.key(2), (3, H, W)),  # soft masks
   ])
   return make_logits_fn(), image, mask_set
@@ -101,19 +102,19 @@ def reference_effect(logits_fn, image, mask, name, estimand, target, activation,
 
 
 INTERVENTIONS = {
-    "zero": effects.Constant(),
-    "pixel": effects.Constant(0.2, space="pixel", mean=[0.5, 0.4], std=[0.25, 0.2]),
-    "mean": effects.ImageMean(),
-    "blur": effects.Blur(sigma=1.5),
-    "reference": effects.Reference(np.linspace(-1, 1, H * W * C).reshape(H, W, C)),
-    "noise": effects.GaussianNoise(std=0.7, num_draws=3),
-    "imageset": effects.ImageSet(np.random.default_rng(0).normal(size=(5, H, W, C)),
-                                 num_draws=3),
+    "zero": interventions.Constant(),
+    "pixel": interventions.Constant(0.2, space="pixel", mean=[0.5, 0.4], std=[0.25, 0.2]),
+    "mean": interventions.ImageMean(),
+    "blur": interventions.Blur(sigma=1.5),
+    "reference": interventions.Reference(np.linspace(-1, 1, H * W * C).reshape(H, W, C)),
+    "noise": interventions.GaussianNoise(std=0.7, num_draws=3),
+    "imageset": interventions.ImageSet(np.random.default_rng(0).normal(size=(5, H, W, C)),
+                                       num_draws=3),
 }
 
 
 @pytest.mark.parametrize("name", sorted(INTERVENTIONS))
-@pytest.mark.parametrize("estimand", effects.ESTIMANDS)
+@pytest.mark.parametrize("estimand", estimands.ESTIMANDS)
 def test_sweep_equals_python_loop(setup, name, estimand):
   logits_fn, image, mask_set = setup
   intervention = INTERVENTIONS[name]
@@ -134,12 +135,13 @@ def test_empty_mask_is_zero_and_full_mask_replaces_the_image(setup):
   logits_fn, image, _ = setup
   two = jnp.stack([jnp.zeros((H, W)), jnp.ones((H, W))])
   ref = jnp.asarray(INTERVENTIONS["reference"].image, jnp.float32)
-  for estimand in effects.ESTIMANDS:
-    r = effects.causal_effect(logits_fn, image, two, intervention=effects.Reference(ref),
-                              estimand=estimand, target=1)
+  for estimand in estimands.ESTIMANDS:
+    r = effects.causal_effect(logits_fn, image, two,
+                              intervention=interventions.Reference(ref), estimand=estimand,
+                              target=1)
     np.testing.assert_allclose(r.effects[0], 0.0, atol=1e-6)
-    whole = effects.estimand_value(
-        estimand, logits_fn(image[None])[0], logits_fn(ref[None])[0],
+    whole = estimands.ESTIMANDS[estimand](
+        logits_fn(image[None])[0], logits_fn(ref[None])[0],
         jax.nn.softmax(logits_fn(ref[None])[0]), 1, "softmax")
     np.testing.assert_allclose(r.effects[1], whole, rtol=1e-5, atol=1e-7)
 
@@ -147,7 +149,7 @@ def test_empty_mask_is_zero_and_full_mask_replaces_the_image(setup):
 @pytest.mark.parametrize("batch_size", [1, 3, 7, 13, 100])
 def test_every_batch_size_gives_the_same_result(setup, batch_size):
   logits_fn, image, mask_set = setup
-  kw = dict(intervention=effects.GaussianNoise(num_draws=2), estimand="probability",
+  kw = dict(intervention=interventions.GaussianNoise(num_draws=2), estimand="probability",
             key=jax.random.key(3))
   base = effects.causal_effect(logits_fn, image, mask_set, batch_size=len(mask_set), **kw)
   other = effects.causal_effect(logits_fn, image, mask_set, batch_size=batch_size, **kw)
@@ -158,7 +160,7 @@ def test_every_batch_size_gives_the_same_result(setup, batch_size):
 def test_sharded_sweep_equals_one_device(setup, num_devices):
   logits_fn, image, mask_set = setup
   mesh = jax.make_mesh((num_devices,), ("masks",), devices=jax.devices()[:num_devices])
-  kw = dict(intervention=effects.GaussianNoise(num_draws=2), estimand="expected",
+  kw = dict(intervention=interventions.GaussianNoise(num_draws=2), estimand="expected",
             key=jax.random.key(3), batch_size=2)
   base = effects.causal_effect(logits_fn, image, mask_set, **kw)
   sharded = jax.jit(lambda im: effects.causal_effect(logits_fn, im, mask_set, mesh=mesh,
@@ -168,7 +170,7 @@ def test_sharded_sweep_equals_one_device(setup, num_devices):
 
 def test_rise_recipe_sharded_equals_materialized(setup):
   logits_fn, image, _ = setup
-  recipe = masks.rise_masks(jax.random.key(5), num=37, shape=(H, W), cells=3, p=0.5)
+  recipe = masks.rise(jax.random.key(5), num=37, shape=(H, W), cells=3, p=0.5)
   materialized = recipe(jnp.arange(37))
   mesh = jax.make_mesh((8,), ("masks",))
   a = effects.causal_effect(logits_fn, image, recipe, batch_size=3, mesh=mesh)
@@ -203,13 +205,13 @@ def test_vmap_over_images_equals_loop(setup):
 def test_gradient_matches_finite_differences(setup):
   logits_fn, image, mask_set = setup
   f = lambda im: effects.causal_effect(logits_fn, im, mask_set[:5], estimand="expected",
-                                       intervention=effects.Blur(sigma=1.0),
+                                       intervention=interventions.Blur(sigma=1.0),
                                        batch_size=2).effects.sum()
   jtu.check_grads(f, (image,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
 def test_ce_map_coverage_and_sliding_borders():
-  sliding = masks.sliding_window_masks(shape=(10, 10), window=4, stride=4)
+  sliding = masks.to_array(masks.sliding_windows(shape=(10, 10), window=4, stride=4))
   # Captum's placement: starts 0, 4, 8; the last window is cut at the edge (no extra
   # window flush with it).
   assert masks.window_starts(10, 4, 4) == [0, 4, 8]
@@ -218,24 +220,24 @@ def test_ce_map_coverage_and_sliding_borders():
   np.testing.assert_array_equal(coverage, np.ones((10, 10)))
   np.testing.assert_array_equal(sliding[2].sum(0), [0] * 8 + [4, 4])
   with pytest.raises(ValueError, match="larger than window"):
-    masks.sliding_window_masks(shape=(10, 10), window=3, stride=4)
+    masks.to_array(masks.sliding_windows(shape=(10, 10), window=3, stride=4))
   effects_ = jnp.arange(len(sliding), dtype=jnp.float32)
   cmap = effects.ce_map(effects_, sliding, batch_size=4)
   loop = sum(e * m for e, m in zip(np.asarray(effects_), np.asarray(sliding))) / coverage
   np.testing.assert_allclose(cmap, loop, rtol=1e-6)
   # grid blocks partition the image
-  grid = masks.grid_masks(shape=(10, 7), n=3)
+  grid = masks.to_array(masks.grid(shape=(10, 7), n=3))
   np.testing.assert_array_equal(grid.sum(0), np.ones((10, 7)))
 
 
 def test_ce_map_rise_weighting_is_the_kept_weighted_sum():
-  recipe = masks.rise_masks(jax.random.key(2), num=23, shape=(9, 7), cells=3, p=0.3)
+  recipe = masks.rise(jax.random.key(2), num=23, shape=(9, 7), cells=3, p=0.3)
   values = np.asarray(jax.random.normal(jax.random.key(3), (23, 2)))
   kept = 1 - np.asarray(recipe(jnp.arange(23)), np.float64)
   ref = np.einsum("mk,mhw->hwk", values, kept) / (23 * 0.3)
   np.testing.assert_allclose(effects.ce_map(values, recipe, weighting="rise", batch_size=5),
                              ref, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="needs the RiseMasks recipe"):
+  with pytest.raises(ValueError, match="needs the RiseMasks source"):
     effects.ce_map(values[:, 0], recipe(jnp.arange(23)), weighting="rise")
 
 
@@ -244,20 +246,20 @@ def test_blur_equals_scipy_gaussian_filter():
   for sigma in (0.8, 2.0, 5.0):
     ref = scipy.ndimage.gaussian_filter(image.astype(np.float64), (sigma, sigma, 0),
                                         mode="nearest")
-    np.testing.assert_allclose(effects.Blur(sigma=sigma).fill(jnp.asarray(image), None), ref,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(interventions.Blur(sigma=sigma).fill(jnp.asarray(image), None),
+                               ref, rtol=1e-5, atol=1e-6)
 
 
 def test_rise_masks_keep_fraction_p():
   for p in (0.3, 0.5, 0.8):
-    recipe = masks.rise_masks(jax.random.key(0), num=400, shape=(32, 32), cells=6, p=p)
+    recipe = masks.rise(jax.random.key(0), num=400, shape=(32, 32), cells=6, p=p)
     kept = 1.0 - recipe(jnp.arange(400))
     assert float(kept.mean()) == pytest.approx(p, abs=0.03)
     assert float(kept.min()) >= 0.0 and float(kept.max()) <= 1.0
 
 
 def test_box_masks_cover_fractional_pixels():
-  m = masks.box_masks([[1.5, 0, 3, 2]], shape=(3, 4))
+  m = masks.to_array(masks.boxes([[1.5, 0, 3, 2]], shape=(3, 4)))
   np.testing.assert_allclose(m[0], [[0, .5, 1, 0], [0, .5, 1, 0], [0, 0, 0, 0]])
 
 
@@ -280,13 +282,13 @@ def test_bad_input_raises_clear_errors(setup):
   with pytest.raises(ValueError, match="Unknown intervention"):
     ce(intervention="gray")
   with pytest.raises(ValueError, match="pass key="):
-    ce(intervention=effects.GaussianNoise())
+    ce(intervention=interventions.GaussianNoise())
   with pytest.raises(ValueError, match="floating point"):
     ce(image=jnp.round(image * 10).astype(jnp.int32))
   with pytest.raises(ValueError, match=r"masks must lie in \[0, 1\]"):
     ce(masks=mask_set * 2)
   with pytest.raises(ValueError, match=r"masks must lie in \[0, 1\]"):
-    effects.intervene(image, -mask_set[0], 0.0)
+    interventions.intervene(image, -mask_set[0], 0.0)
   with pytest.raises(ValueError, match="Unknown activation"):
     ce(activation="softmx")
 
@@ -327,18 +329,18 @@ def test_latent_prefix_reuse_equals_full_recomputation(tiny_stage):
   prefix, suffix = checkpoint.make_stage_fns(graphdef, params, stats, stage)
   image = jax.random.normal(jax.random.key(4), (32, 32, 1))
   h_shape = prefix(image[None]).shape[1:]
-  regions = masks.grid_masks(shape=h_shape[:2], n=2)
-  interventions = effects.latent_interventions(channels=[0, 5, 17], values=[0.0, 2.0],
-                                               regions=regions)
+  regions = masks.to_array(masks.grid(shape=h_shape[:2], n=2))
+  inter = latent.latent_interventions(channels=[0, 5, 17], values=[0.0, 2.0],
+                                      regions=regions)
   mesh = jax.make_mesh((4,), ("masks",), devices=jax.devices()[:4])
-  result = effects.latent_causal_effect(prefix, suffix, image, interventions,
-                                        estimand="probability", batch_size=5, mesh=mesh)
+  result = effects.causal_effect(latent.forward(prefix, suffix), image, inter,
+                                 estimand="probability", batch_size=5, mesh=mesh)
   model = nnx.merge(graphdef, params, stats)
-  for i in range(len(interventions.channels)):
+  for i in range(len(inter.channels)):
     h = model.forward_to(image[None], stage)[0]  # recomputed every time
-    h = h.at[..., interventions.channels[i]].set(
-        h[..., interventions.channels[i]] * (1 - interventions.regions[i])
-        + interventions.values[i] * interventions.regions[i])
+    h = h.at[..., inter.channels[i]].set(
+        h[..., inter.channels[i]] * (1 - inter.regions[i])
+        + inter.values[i] * inter.regions[i])
     p = jax.nn.softmax(model(image[None])[0])
     q = jax.nn.softmax(model.forward_from(h[None], stage)[0])
     t = int(result.target)
@@ -350,14 +352,14 @@ def test_latent_sweep_under_jit_and_bad_channels(tiny_stage):
   graphdef, params, stats = tiny_stage
   prefix, suffix = checkpoint.make_stage_fns(graphdef, params, stats, "transition1")
   image = jax.random.normal(jax.random.key(4), (32, 32, 1))
-  inter = effects.latent_interventions(channels=[1, 2, 3], values=[0.0, 1.0])
-  eager = effects.latent_causal_effect(prefix, suffix, image, inter, batch_size=4)
-  jitted = jax.jit(lambda im: effects.latent_causal_effect(prefix, suffix, im, inter,
-                                                           batch_size=4))(image)
+  inter = latent.latent_interventions(channels=[1, 2, 3], values=[0.0, 1.0])
+  eager = effects.causal_effect(latent.forward(prefix, suffix), image, inter, batch_size=4)
+  jitted = jax.jit(lambda im: effects.causal_effect(latent.forward(prefix, suffix), im,
+                                                    inter, batch_size=4))(image)
   np.testing.assert_allclose(jitted.effects, eager.effects, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="channels must be in"):
-    effects.latent_causal_effect(prefix, suffix, image,
-                                 effects.latent_interventions(channels=[999]))
+    effects.causal_effect(latent.forward(prefix, suffix), image,
+                          latent.latent_interventions(channels=[999]))
   with pytest.raises(ValueError, match="valid stages"):
     checkpoint.make_stage_fns(graphdef, params, stats, "block7")
 
@@ -366,9 +368,9 @@ def test_latent_sweep_under_jit_and_bad_channels(tiny_stage):
 
 def test_repeated_eager_calls_compile_once(setup, tiny_stage):
   logits_fn, image, mask_set = setup
-  grid = masks.grid_masks(shape=(H, W), n=3)
+  grid = masks.to_array(masks.grid(shape=(H, W), n=3))
   other = jax.random.normal(jax.random.key(9), (H, W, C))
-  noise = effects.GaussianNoise(std=0.5, num_draws=2)
+  noise = interventions.GaussianNoise(std=0.5, num_draws=2)
   calls = [
       lambda im: effects.causal_effect(logits_fn, im, grid, batch_size=4).effects,
       lambda im: effects.causal_effect(logits_fn, im, grid, intervention=noise,
@@ -383,7 +385,7 @@ def test_repeated_eager_calls_compile_once(setup, tiny_stage):
   # New settings compile anew; a new intervention value of the same type does not.
   with _Compilations() as compiled:
     effects.causal_effect(logits_fn, other, grid, batch_size=4,
-                          intervention=effects.GaussianNoise(std=2.0, num_draws=2),
+                          intervention=interventions.GaussianNoise(std=2.0, num_draws=2),
                           key=jax.random.key(2))
   assert compiled.count == 0
   with _Compilations() as compiled:
@@ -391,12 +393,12 @@ def test_repeated_eager_calls_compile_once(setup, tiny_stage):
   assert compiled.count >= 1
   graphdef, params, stats = tiny_stage
   prefix, suffix = checkpoint.make_stage_fns(graphdef, params, stats, "transition1")
-  inter = effects.latent_interventions(channels=[0, 3], values=[0.0])
+  inter = latent.latent_interventions(channels=[0, 3], values=[0.0])
   x = jax.random.normal(jax.random.key(4), (32, 32, 1))
-  effects.latent_causal_effect(prefix, suffix, x, inter, batch_size=2)
+  effects.causal_effect(latent.forward(prefix, suffix), x, inter, batch_size=2)
   x2 = x + 1
   with _Compilations() as compiled:
-    effects.latent_causal_effect(prefix, suffix, x2, inter, batch_size=2)
+    effects.causal_effect(latent.forward(prefix, suffix), x2, inter, batch_size=2)
   assert compiled.count == 0
 
 
@@ -409,16 +411,18 @@ def test_interventions_pass_through_jit_as_arguments(setup):
                                  key=key, batch_size=4).effects
 
   key = jax.random.key(3)
-  for intervention in (effects.Constant(0.3), effects.Blur(sigma=1.0),
-                       effects.GaussianNoise(std=0.5, num_draws=2),
-                       effects.Constant(0.2, space="pixel", mean=[0.5, 0.4], std=[0.25, 0.2]),
-                       effects.ImageSet(np.zeros((2, H, W, C), np.float32), num_draws=2)):
+  for intervention in (interventions.Constant(0.3), interventions.Blur(sigma=1.0),
+                       interventions.GaussianNoise(std=0.5, num_draws=2),
+                       interventions.Constant(0.2, space="pixel", mean=[0.5, 0.4],
+                                              std=[0.25, 0.2]),
+                       interventions.ImageSet(np.zeros((2, H, W, C), np.float32),
+                                              num_draws=2)):
     eager = effects.causal_effect(logits_fn, image, mask_set, intervention=intervention,
                                   key=key, batch_size=4).effects
     np.testing.assert_allclose(run(intervention, key), eager, rtol=1e-5, atol=1e-7)
   # Static fields stay static: num_draws and sigma are not leaves.
-  assert jax.tree.leaves(effects.GaussianNoise(std=0.5, num_draws=3)) == [0.5, 0.0]
-  assert jax.tree.leaves(effects.Blur(sigma=2.0)) == []
+  assert jax.tree.leaves(interventions.GaussianNoise(std=0.5, num_draws=3)) == [0.5, 0.0]
+  assert jax.tree.leaves(interventions.Blur(sigma=2.0)) == []
 
 
 def test_user_defined_intervention_mask_source_and_estimand(setup):
@@ -471,11 +475,11 @@ def test_user_defined_intervention_mask_source_and_estimand(setup):
                                                  ((9, 9), 9, 1)])
 def test_lazy_sliding_windows_and_grid_equal_the_dense_masks(shape, window, stride):
   recipe = masks.sliding_windows(shape=shape, window=window, stride=stride)
-  dense = masks.sliding_window_masks(shape=shape, window=window, stride=stride)
+  dense = masks.to_array(masks.sliding_windows(shape=shape, window=window, stride=stride))
   assert recipe.num == len(dense)
   np.testing.assert_array_equal(recipe(jnp.arange(recipe.num)), dense)
   grid = masks.grid(shape=shape, n=3)
-  np.testing.assert_array_equal(grid(jnp.arange(9)), masks.grid_masks(shape=shape, n=3))
+  np.testing.assert_array_equal(grid(jnp.arange(9)), masks.to_array(masks.grid(shape=shape, n=3)))
   with pytest.raises(ValueError, match="larger than window"):
     masks.sliding_windows(shape=(10, 10), window=3, stride=4)
 
@@ -483,7 +487,7 @@ def test_lazy_sliding_windows_and_grid_equal_the_dense_masks(shape, window, stri
 def test_sweep_over_a_lazy_recipe_equals_the_dense_masks_and_passes_jit(setup):
   logits_fn, image, _ = setup
   recipe = masks.sliding_windows(shape=(H, W), window=5, stride=2)
-  dense = masks.sliding_window_masks(shape=(H, W), window=5, stride=2)
+  dense = masks.to_array(masks.sliding_windows(shape=(H, W), window=5, stride=2))
   lazy = effects.causal_effect(logits_fn, image, recipe, batch_size=7).effects
   # Masks made inside the program fuse differently: float32 round-off only.
   np.testing.assert_allclose(lazy, effects.causal_effect(logits_fn, image, dense,
@@ -498,7 +502,7 @@ def test_lazy_boxes_equal_box_masks_and_pass_jit(setup):
   logits_fn, image, _ = setup
   coords = np.array([[0, 0, 4, 4], [2.5, 1, 9, 6.5], [6, 6, 12, 12]], np.float32)
   recipe = masks.boxes(coords, shape=(H, W))
-  dense = masks.box_masks(coords, shape=(H, W))
+  dense = masks.to_array(masks.boxes(coords, shape=(H, W)))
   np.testing.assert_array_equal(recipe(jnp.arange(3)), dense)
   lazy = jax.jit(lambda r: effects.causal_effect(logits_fn, image, r, batch_size=2).effects)
   np.testing.assert_allclose(lazy(recipe), effects.causal_effect(

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from conftest import smoke_config
 
-from cejax import analysis, attacks, defenses, effects, evaluators, masks
+from cejax import attacks, defenses, effects, latent, masks
 from cejax.data import pipeline
-from cejax.evaluators import store
+from cejax.jobs import analysis, common, evaluators
 
 
 def test_store_round_trips_nested_results_and_names_a_corrupt_file(tmp_path):
   tree = {"inputs": {"index": np.arange(3)},
           "localization": {"curves": {"deletion_zero": {"ce_grid": np.ones(3, np.float32)}},
                            "pointing": {"ce/odd name": np.zeros(3)}}}
-  store.save_tree(tmp_path / "0000.npz", tree)
-  back = store.load_tree(tmp_path / "0000.npz")
+  common.save_tree(tmp_path / "0000.npz", tree)
+  back = common.load_tree(tmp_path / "0000.npz")
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   jax.tree.map(np.testing.assert_array_equal, back, tree)
   # Plain numpy reads the file too: leaves plus the JSON structure naming them.
@@ -29,25 +29,25 @@ def test_store_round_trips_nested_results_and_names_a_corrupt_file(tmp_path):
     np.testing.assert_array_equal(raw[names["inputs"]["index"]], np.arange(3))
   (tmp_path / "0001.npz").write_bytes(b"not a zip file")
   with pytest.raises(ValueError, match="0001.npz is not a readable cejax results file"):
-    store.load_tree(tmp_path / "0001.npz")
+    common.load_tree(tmp_path / "0001.npz")
   assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
 def test_record_settings_refuses_other_settings_and_fresh_discards(tmp_path):
   out = tmp_path / "analysis"
-  analysis.record_settings(out, {"rise_masks": 64, "seed": 0})
+  common.record_settings(out, {"rise_masks": 64, "seed": 0})
   (out / "chunks").mkdir()
   (out / "chunks" / "0000.npz").write_bytes(b"x")
-  analysis.record_settings(out, {"rise_masks": 64, "seed": 0})  # same settings: resume
+  common.record_settings(out, {"rise_masks": 64, "seed": 0})  # same settings: resume
   assert (out / "chunks" / "0000.npz").exists()
   with pytest.raises(ValueError, match=r"different settings \(\['rise_masks'\]\); pass "
                                        "--fresh"):
-    analysis.record_settings(out, {"rise_masks": 32, "seed": 0})
+    common.record_settings(out, {"rise_masks": 32, "seed": 0})
   assert json.loads((out / "settings.json").read_text())["rise_masks"] == 64
   with pytest.raises(ValueError, match="--fresh with several workers"):
-    analysis.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True, num_workers=2)
+    common.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True, num_workers=2)
   assert (out / "chunks" / "0000.npz").exists()
-  analysis.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True)
+  common.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True)
   assert not (out / "chunks").exists()
   assert json.loads((out / "settings.json").read_text())["rise_masks"] == 32
 
@@ -83,18 +83,19 @@ def test_ce_features_are_their_definitions(setup):
   config, model, _, _ = setup
   s = config.analysis
   inputs = _inputs(setup, n=2)
+  cells = config.masks.grid_cells
   feats, grid_effects = evaluators.ce_features(model, inputs.images, inputs.target,
-                                               settings=s)
+                                               settings=s, grid_cells=cells)
   assert feats.shape == (2, len(evaluators.CE_FEATURES))
-  grid = np.asarray(masks.grid_masks(shape=(32, 32), n=s.grid_cells))
+  grid = np.asarray(masks.to_array(masks.grid(shape=(32, 32), n=cells)))
   yy, xx = np.mgrid[0:32, 0:32]
   for i in range(2):
     x, t = inputs.images[i], int(inputs.target[i])
     e = np.asarray(effects.causal_effect(model.logits_fn, x, grid, target=t).effects)
     width = model.prefix_fn(x[None]).shape[-1]
-    lat = np.asarray(effects.latent_causal_effect(
-        model.prefix_fn, model.suffix_fn, x,
-        effects.latent_interventions(channels=np.arange(width), values=[0.0]),
+    lat = np.asarray(effects.causal_effect(
+        latent.forward(model.prefix_fn, model.suffix_fn), x,
+        latent.latent_interventions(channels=np.arange(width), values=[0.0]),
         target=t).effects)
     p = np.abs(e) / np.abs(e).sum()
     cy = (grid * yy).sum((1, 2)) / grid.sum((1, 2))
@@ -117,7 +118,7 @@ def test_defenses_run_only_the_configured_attacks_and_reuse_their_images(setup):
   s.attacks, s.epsilons, s.defense_eps, s.attack_steps = ("fgsm", "bim"), (8 / 255,), \
       8 / 255, 2
   s.defenses = ("bit_depth",)
-  context = evaluators.Context(model, s, space)
+  context = evaluators.Context(model, s, space, config.masks)
   inputs = _inputs(setup)
   # Labels = the clean predictions, so that accuracy starts at 1 and attacks lower it.
   inputs = dataclasses.replace(inputs, label=np.argmax(inputs.logits, -1))
@@ -187,7 +188,7 @@ def test_killed_and_split_runs_resume_to_the_uninterrupted_results(setup, tmp_pa
   s = config.analysis.copy_and_resolve_references()
   s.methods = ("ce_grid", "gradient", "grad_cam")
   s.chunk_size = 2
-  context = evaluators.Context(model, s, space)
+  context = evaluators.Context(model, s, space, config.masks)
   chosen_classes = evaluators.select(("maps", "localization"))
   chosen = analysis.build(chosen_classes, context)
   indices = analysis.image_list(dataset, "test", 5)  # 3 chunks, the last one padded
@@ -217,7 +218,8 @@ def test_killed_and_split_runs_resume_to_the_uninterrupted_results(setup, tmp_pa
   x = dataset.batch("test", np.arange(5))["image"]
   direct = evaluators.compute_maps(model, jnp.asarray(x), got_inputs.target,
                                    key=jax.random.fold_in(jax.random.key(0), 2),
-                                   settings=s, methods=("gradient",))["gradient"]
+                                   settings=s, mask_spec=config.masks,
+                                   methods=("gradient",))["gradient"]
   np.testing.assert_allclose(got["maps"].maps["gradient"][4], direct[4], rtol=2e-3,
                              atol=1e-7)
   summary = analysis.summarize(chosen, got_inputs, got)
@@ -230,14 +232,14 @@ def test_config_picks_evaluators_and_methods_and_refuses_unknown_ones(setup):
   s = config.analysis.copy_and_resolve_references()
   s.methods = ("ce_grid", "gradcam")
   with pytest.raises(ValueError, match=r"Unknown map methods \['gradcam'\]"):
-    evaluators.MapsEvaluator(evaluators.Context(model, s, space))
+    evaluators.MapsEvaluator(evaluators.Context(model, s, space, config.masks))
   s.methods = ("ce_grid",)
   s.attacks = ("fgsm", "cw")
   with pytest.raises(ValueError, match=r"Unknown attacks \['cw'\]"):
-    evaluators.AttacksEvaluator(evaluators.Context(model, s, space)).evaluate(
-        _inputs(setup), {}, key=jax.random.key(0))
+    evaluators.AttacksEvaluator(evaluators.Context(model, s, space, config.masks)
+                                ).evaluate(_inputs(setup), {}, key=jax.random.key(0))
   with pytest.raises(ValueError, match="needs Context.random_model"):
-    evaluators.SanityEvaluator(evaluators.Context(model, s, space))
+    evaluators.SanityEvaluator(evaluators.Context(model, s, space, config.masks))
 
 
 def test_ce_rise_map_is_the_coverage_weighted_mean_effect(setup):
@@ -247,11 +249,12 @@ def test_ce_rise_map_is_the_coverage_weighted_mean_effect(setup):
   s = config.analysis
   inputs = _inputs(setup, n=1)
   key = jax.random.key(4)
+  m = config.masks
   got = evaluators.compute_maps(model, inputs.images, inputs.target, key=key, settings=s,
-                                methods=("ce_rise",))["ce_rise"][0]
-  recipe = masks.rise_masks(jax.random.fold_in(key, 0), num=s.rise_masks, shape=(32, 32),
-                            cells=s.rise_cells)
-  dense = np.asarray(recipe(jnp.arange(s.rise_masks)))
+                                mask_spec=m, methods=("ce_rise",))["ce_rise"][0]
+  recipe = masks.rise(jax.random.fold_in(key, 0), num=m.rise_masks, shape=(32, 32),
+                      cells=m.rise_cells)
+  dense = np.asarray(recipe(jnp.arange(m.rise_masks)))
   e = np.asarray(effects.causal_effect(model.logits_fn, inputs.images[0], dense).effects)
   want = -(e[:, None, None] * dense).sum(0) / dense.sum(0)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cejax import effects, incremental, masks, sweep
+from cejax import effects, incremental, interventions, masks
 from cejax.estimands import ESTIMANDS
+from cejax.incremental import AxisOp, Plan
+from cejax.jobs import sweep
 from cejax.models import densenet
-from cejax.regions import AxisOp, Plan
 
 
 def _model(**kw):
@@ -84,7 +85,8 @@ def test_region_arithmetic_equals_brute_force_activation_differences(box):
   run = jax.jit(lambda x: _activations(nnx.merge(graphdef, state), x))
   clean, masked = run(image), run(changed)
   lo, hi = np.array([y0, x0]), np.array([y0 + bh - 1, x0 + bw - 1])
-  for name, oy, ox in incremental.layer_ops(model, image.shape[1:]):
+  for layer, oy, ox in incremental.layer_ops(model, image.shape[1:]):
+    name = layer.name
     (ly, hy), (lx, hx) = oy.changed(lo[0], hi[0]), ox.changed(lo[1], hi[1])
     lo, hi = np.array([ly, lx]), np.array([hy, hx])
     diff = np.abs(np.asarray(masked[name] - clean[name]))[0].max(-1) > 0
@@ -109,9 +111,9 @@ def test_effects_equal_the_full_forward_sweep():
   tiny = _model(growth_rate=12, block_config=(3, 3, 3), num_init_features=24, bn_size=4)
   cases = [
       (two, (61, 67), 1.0, lambda h, w: masks.grid(shape=(h, w), n=7), "softmax", "zero", 1),
-      (two, (61, 67), 1.0, lambda h, w: masks.box_masks(jnp.array(
+      (two, (61, 67), 1.0, lambda h, w: masks.to_array(masks.boxes(jnp.array(
           [[0, 0, 3, 4], [w - 5, h - 2, w - 1, h - 1], [10.2, 20.5, 14.9, 25.7]]),
-          shape=(h, w)), "softmax", effects.Blur(sigma=2.0), None),
+          shape=(h, w))), "softmax", interventions.Blur(sigma=2.0), None),
       (tiny, (45, 38), 0.6, lambda h, w: masks.sliding_windows(
           shape=(h, w), window=(6, 9), stride=(5, 7)), "sigmoid", "mean", 4),
       (tiny, (61, 67), 0.6, lambda h, w: masks.grid(shape=(h, w), n=7), "softmax",
@@ -136,16 +138,16 @@ def test_effects_equal_the_full_forward_sweep():
       switches.append(decision.steps[patched.index(False)].name)
     want = effects.causal_effect(logits_fn, image, source, intervention=fill,
                                  estimand=estimand, activation=activation, batch_size=4)
-    got = incremental.causal_effect(model, image, source, intervention=fill,
-                                    estimand=estimand, activation=activation,
-                                    batch_size=batch, full_fraction=fraction)
+    got = effects.causal_effect(incremental.forward(model, full_fraction=fraction), image,
+                                source, intervention=fill, estimand=estimand,
+                                activation=activation, batch_size=batch)
     np.testing.assert_allclose(got.clean_logits, want.clean_logits, rtol=0, atol=1e-5)
     err = np.abs(np.asarray(got.effects) - np.asarray(want.effects)).max()
     assert err <= 1e-5 and np.abs(np.asarray(want.effects)).max() > 1e-3, (fill, err)
     if model is two and fill == "zero":
       # And against plain forward passes of the masked images, the estimands in numpy
       # (the paper's expected effect, probability, logit and per-class differences).
-      stack = np.asarray(source(jnp.arange(masks.num_masks(source))))
+      stack = np.asarray(source(jnp.arange(source.num)))
       x = np.asarray(image)
       batch = np.concatenate([x[None], x[None] * (1 - stack[..., None])])
       logits = np.asarray(model(jnp.asarray(batch)), np.float64)
@@ -164,15 +166,15 @@ def test_effects_equal_the_full_forward_sweep():
 def test_masks_it_cannot_speed_up_are_named_with_the_reason():
   model = _model()
   image = jnp.zeros((61, 67, 2))
-  rise = masks.rise_masks(jax.random.key(0), num=4, shape=(61, 67))
+  rise = masks.rise(jax.random.key(0), num=4, shape=(61, 67))
   assert "not local" in incremental.plan(model, image.shape, rise).reason
-  noise = effects.GaussianNoise(std=0.1)
+  noise = interventions.GaussianNoise(std=0.1)
   grid = masks.grid(shape=(61, 67), n=5)
   assert "random" in incremental.plan(model, image.shape, grid, intervention=noise).reason
   whole = jnp.ones((2, 61, 67)).at[0, 0, 0].set(0)
   assert "whole image" in incremental.plan(model, image.shape, whole).reason
   with pytest.raises(ValueError, match="does not apply: RISE masks are not local"):
-    incremental.causal_effect(model, image, rise)
+    effects.causal_effect(incremental.forward(model), image, rise)
 
 
 @pytest.mark.parametrize("preset", ["densenet121", "densenet201"])  # 169: between them

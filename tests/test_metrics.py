@@ -215,7 +215,7 @@ def test_substrates_are_the_documented_fills():
 
 
 def test_paired_auroc_interval_resamples_images_with_their_pair():
-  from cejax import evaluators
+  from cejax.jobs import evaluators
 
   separated = np.r_[np.zeros(50), np.ones(50)]
   assert evaluators.paired_auroc_interval(separated) == (1.0, 1.0)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from test_effects import C, H, W, make_logits_fn
 
-from cejax import effects, masks
+from cejax import effects, interventions, masks
 
 WORKER = textwrap.dedent("""
     import sys
@@ -22,12 +22,12 @@ WORKER = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, "tests")
     from test_effects import H, W, C, make_logits_fn
-    from cejax import effects, masks, sharding
+    from cejax import effects, interventions, masks, sharding
     assert jax.device_count() == 4 and jax.process_count() == 2
     image = jax.random.normal(jax.random.key(1), (H, W, C))
-    recipe = masks.rise_masks(jax.random.key(5), num=23, shape=(H, W), cells=3, p=0.5)
+    recipe = masks.rise(jax.random.key(5), num=23, shape=(H, W), cells=3, p=0.5)
     result = effects.causal_effect(make_logits_fn(), image, recipe, batch_size=2,
-                                   intervention=effects.GaussianNoise(num_draws=2),
+                                   intervention=interventions.GaussianNoise(num_draws=2),
                                    key=jax.random.key(3), mesh=sharding.mask_mesh())
     np.save(out, np.asarray(result.effects))
     jax.distributed.shutdown()
@@ -49,9 +49,9 @@ def test_two_processes_equal_one(tmp_path):
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-3000:]
   image = jax.random.normal(jax.random.key(1), (H, W, C))
-  recipe = masks.rise_masks(jax.random.key(5), num=23, shape=(H, W), cells=3, p=0.5)
+  recipe = masks.rise(jax.random.key(5), num=23, shape=(H, W), cells=3, p=0.5)
   single = effects.causal_effect(make_logits_fn(), image, recipe, batch_size=2,
-                                 intervention=effects.GaussianNoise(num_draws=2),
+                                 intervention=interventions.GaussianNoise(num_draws=2),
                                  key=jax.random.key(3))
   for i in range(2):
     np.testing.assert_allclose(np.load(tmp_path / f"p{i}.npy"), single.effects,

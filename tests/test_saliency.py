@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cejax import checkpoint, convert, masks, saliency
+from cejax import masks, saliency
+from cejax.jobs import checkpoint, convert
 
 torch = pytest.importorskip("torch")
 captum_attr = pytest.importorskip("captum.attr")
@@ -124,7 +125,7 @@ def test_rise_is_petsiuks_formula():
   t = np.array([2, 0])
   key, n, p = jax.random.key(3), 37, 0.4
   ours = saliency.rise(logits_fn, x, t, key=key, num_masks=n, cells=3, p=p, batch_size=8)
-  kept = 1.0 - np.asarray(masks.rise_masks(key, num=n, shape=(h, w), cells=3, p=p)(
+  kept = 1.0 - np.asarray(masks.rise(key, num=n, shape=(h, w), cells=3, p=p)(
       jnp.arange(n)), np.float64)
   for i in range(2):
     ref = np.tensordot(_kept_target_probs(x[i], kept, weights, t[i]), kept, 1) / (n * p)
@@ -144,7 +145,7 @@ def test_adaptive_rise_stops_by_its_rule_and_equals_fixed_count_rise():
   np.testing.assert_array_equal(used, [n, n])
   fixed = saliency.rise(logits_fn, x, t, key=key, num_masks=n, cells=3, batch_size=b)
   np.testing.assert_allclose(maps, fixed, rtol=1e-5, atol=1e-7)
-  kept = 1.0 - np.asarray(masks.rise_masks(key, num=n, shape=(h, w), cells=3)(jnp.arange(n)),
+  kept = 1.0 - np.asarray(masks.rise(key, num=n, shape=(h, w), cells=3)(jnp.arange(n)),
                           np.float64)
   for i in range(2):  # and Petsiuk's formula over all n masks, in numpy
     full = np.tensordot(_kept_target_probs(x[i], kept, weights, t[i]), kept, 1) / (n * 0.5)
@@ -168,7 +169,7 @@ def test_rise_masks_equal_petsiuks_generator(shape, cells):
   """Petsiuk's code: ``resize(grid, (s + 1) * cell, order=1, mode='reflect')`` cropped at
   a shift in [0, cell) (scikit-image is the reference for the upsampling)."""
   resize = pytest.importorskip("skimage.transform").resize
-  recipe = masks.rise_masks(jax.random.key(1), num=40, shape=shape, cells=cells, p=0.5)
+  recipe = masks.rise(jax.random.key(1), num=40, shape=shape, cells=cells, p=0.5)
   idx = jnp.arange(40)
   grids, shifts = map(np.asarray, recipe.grids(idx))
   ours = np.asarray(recipe(idx))

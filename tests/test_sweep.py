@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from cejax import checkpoint, effects, sweep
+from cejax import effects, interventions
 from cejax.data import pipeline
+from cejax.jobs import checkpoint, sweep, throughput
 
 pytestmark = pytest.mark.xdist_group("trained_smoke")
 
@@ -27,7 +28,8 @@ def _config(trained_smoke):
   s = config.sweep
   s.num_images, s.chunk_size, s.batch_size = 3, 2, 4
   s.families = ("grid", "rise")
-  s.grid_cells, s.rise_masks, s.rise_cells = 4, 10, 4
+  m = config.masks
+  m.grid_cells, m.rise_masks, m.rise_cells = 4, 10, 4
   # Blur on soft RISE masks is the case where rounding could depend on the program
   # layout (a non-zero fill blended by fractional masks); zero fills are exact anyway.
   s.interventions = ("blur",)
@@ -63,9 +65,9 @@ def test_stacked_estimands_equal_one_call_per_estimand_and_target(trained_smoke,
                               "not local (each covers the whole image).)"}
   logits_fn, _ = checkpoint.load_logits_fn(trained_smoke[1])
   image = pipeline.load_dataset(config.data).batch("test", [1])["image"][0]
-  grid = sweep.mask_sources(config.sweep, image.shape[:2])["grid"]
+  grid = sweep.mask_sources(config, image.shape[:2])["grid"]
   got = results.by_id("test/1")["grid"]["blur"]
-  blur = effects.Blur(sigma=config.sweep.blur_sigma)
+  blur = interventions.Blur(sigma=config.sweep.blur_sigma)
   for estimand in ("expected", "kl"):
     ref = effects.causal_effect(logits_fn, image, grid, intervention=blur, estimand=estimand,
                                 batch_size=config.sweep.batch_size)
@@ -97,10 +99,10 @@ def test_changed_settings_corrupt_chunks_and_bad_keys_are_refused(trained_smoke,
   config, out, _ = one_device
   shutil.copytree(out, tmp_path, dirs_exist_ok=True)
   changed = config.copy_and_resolve_references()
-  changed.sweep.rise_masks = 12
-  with pytest.raises(ValueError, match=r"different settings \(\['rise_masks'\]\)"):
+  changed.masks.rise_masks = 12
+  with pytest.raises(ValueError, match=r"different settings \(\['masks.rise_masks'\]\)"):
     sweep.run(changed, trained_smoke[1], out=tmp_path, progress=False)
-  changed.sweep.rise_masks, changed.sweep.compute_dtype = 10, "bfloat16"
+  changed.masks.rise_masks, changed.sweep.compute_dtype = 10, "bfloat16"
   with pytest.raises(ValueError, match=r"different settings \(\['compute_dtype'\]\)"):
     sweep.run(changed, trained_smoke[1], out=tmp_path, progress=False)
   chunk = tmp_path / "chunks" / "00000.npz"
@@ -141,14 +143,14 @@ WORKER = textwrap.dedent("""
     port, pid, workdir, out, overrides, die = sys.argv[1:7]
     if pid == die:  # killed (SIGKILL) when about to write its first chunk
       import os, signal
-      from cejax.evaluators import store
+      from cejax.jobs import common as store
       store.save_tree = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=int(pid), initialization_timeout=120)
     import json
     sys.path.insert(0, "tests")
     import ml_collections
-    from cejax import sweep
+    from cejax.jobs import sweep
     config = ml_collections.ConfigDict(json.loads(overrides))
     assert jax.process_count() == 2 and len(jax.local_devices()) == 2
     sweep.run(config, workdir, out=out, progress=False)
@@ -210,10 +212,10 @@ def test_auto_batch_size_is_the_largest_that_fits_by_memory_analysis(trained_smo
     return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
 
   budget = 3 * usage(8)
-  batch = sweep.auto_batch_size(logits_fn, (32, 32, 1), budget_bytes=budget)
+  batch = throughput.auto_batch_size(logits_fn, (32, 32, 1), budget_bytes=budget)
   assert usage(batch) <= budget < usage(batch + 1)
   with pytest.raises(ValueError, match="One mask needs"):
-    sweep.auto_batch_size(logits_fn, (32, 32, 1), budget_bytes=100)
+    throughput.auto_batch_size(logits_fn, (32, 32, 1), budget_bytes=100)
   from configs import smoke
 
   config = smoke.get_config()  # batch_size takes an int or "auto"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from conftest import smoke_config
 
-from cejax import checkpoint, data, training
+from cejax import data
+from cejax.jobs import checkpoint, training
 
 
 def _params(workdir, step="latest"):
@@ -87,8 +88,14 @@ def test_four_devices_follow_the_one_device_loss_curve(tmp_path, data_dir):
     losses[n] = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     (losses[f"p{n}"], _), _ = _params(workdir)
   assert losses[1] == pytest.approx(losses[4], rel=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
-               losses["p1"], losses["p4"])
+  # Per tensor, relative to its norm: the batch mean's summation order differs between
+  # layouts, and Adam's normalised step turns that round-off on a near-zero gradient
+  # into a 2e-5 difference of single elements (seen on an AVX2 CPU, on a bias of norm
+  # 0.02). A real fault (another batch per device, a missing all-reduce) changes the
+  # updates themselves, by about lr x steps = 2e-2 per element: order 1 relative.
+  def close(a, b):
+    assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(a), (np.abs(a - b).max())
+  jax.tree.map(close, losses["p1"], losses["p4"])
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, data_dir):

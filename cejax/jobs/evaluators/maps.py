@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from cejax import effects, masks, saliency
-from cejax.evaluators.common import Context, Inputs, Model, field
+from cejax import effects, latent, masks, saliency
+from cejax.jobs.common import mask_sources, sliding_geometry
+from cejax.jobs.evaluators.common import Context, Inputs, Model, field
 
 MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
                "gradient_x_input", "smoothgrad", "integrated_gradients", "cam", "grad_cam",
@@ -51,29 +52,23 @@ def expected_ce(model: Model, image, mask_set, target, *, settings):
 def latent_effects(model: Model, image, target, *, settings):
   """Expected CE of zeroing each channel at the latent stage, ``(channels,)``."""
   width = model.prefix_fn(image[None]).shape[-1]
-  inter = effects.latent_interventions(channels=np.arange(width), values=[0.0])
-  return effects.latent_causal_effect(model.prefix_fn, model.suffix_fn, image, inter,
-                                      target=target, batch_size=settings.batch_size,
-                                      activation=model.activation).effects
+  inter = latent.latent_interventions(channels=np.arange(width), values=[0.0])
+  return effects.causal_effect(latent.forward(model.prefix_fn, model.suffix_fn), image,
+                               inter, target=target, batch_size=settings.batch_size,
+                               activation=model.activation).effects
 
 
-def window_and_stride(shape, settings) -> tuple[int, int]:
-  """The sliding window and its stride: image height / ``window_div``, / ``stride_div``."""
-  return max(1, shape[0] // settings.window_div), max(1, shape[0] // settings.stride_div)
-
-
-def compute_maps(model: Model, images, targets, *, key, settings,
+def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
                  methods=MAP_METHODS) -> dict[str, jax.Array]:
-  """Every attribution map in ``methods`` for a batch, ``{name: (n, h, w)}``."""
+  """Every attribution map in ``methods`` for a batch, ``{name: (n, h, w)}``; the masks
+  of the CE maps, occlusion and RISE from ``mask_spec`` (``config.masks``)."""
   shape = images.shape[1:3]
-  window, stride = window_and_stride(shape, settings)
-  mask_sets = {
-      "ce_grid": lambda: masks.grid_masks(shape=shape, n=settings.grid_cells),
-      "ce_sliding": lambda: masks.sliding_window_masks(shape=shape, window=window,
-                                                       stride=stride),
-      "ce_rise": lambda: masks.rise_masks(jax.random.fold_in(key, 0), num=settings.rise_masks,
-                                          shape=shape, cells=settings.rise_cells),
-  }
+  window, stride = sliding_geometry(mask_spec, shape)
+  sources = mask_sources(mask_spec, shape, key=jax.random.fold_in(key, 0))
+  # Grids and windows as arrays (as the analysis always made them); RISE masks lazily.
+  mask_sets = {"ce_grid": lambda: masks.to_array(sources["grid"]),
+               "ce_sliding": lambda: masks.to_array(sources["sliding"]),
+               "ce_rise": lambda: sources["rise"]}
 
   def per_image(fn):
     return jax.lax.map(lambda a: fn(*a), (images, targets))
@@ -113,8 +108,8 @@ def compute_maps(model: Model, images, targets, *, key, settings,
       "smooth_grad_cam_pp": lambda: saliency.smooth_grad_cam_pp(f, fc, images, targets,
                                                                 key=k2, **noise),
       "rise": lambda: saliency.rise(logits_fn, images, targets, key=k3,
-                                    num_masks=settings.rise_masks,
-                                    cells=settings.rise_cells, **chunked),
+                                    num_masks=mask_spec.rise_masks,
+                                    cells=mask_spec.rise_cells, **chunked),
       "occlusion": lambda: saliency.occlusion(logits_fn, images, targets, window=window,
                                               stride=stride, **chunked),
   }
@@ -133,7 +128,8 @@ class MapsEvaluator:
     settings = context.settings
     methods = check_methods(settings.methods if methods is None else methods)
     self._compute = jax.jit(lambda x, t, k: compute_maps(
-        context.model, x, t, key=k, settings=settings, methods=methods))
+        context.model, x, t, key=k, settings=settings, mask_spec=context.masks,
+        methods=methods))
 
   def evaluate(self, inputs: Inputs, earlier, *, key) -> Maps:
     del earlier

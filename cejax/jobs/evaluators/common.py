@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cejax import checkpoint, masks
+from cejax import masks
 from cejax.attacks import PixelSpace
 from cejax.estimands import activate
+from cejax.jobs import checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +65,13 @@ def pixel_space(normalization) -> PixelSpace:
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What an evaluator is built from: the model, the ``analysis`` settings, the pixel
-  space, and (for the sanity check only) the re-initialised model."""
+  space, the mask specification (``config.masks``), and (for the sanity check only) the
+  re-initialised model."""
 
   model: Model
   settings: Any
   space: PixelSpace
+  masks: Any
   random_model: Model | None = None
 
 
@@ -131,7 +134,8 @@ def prepare_inputs(model: Model, batch: Mapping[str, np.ndarray], *, space: Pixe
   has_box = np.asarray(batch["box_mask"]).any(1)
   predicted = np.asarray(jnp.argmax(logits, -1))
   targets = np.where(has_box, np.asarray(batch["box_labels"])[:, 0], predicted)
-  box_soft = jax.vmap(lambda b: masks.box_masks(b, shape=(h, w)))(jnp.asarray(batch["boxes"]))
+  box_soft = jax.vmap(lambda b: masks.to_array(masks.boxes(b, shape=(h, w))))(
+      jnp.asarray(batch["boxes"]))
   boxes = ((box_soft > 0.5) & jnp.asarray(batch["box_mask"])[:, :, None, None]).any(1)
   return Inputs(index=np.asarray(index), label=np.asarray(labels),
                 target=targets.astype(np.int32), has_box=has_box, box=np.asarray(boxes),

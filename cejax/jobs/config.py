@@ -21,13 +21,27 @@ def _is_section(value) -> bool:
   return isinstance(value, (Mapping, ml_collections.ConfigDict))
 
 
+# Keys that moved, and where to: the old key gets this message instead of "unknown".
+MOVED_KEYS = {
+    **{f"config.{section}.{key}": f"config.masks.{key}" for section in ("analysis", "sweep")
+       for key in ("grid_cells", "rise_masks", "rise_cells")},
+    "config.sweep.window": "config.masks.window",
+    "config.sweep.stride": "config.masks.stride",
+    "config.analysis.window_div": "config.masks.window (in pixels: image size / window_div)",
+    "config.analysis.stride_div": "config.masks.stride (in pixels: image size / stride_div)",
+}
+
+
 def check_keys(config, base, *, path: str = "config") -> None:
   """Raises ``ValueError`` for a key of ``config`` that ``base`` does not declare.
 
   Sections (nested mappings) are checked recursively; the message names the closest
-  valid key and lists the valid ones.
+  valid key and lists the valid ones (or, for a key that moved, its new place).
   """
   for key in config.keys():
+    if f"{path}.{key}" in MOVED_KEYS:
+      raise ValueError(f"{path}.{key} moved to {MOVED_KEYS[f'{path}.{key}']}: the analysis "
+                       "and the sweep share one mask specification.")
     if key not in base:
       close = difflib.get_close_matches(key, list(base.keys()), n=1)
       hint = f" Did you mean {path}.{close[0]}?" if close else ""
@@ -81,13 +95,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.log_every_steps = 20
   config.train.eval_batch_size = 250
 
+  # The masks of both jobs (analysis and sweep): one specification, in pixels.
+  config.masks = ml_collections.ConfigDict()
+  config.masks.grid_cells = 10  # grid: n x n blocks (the paper's 10 x 10)
+  config.masks.window = 0  # sliding window in pixels; 0: image size / 4
+  config.masks.stride = 0  # its stride in pixels; 0: image size / 16
+  config.masks.rise_masks = 500  # RISE masks (also the RISE saliency baseline's count)
+  config.masks.rise_cells = 8  # RISE's coarse grid s (Petsiuk et al.'s released code: 8)
+
   # analyze.py: CE maps vs baselines, attacks, detector and defenses on test images.
   config.analysis = ml_collections.ConfigDict()
   config.analysis.split = "test"
   config.analysis.num_images = 64
   config.analysis.chunk_size = 16  # images per resumable unit of work
   config.analysis.seed = 0
-  # Which evaluators run (cejax.evaluators.EVALUATORS) and which maps they compare.
+  # Which evaluators run (cejax.jobs.evaluators.EVALUATORS) and which maps they compare.
   config.analysis.evaluators = ("maps", "localization", "sanity", "attacks", "detection",
                                 "defenses")
   config.analysis.methods = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
@@ -95,11 +117,6 @@ def base_config() -> ml_collections.ConfigDict:
                              "grad_cam", "grad_cam_pp", "smooth_grad_cam_pp", "rise",
                              "occlusion")
   config.analysis.batch_size = 64  # masks per forward call
-  config.analysis.grid_cells = 10  # grid masks: n x n blocks (the paper's 10 x 10)
-  config.analysis.window_div = 4  # sliding window = image size / 4 ...
-  config.analysis.stride_div = 16  # ... moved by image size / 16
-  config.analysis.rise_masks = 500
-  config.analysis.rise_cells = 8
   config.analysis.latent_stage = "block2"
   config.analysis.noise_samples = 50  # SmoothGrad and Smooth Grad-CAM++ (Smilkov: ~50)
   config.analysis.noise_level = 0.15  # noise std / image range (Smilkov: 10-20 %)
@@ -111,22 +128,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.analysis.defenses = ("ordered_dither", "error_diffusion", "bit_depth", "median")
   config.analysis.defense_eps = 8 / 255  # the defenses evaluator's attack budget
 
-  # python -m cejax.sweep: CE maps for a whole split on every device of every host.
+  # python -m cejax.jobs.sweep: CE maps for a whole split on every device of every host.
   config.sweep = ml_collections.ConfigDict()
   config.sweep.split = "test"
   config.sweep.num_images = 0  # 0: the whole split
   config.sweep.chunk_size = 8  # images per output file (the unit of resume)
   config.sweep.seed = 0  # draws the RISE masks
   # Masks per forward call, per device; "auto": the largest that fits memory_budget_gb,
-  # from the compiled forward pass's memory analysis (sweep.auto_batch_size).
+  # from the compiled forward pass's memory analysis (jobs.throughput.auto_batch_size).
   config.sweep.batch_size = ml_collections.FieldReference(64, field_type=object)
   config.sweep.memory_budget_gb = 2.0
-  config.sweep.families = ("grid",)  # of grid, sliding, rise
-  config.sweep.grid_cells = 10
-  config.sweep.window = 0  # sliding window in pixels; 0: image size / 4
-  config.sweep.stride = 0  # 0: image size / 16
-  config.sweep.rise_masks = 1000
-  config.sweep.rise_cells = 8
+  config.sweep.families = ("grid",)  # of grid, sliding, rise (their sizes: config.masks)
   config.sweep.interventions = ("zero",)  # of zero, mean, blur
   config.sweep.blur_sigma = 5.0
   config.sweep.estimands = ("expected",)  # any of cejax.estimands.ESTIMANDS

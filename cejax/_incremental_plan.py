@@ -14,18 +14,42 @@ import numpy as np
 
 from cejax import interventions
 from cejax import masks as masks_lib
+from cejax._regions import AxisOp, Plan
 from cejax.models import densenet
-from cejax.regions import AxisOp, Plan
+
+STEM_CONV, STEM_POOL, DENSE, TRANSITION = "stem_conv", "stem_pool", "dense", "transition"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """Where a windowed layer sits in a DenseNet: its ``kind`` (``STEM_CONV``,
+  ``STEM_POOL``, ``DENSE``, ``TRANSITION``), its dense ``block`` and, for dense layers,
+  its ``index`` in the block (both from 1, as in the paper's tables)."""
+
+  kind: str
+  block: int = 0
+  index: int = 0
+
+  @property
+  def name(self) -> str:
+    """``"stem.conv"``, ``"stem.pool"``, ``"block2.layer3"`` or ``"transition1"``."""
+    return {STEM_CONV: "stem.conv", STEM_POOL: "stem.pool",
+            DENSE: f"block{self.block}.layer{self.index}",
+            TRANSITION: f"transition{self.block}"}[self.kind]
 
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """One windowed layer of the walk: its name, its op per axis, and its ``plans``
+  """One windowed layer of the walk: where it is, its op per axis, and its ``plans``
   (``(y, x)``), or ``None`` once the patch covers the map (run in full)."""
 
-  name: str
+  layer: Layer
   ops: tuple[AxisOp, AxisOp]
   plans: tuple[Plan, Plan] | None
+
+  @property
+  def name(self) -> str:
+    return self.layer.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,26 +68,26 @@ class Decision:
   starts: np.ndarray | None = None
 
 
-def layer_ops(model: densenet.DenseNet, image_shape) -> list[tuple[str, AxisOp, AxisOp]]:
+def layer_ops(model: densenet.DenseNet, image_shape) -> list[tuple[Layer, AxisOp, AxisOp]]:
   """The windowed layers of ``model`` in order, with their per-axis ops for images of
   ``image_shape`` ``(h, w[, c])``."""
   size = list(image_shape[:2])
   out = []
 
-  def add(name, kernel, stride, padding):
+  def add(layer, kernel, stride, padding):
     ops = tuple(AxisOp(kernel, stride, padding, n) for n in size)
-    out.append((name, *ops))
+    out.append((layer, *ops))
     size[:] = [op.size_out for op in ops]
 
   conv = model.stem.conv
-  add("stem.conv", conv.kernel_size[0], conv.strides[0], conv.padding[0][0])
+  add(Layer(STEM_CONV), conv.kernel_size[0], conv.strides[0], conv.padding[0][0])
   if model.stem.pool:
-    add("stem.pool", 3, 2, 1)
+    add(Layer(STEM_POOL), 3, 2, 1)
   for b, block in enumerate(model.blocks):
     for i in range(len(block.layers)):
-      add(f"block{b + 1}.layer{i + 1}", 3, 1, 1)
+      add(Layer(DENSE, b + 1, i + 1), 3, 1, 1)
     if b < len(model.transitions):
-      add(f"transition{b + 1}", 2, 2, 0)
+      add(Layer(TRANSITION, b + 1), 2, 2, 0)
   return out
 
 
@@ -73,27 +97,27 @@ FULL_FRACTION = 0.6
 
 
 def steps_for(model, image_shape, box, full_fraction=FULL_FRACTION) -> tuple[Step, ...]:
+  """The walk for masks whose support fits in ``box``: a patch plan per layer until the
+  patch covers ``full_fraction`` of a dense layer's or transition's map."""
   size_in, full, steps = tuple(box), False, []
-  for name, oy, ox in layer_ops(model, image_shape):
+  for layer, oy, ox in layer_ops(model, image_shape):
     plans = None if full else (Plan.make(oy, size_in[0]), Plan.make(ox, size_in[1]))
-    if plans is not None and not name.startswith("stem"):
+    if plans is not None and layer.kind in (DENSE, TRANSITION):
       # Dense layers and transitions may switch early: their clean inputs are cached.
       area = plans[0].size_out * plans[1].size_out
       full = area >= full_fraction * oy.size_out * ox.size_out
       plans = None if full else plans
-    steps.append(Step(name, (oy, ox), plans))
+    steps.append(Step(layer, (oy, ox), plans))
     if plans is not None:
       size_in = (plans[0].size_out, plans[1].size_out)
       full = size_in == (oy.size_out, ox.size_out)
   return tuple(steps)
 
 
-def macs(model, steps, image_shape) -> tuple[int, int]:
+def macs(model, steps) -> tuple[int, int]:
   """Multiply-accumulates of one forward pass, full and incremental (convolutions and
   1x1 products; pooling and pointwise layers are not counted)."""
   full = incremental = 0
-  stem = model.stem.conv
-  c_in = stem.in_features
   for step in steps:
     oy, ox = step.ops
     area_in, area_out = oy.size * ox.size, oy.size_out * ox.size_out
@@ -102,72 +126,70 @@ def macs(model, steps, image_shape) -> tuple[int, int]:
       patch_in, patch_out = py.size_in * px.size_in, py.size_out * px.size_out
     else:
       patch_in, patch_out = area_in, area_out
-    if step.name == "stem.conv":
-      per = stem.kernel_size[0] * stem.kernel_size[1] * c_in * stem.out_features
+    layer = step.layer
+    if layer.kind == STEM_CONV:
+      conv = model.stem.conv
+      per = conv.kernel_size[0] * conv.kernel_size[1] * conv.in_features * conv.out_features
       full, incremental = full + area_out * per, incremental + patch_out * per
-    elif step.name.startswith("block"):
-      b, i = (int(s) for s in step.name[5:].split(".layer"))
-      layer = model.blocks[b - 1].layers[i - 1]
-      one = layer.conv1.in_features * layer.conv1.out_features
-      three = 9 * layer.conv2.in_features * layer.conv2.out_features
+    elif layer.kind == DENSE:
+      dense = model.blocks[layer.block - 1].layers[layer.index - 1]
+      one = dense.conv1.in_features * dense.conv1.out_features
+      three = 9 * dense.conv2.in_features * dense.conv2.out_features
       full += area_in * one + area_out * three
       incremental += patch_in * one + patch_out * three
-    elif step.name.startswith("transition"):
-      conv = model.transitions[int(step.name[10:]) - 1].conv
+    elif layer.kind == TRANSITION:
+      conv = model.transitions[layer.block - 1].conv
       per = conv.in_features * conv.out_features
       full, incremental = full + area_in * per, incremental + patch_in * per
   return full, incremental
 
 
+def support_boxes(masks) -> tuple[np.ndarray, tuple[int, int]]:
+  """Where each mask can differ from zero, on the host: box starts ``(m, 2)`` (row,
+  column) and one box size ``(bh, bw)`` that holds every mask's support from its start.
+
+  A source with a ``support_boxes()`` method answers itself (grids and windows from
+  their geometry, RISE masks by refusing); any other is made chunk by chunk and
+  scanned (an empty mask: a box at (0, 0)).
+
+  Raises:
+    ValueError: the masks are not local (RISE), or traced (inside ``jit``: their
+      values are not known when the program is built).
+  """
+  source = masks_lib.as_source(masks)
+  own = getattr(source, "support_boxes", None)
+  if own is not None:
+    return own()
+  (h, w), num = source.shape, source.num
+  lo, hi = np.zeros((num, 2), np.int64), np.zeros((num, 2), np.int64)
+  for first in range(0, num, 256):
+    idx = np.arange(first, min(first + 256, num))
+    try:
+      chunk = np.asarray(source(jnp.asarray(idx)))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+      raise ValueError("The masks are traced (inside jit): their supports are not "
+                       "known when the program is built.") from None
+    rows, cols = chunk.any(2), chunk.any(1)  # (b, h), (b, w)
+    lo[idx] = np.stack([rows.argmax(1), cols.argmax(1)], -1)
+    hi[idx] = np.where(rows.any(1)[:, None], np.stack(
+        [h - 1 - rows[:, ::-1].argmax(1), w - 1 - cols[:, ::-1].argmax(1)], -1), 0)
+  return lo, tuple(int(s) for s in (hi - lo).max(0) + 1)
+
+
 def mask_boxes(masks, image_shape) -> tuple[np.ndarray, tuple[int, int]]:
   """Per-mask box starts ``(m, 2)`` and the static box size ``(bh, bw)`` that holds
-  every mask's support, each box inside the image.
+  every mask's support (``support_boxes``), each box inside the image.
 
   Raises:
     ValueError: the masks are not local or not known on the host (the reason).
   """
   h, w = image_shape[:2]
-  if isinstance(masks, masks_lib.RiseMasks):
-    raise ValueError("RISE masks are not local (each covers the whole image).")
-  if isinstance(masks, masks_lib.Grid):
-    n = masks.n
-    rows, cols = masks_lib.grid_cells(h, n), masks_lib.grid_cells(w, n)
-    r0 = np.array([np.flatnonzero(rows == i)[0] for i in range(n)])
-    c0 = np.array([np.flatnonzero(cols == i)[0] for i in range(n)])
-    size = (int(np.bincount(rows).max()), int(np.bincount(cols).max()))
-    starts = np.stack(np.meshgrid(r0, c0, indexing="ij"), -1).reshape(-1, 2)
-  elif isinstance(masks, masks_lib.SlidingWindows):
-    (wh, ww), (sh, sw) = masks.window, masks.stride
-    ys = masks_lib.window_starts(h, wh, sh)
-    xs = masks_lib.window_starts(w, ww, sw)
-    size = (min(wh, h), min(ww, w))
-    starts = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
-  else:
-    starts, size = _support_boxes(masks, h, w)
+  starts, size = support_boxes(masks)
   starts = np.minimum(starts, np.array([h - size[0], w - size[1]]))
   if size == (h, w):
     raise ValueError("The masks' supports span the whole image (a box of "
                      f"{h} x {w}): nothing to save.")
   return starts.astype(np.int32), size
-
-
-def _support_boxes(masks, h, w):
-  num = masks_lib.num_masks(masks)
-  lo, hi = np.zeros((num, 2), np.int64), np.zeros((num, 2), np.int64)
-  for first in range(0, num, 256):
-    idx = np.arange(first, min(first + 256, num))
-    try:
-      chunk = np.asarray(masks(jnp.asarray(idx)) if masks_lib.is_recipe(masks)
-                         else masks[first:first + len(idx)])
-    except jax.errors.ConcretizationTypeError:
-      raise ValueError("The masks are traced (inside jit): their supports are not "
-                       "known when the program is built.") from None
-    rows, cols = chunk.any(2), chunk.any(1)  # (b, h), (b, w); an empty mask: (0, 0)
-    lo[idx] = np.stack([rows.argmax(1), cols.argmax(1)], -1)
-    hi[idx] = np.where(rows.any(1)[:, None], np.stack(
-        [h - 1 - rows[:, ::-1].argmax(1), w - 1 - cols[:, ::-1].argmax(1)], -1), 0)
-  size = tuple(int(s) for s in (hi - lo).max(0) + 1)
-  return lo, size
 
 
 def plan(model: densenet.DenseNet, image_shape, masks, *, intervention="zero",
@@ -186,9 +208,5 @@ def plan(model: densenet.DenseNet, image_shape, masks, *, intervention="zero",
   except ValueError as e:
     return Decision(False, str(e))
   steps = steps_for(model, image_shape, box, full_fraction)
-  full, inc = macs(model, steps, image_shape)
+  full, inc = macs(model, steps)
   return Decision(True, "", box, steps, full, inc, starts)
-
-
-__all__ = ["FULL_FRACTION", "Decision", "Step", "layer_ops", "macs", "mask_boxes", "plan",
-           "steps_for"]

@@ -17,8 +17,8 @@ import numpy as np
 import optax
 
 from cejax import metrics
-from cejax.evaluators.adversarial import UnderAttack
-from cejax.evaluators.common import Context, Inputs
+from cejax.jobs.evaluators.adversarial import UnderAttack
+from cejax.jobs.evaluators.common import Context, Inputs
 
 
 def fit_logistic(x, y, *, steps: int = 500, learning_rate: float = 0.05, l2: float = 1e-2):

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 
 from cejax import attacks, defenses, effects, masks
-from cejax.evaluators.adversarial import attack_labels, attack_name, run_attacks
-from cejax.evaluators.common import Context, Inputs, correct, field
-from cejax.evaluators.maps import expected_ce
+from cejax.jobs.evaluators.adversarial import attack_labels, attack_name, run_attacks
+from cejax.jobs.evaluators.common import Context, Inputs, correct, field
+from cejax.jobs.evaluators.maps import expected_ce
 
 
 @jax.tree_util.register_dataclass
@@ -72,7 +72,7 @@ class DefensesEvaluator:
 
     def evaluate(pixels, labels, adversarial, targets, key):
       accuracy, maps, defended = {}, {}, {}
-      grid = masks.grid_masks(shape=pixels.shape[1:3], n=s.grid_cells)
+      grid = masks.to_array(masks.grid(shape=pixels.shape[1:3], n=context.masks.grid_cells))
       for name in ("none",) + tuple(s.defenses):
         d = _identity if name == "none" else defenses.DEFENSES[name]
         logits = lambda x, d=d: model.logits_fn(space.normalize(d(x)))

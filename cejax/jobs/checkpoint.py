@@ -13,8 +13,6 @@ a killed run never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,20 +24,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from cejax.jobs.common import write_json_atomic
 from cejax.models import densenet
 
 RUN_FILE = "run.json"
 # Fields of run.json that must agree between a config and an existing workdir.
 _MODEL_FIELDS = ("preset", "num_classes", "in_channels", "dtype", "overrides")
-
-
-def write_json_atomic(path: Path, obj) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def build_model(run: dict[str, Any], *, seed: int = 0) -> densenet.DenseNet:

@@ -19,8 +19,8 @@ import numpy as np
 
 from cejax import attacks, defenses, masks
 from cejax.estimands import activate
-from cejax.evaluators.common import Context, Inputs, Model, confidence, field
-from cejax.evaluators.maps import expected_ce, latent_effects
+from cejax.jobs.evaluators.common import Context, Inputs, Model, confidence, field
+from cejax.jobs.evaluators.maps import expected_ce, latent_effects
 
 ATTACKS = ("fgsm", "bim", "mifgsm", "pgd")
 
@@ -47,10 +47,10 @@ CE_FEATURES: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def ce_features(model: Model, images, targets, *, settings):
+def ce_features(model: Model, images, targets, *, settings, grid_cells: int):
   """Per-image CE features ``(n, len(CE_FEATURES))`` (columns in ``CE_FEATURES``'
-  order) and the grid effects ``(n, cells**2)``."""
-  grid = masks.grid_masks(shape=images.shape[1:3], n=settings.grid_cells)
+  order) and the effects ``(n, grid_cells**2)`` of the grid's cells."""
+  grid = masks.to_array(masks.grid(shape=images.shape[1:3], n=grid_cells))
   h, w = images.shape[1:3]
   yy, xx = jnp.mgrid[0:h, 0:w]
   cover = grid.sum((1, 2))
@@ -131,7 +131,8 @@ class AttacksEvaluator:
     self._attacks = jax.jit(lambda p, y, k: run_attacks(
         model, p, y, space=space, key=k, names=s.attacks, epsilons=s.epsilons,
         steps=s.attack_steps))
-    self._features = jax.jit(lambda x, t: ce_features(model, x, t, settings=s))
+    self._features = jax.jit(lambda x, t: ce_features(model, x, t, settings=s,
+                                                      grid_cells=context.masks.grid_cells))
 
   def _squeeze(self, logits, pixels):
     """Feature squeezing (Xu et al., 2018): how far the prediction moves when the

@@ -16,7 +16,7 @@ tensor shapes. Every tensor must be used and every parameter filled: a mismatch 
 
 Command line (writes a workdir that ``analyze.py`` and ``load_logits_fn`` read)::
 
-    python -m cejax.convert --input=m-25012018-123527.pth.tar --workdir=runs/chexnet \\
+    python -m cejax.jobs.convert --input=m-25012018-123527.pth.tar --workdir=runs/chexnet \\
         --preset=chexnet
 """
 
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cejax import checkpoint
+from cejax.jobs import checkpoint
 from cejax.models import densenet
 
 # CheXNet's class order (Wang et al. 2017; arnoweng, zoogzog, jrzech).
@@ -342,7 +342,7 @@ def convert(source, workdir, *, profile: str = "chexnet", trust_pickle: bool = F
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m cejax.convert", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m cejax.jobs.convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--input", required=True, help=".pth/.pth.tar/.pt/.npz/.safetensors")
   p.add_argument("--workdir", required=True)

@@ -28,16 +28,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cejax import checkpoint, data, metrics
-from cejax import config as config_lib
+from cejax import data, metrics
 from cejax.estimands import check_activation
+from cejax.jobs import checkpoint, common
+from cejax.jobs import config as config_lib
 from cejax.models import densenet
 
 _log = logging.getLogger(__name__)
 
 def validate_config(config, sections=("data", "model", "train")) -> None:
   """Raises ValueError for a missing section or any key the base config does not
-  declare (naming the closest valid key; ``cejax.config``)."""
+  declare (naming the closest valid key; ``cejax.jobs.config``)."""
   for section in sections:
     if section not in config:
       raise ValueError(f"Config lacks the section {section!r}.")
@@ -302,7 +303,7 @@ def train_and_evaluate(config, workdir, *, devices=None,
                   sharding=sharded)
   ckpt.close()
   if jax.process_index() == 0:
-    checkpoint.write_json_atomic(workdir / "test_metrics.json",
+    common.write_json_atomic(workdir / "test_metrics.json",
                                  {"step": best, **test})
   print(f"Test metrics of step {best}: accuracy={test['accuracy']:.4f}"
         + (f", mean_auroc={test['mean_auroc']:.4f}" if "mean_auroc" in test else ""))

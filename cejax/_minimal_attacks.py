@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cejax import attack_core as core
+import cejax._attack_core as core
 from cejax.types import LogitsFn, Pixels
 
 
-@core.attack_program("steps", "learning_rate", "c", "confidence", "search_steps", "targeted")
+@core.attack_program
 def carlini_wagner_l2(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
                       key=None, steps=100,
                       learning_rate=0.01, c=1e-3, confidence=0.0, search_steps=9,
@@ -84,7 +84,7 @@ def carlini_wagner_l2(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
   return core.attack_result(logits_fn, space, images, adv, labels, targeted, "softmax")
 
 
-@core.attack_program("steps", "overshoot", "candidates")
+@core.attack_program
 def deepfool(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
              key=None, steps=50, overshoot=0.02,
              candidates: int | None = 10, space: core.PixelSpace) -> core.AttackResult:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cejax.compile import compile_once
+from cejax._compile import jit
 from cejax.estimands import check_activation
 
 
@@ -119,12 +119,12 @@ def _validate(args):
   """Eager checks before the compiled attack (pixel range, label shape)."""
   check_inputs(args["images"], args["labels"], args["space"],
                args.get("activation", "softmax"))
+  return args
 
 
-def attack_program(*static):
-  """Compiled once per model, defense and hyperparameters (``cejax.compile``); images,
-  labels, ``eps``, ``key`` and the pixel space are traced arguments."""
-  return compile_once(static_argnames=("logits_fn",) + static, validate=_validate)
+# Compiled once per model, defense and hyperparameters (``cejax._compile.jit``); images,
+# labels, ``eps``, ``key`` and the pixel space are traced arguments.
+attack_program = jit(data=("images", "labels", "eps", "key", "space"), prepare=_validate)
 
 
 def project(x, clean, eps, norm, space):

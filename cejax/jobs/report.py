@@ -247,7 +247,7 @@ def write_report(out_dir: Path, inputs, results, summary, *, settings: dict[str,
     settings, class_names, run: shown in the report.
   """
   out_dir = Path(out_dir)
-  from cejax.checkpoint import write_json_atomic
+  from cejax.jobs.common import write_json_atomic
 
   write_json_atomic(out_dir / "metrics.json", summary)
   with open(out_dir / "localization.csv", "w", newline="") as f:

@@ -1,5 +1,5 @@
-"""Checks of user input shared by the CE sweeps: they raise ``ValueError`` on concrete
-values and stay silent on tracers (under ``jit`` the sweeps' NaN contract applies)."""
+"""Checks of user input shared by the library: they raise ``ValueError`` on concrete
+values and stay silent on tracers (under ``jit`` the functions' NaN contract applies)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,14 @@ def check_mask_range(masks):
   if isinstance(masks, jax.core.Tracer):
     return
   m = np.asarray(masks)
-  if m.size and (not np.isfinite(m).all() or m.min() < 0 or m.max() > 1):
+  if not m.size:
+    return
+  if not np.isfinite(m).all():
+    raise ValueError(f"masks must lie in [0, 1] (1 = intervene); got "
+                     f"{int((~np.isfinite(m)).sum())} NaN or infinite values.")
+  if m.min() < 0 or m.max() > 1:
     raise ValueError(f"masks must lie in [0, 1] (1 = intervene); got values in "
-                     f"[{np.nanmin(m):.3g}, {np.nanmax(m):.3g}].")
+                     f"[{m.min():.3g}, {m.max():.3g}].")
 
 
 def check_batch_size(batch_size, num):
@@ -47,9 +52,17 @@ def check_image(image):
     raise ValueError("image contains NaN or infinite values.")
 
 
+def check_target_type(target):
+  """``target`` is None or one integer class index (a float would be truncated)."""
+  if target is None:
+    return
+  if np.ndim(target) != 0 or not jnp.issubdtype(jnp.result_type(target), jnp.integer):
+    raise ValueError(f"target must be one integer class index, got {target!r}.")
+
+
 def check_target(target, num_classes):
   """A concrete ``target`` must be a class index in ``[0, num_classes)``."""
+  check_target_type(target)
   if target is not None and not isinstance(target, jax.core.Tracer):
-    t = np.asarray(target)
-    if t.ndim != 0 or not 0 <= int(t) < num_classes:
+    if not 0 <= int(target) < num_classes:
       raise ValueError(f"target must be a class index in [0, {num_classes}), got {target}.")

@@ -2,7 +2,7 @@
 resumable, then a summary and a report.
 
 Images are processed in chunks of ``analysis.chunk_size``; the evaluators' per-image
-results of a chunk (``cejax.evaluators``) are written atomically to
+results of a chunk (``cejax.jobs.evaluators``) are written atomically to
 ``<out>/chunks/NNNN.npz`` (``evaluators.store``), so a killed run resumes where it
 stopped, and several processes can share the chunks (``worker``/``num_workers``).
 ``<out>/settings.json`` records what the chunks were computed with; a run with other
@@ -12,8 +12,6 @@ settings is refused instead of mixing results. ``summarize`` turns the chunks in
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from cejax import checkpoint, evaluators, report
-from cejax import config as config_lib
-from cejax.evaluators import common, store
+from cejax.jobs import checkpoint, common, evaluators, report
+from cejax.jobs import config as config_lib
+from cejax.jobs.evaluators import common as ev_common
 
 
 def image_list(dataset, split: str, num: int) -> list[tuple[str, int]]:
@@ -42,51 +40,14 @@ def _batch(dataset, items):
   return {key: np.concatenate([b[key] for _, b in parts])[order] for key in parts[0][1]}
 
 
-def record_settings(out_dir: Path, settings: Mapping[str, Any], *, fresh: bool = False,
-                    num_workers: int = 1) -> None:
-  """Makes ``out_dir`` hold results of ``settings`` only, and records them.
-
-  With ``fresh`` the chunks of an earlier analysis are deleted first.
-
-  Raises:
-    ValueError: ``out_dir`` holds chunks computed with other settings (naming the
-      settings that differ), or ``fresh`` with several workers (one would delete
-      another's results).
-  """
-  out_dir = Path(out_dir)
-  settings = json.loads(json.dumps(dict(settings)))  # as it reads back from JSON
-  if fresh and num_workers > 1:
-    raise ValueError("--fresh with several workers would let one delete another's "
-                     "results: clear the output directory once, then start the workers.")
-  if fresh:
-    shutil.rmtree(out_dir / "chunks", ignore_errors=True)
-  settings_file = out_dir / "settings.json"
-  if settings_file.exists() and (out_dir / "chunks").exists():
-    old = json.loads(settings_file.read_text())
-    if old != settings:
-      diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-      raise ValueError(f"{out_dir} holds results of different settings ({diff}); pass "
-                       "--fresh to discard them or --out for a new directory.")
-  out_dir.mkdir(parents=True, exist_ok=True)
-  checkpoint.write_json_atomic(settings_file, settings)
-
-
-def chunks(num_images: int, chunk_size: int, *, worker: int = 0,
-           num_workers: int = 1) -> dict[int, range]:
-  """``{c: image positions of chunk c}`` for the chunks of ``worker``: those with
-  ``c % num_workers == worker`` (all of them by default)."""
-  starts = range(0, num_images, chunk_size)
-  return {c: range(start, min(start + chunk_size, num_images))
-          for c, start in enumerate(starts) if c % num_workers == worker}
-
-
-def build(evaluator_classes, context: common.Context) -> list[Any]:
+def build(evaluator_classes, context: ev_common.Context) -> list[Any]:
   """The evaluators, each built once per run (their compiled programs are reused by
   every chunk)."""
   return [cls(context) for cls in evaluator_classes]
 
 
-def evaluate_chunk(chosen, inputs: common.Inputs, *, key, progress=None) -> dict[str, Any]:
+def evaluate_chunk(chosen, inputs: ev_common.Inputs, *, key,
+                   progress=None) -> dict[str, Any]:
   """Runs ``chosen`` evaluators in order on one chunk; ``{name: result}`` (``"inputs"``
   too)."""
   results: dict[str, Any] = {"inputs": inputs}
@@ -97,7 +58,7 @@ def evaluate_chunk(chosen, inputs: common.Inputs, *, key, progress=None) -> dict
   return results
 
 
-def run_chunks(chosen, dataset, *, model: common.Model, space, out_dir: Path, settings,
+def run_chunks(chosen, dataset, *, model: ev_common.Model, space, out_dir: Path, settings,
                indices: Sequence[tuple[str, int]], key, progress=None, worker: int = 0,
                num_workers: int = 1) -> list[Path]:
   """Analyzes ``indices`` (``(split, index)`` pairs, see ``image_list``) chunk by chunk,
@@ -112,29 +73,30 @@ def run_chunks(chosen, dataset, *, model: common.Model, space, out_dir: Path, se
   chunk_dir = Path(out_dir) / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
   size = settings.chunk_size
-  paths = [chunk_dir / f"{c:04d}.npz" for c in chunks(len(indices), size)]
-  for c, positions in chunks(len(indices), size, worker=worker,
+  paths = [chunk_dir / f"{c:04d}.npz" for c in common.chunks(len(indices), size)]
+  for c, positions in common.chunks(len(indices), size, worker=worker,
                              num_workers=num_workers).items():
     path, idx = paths[c], np.asarray(positions)
     if not path.exists():
       # Pad the last chunk by repeating images, so every chunk has one compiled shape.
       batch = _batch(dataset, [indices[i] for i in np.resize(idx, size)])
-      inputs = common.prepare_inputs(model, batch, space=space, index=np.resize(idx, size))
+      inputs = ev_common.prepare_inputs(model, batch, space=space,
+                                        index=np.resize(idx, size))
       results = evaluate_chunk(chosen, inputs, key=jax.random.fold_in(key, c),
                                progress=progress)
-      store.save_tree(path, {name: common.to_stored(common.take(r, len(idx)))
+      common.save_tree(path, {name: ev_common.to_stored(ev_common.take(r, len(idx)))
                              for name, r in results.items() if r is not None})
     if progress is not None:
       progress.update(len(idx))
   return paths
 
 
-def load_results(paths, evaluator_classes) -> tuple[common.Inputs, dict[str, Any]]:
+def load_results(paths, evaluator_classes) -> tuple[ev_common.Inputs, dict[str, Any]]:
   """All chunks' results, concatenated: ``(inputs, {evaluator name: result})``."""
-  parts = [store.load_tree(p) for p in paths]
+  parts = [common.load_tree(p) for p in paths]
   tree = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-  inputs = common.from_stored(common.Inputs, tree["inputs"])
-  results = {cls.name: common.from_stored(cls.result_type, tree[cls.name])
+  inputs = ev_common.from_stored(ev_common.Inputs, tree["inputs"])
+  results = {cls.name: ev_common.from_stored(cls.result_type, tree[cls.name])
              for cls in evaluator_classes if cls.result_type is not None}
   return inputs, results
 
@@ -148,7 +110,8 @@ def _merge(into: dict, section: Mapping) -> dict:
   return into
 
 
-def summarize(chosen, inputs: common.Inputs, results: Mapping[str, Any]) -> dict[str, Any]:
+def summarize(chosen, inputs: ev_common.Inputs,
+              results: Mapping[str, Any]) -> dict[str, Any]:
   """``metrics.json``: image counts and accuracy, then each evaluator's section."""
   summary = {"num_images": int(len(inputs.index)),
              "num_with_box": int(inputs.has_box.astype(bool).sum()),
@@ -165,7 +128,7 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
 
   Args:
     config: a full cejax config (checked against ``config.base_config()``).
-    workdir: a training workdir, or one written by ``cejax.convert``.
+    workdir: a training workdir, or one written by ``cejax.jobs.convert``.
     out: the output directory (default ``workdir/analysis``).
     fresh: discard per-image results of an earlier analysis first.
     worker, num_workers: this process computes chunks ``c % num_workers == worker``.
@@ -180,7 +143,7 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   from cejax.data import pipeline
 
   if "analysis" not in config:
-    raise ValueError("The config has no 'analysis' section; see cejax/config.py.")
+    raise ValueError("The config has no 'analysis' section; see cejax/jobs/config.py.")
   config_lib.check_keys(config, config_lib.base_config())
   settings = config.analysis
   chosen_classes = evaluators.select(settings.evaluators)
@@ -192,17 +155,21 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
         f"The data set ({dataset.num_classes} classes, {dataset.channels} channels) does not "
         f"match the model in {workdir} ({run['num_classes']} classes, "
         f"{run['in_channels']} channels).")
-  recorded = dict(settings.to_dict(), data=config.data.name, step=run["step"],
+  recorded = dict(settings.to_dict(), masks=config.masks.to_dict(), data=config.data.name,
+                  step=run["step"],
                   workdir=str(Path(workdir).resolve()))
-  record_settings(out, recorded, fresh=fresh, num_workers=num_workers)
+  common.record_settings(out, recorded, fresh=fresh, num_workers=num_workers)
 
-  model = common.make_model(graphdef, params, stats, run, latent_stage=settings.latent_stage)
-  rand = (common.random_model(run, latent_stage=settings.latent_stage)
+  model = ev_common.make_model(graphdef, params, stats, run,
+                               latent_stage=settings.latent_stage)
+  rand = (ev_common.random_model(run, latent_stage=settings.latent_stage)
           if evaluators.SanityEvaluator in chosen_classes else None)
-  space = common.pixel_space(dataset.normalization)
-  chosen = build(chosen_classes, common.Context(model, settings, space, rand))
+  space = ev_common.pixel_space(dataset.normalization)
+  chosen = build(chosen_classes, ev_common.Context(
+      model=model, settings=settings, space=space, masks=config.masks, random_model=rand))
   indices = image_list(dataset, settings.split, settings.num_images)
-  mine = chunks(len(indices), settings.chunk_size, worker=worker, num_workers=num_workers)
+  mine = common.chunks(len(indices), settings.chunk_size, worker=worker,
+                       num_workers=num_workers)
   with tqdm(total=sum(map(len, mine.values())), unit="image", desc=f"analyze (worker {worker})",
             disable=not progress) as bar:
     paths = run_chunks(chosen, dataset, model=model, space=space, out_dir=out,

@@ -20,14 +20,14 @@ from __future__ import annotations
 import difflib
 from typing import Any, ClassVar, Protocol
 
-from cejax.evaluators.adversarial import (
+from cejax.jobs.evaluators.adversarial import (
     ATTACKS,
     CE_FEATURES,
     AttacksEvaluator,
     UnderAttack,
     ce_features,
 )
-from cejax.evaluators.common import (
+from cejax.jobs.evaluators.common import (
     Context,
     Inputs,
     Model,
@@ -36,21 +36,21 @@ from cejax.evaluators.common import (
     prepare_inputs,
     random_model,
 )
-from cejax.evaluators.defended import Defended, DefensesEvaluator
-from cejax.evaluators.detection import (
+from cejax.jobs.evaluators.defended import Defended, DefensesEvaluator
+from cejax.jobs.evaluators.detection import (
     DetectionEvaluator,
     detection,
     fit_logistic,
     paired_auroc_interval,
 )
-from cejax.evaluators.localization import (
+from cejax.jobs.evaluators.localization import (
     SANITY_METHODS,
     Localization,
     LocalizationEvaluator,
     Sanity,
     SanityEvaluator,
 )
-from cejax.evaluators.maps import MAP_METHODS, Maps, MapsEvaluator, compute_maps
+from cejax.jobs.evaluators.maps import MAP_METHODS, Maps, MapsEvaluator, compute_maps
 
 
 class Evaluator(Protocol):

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cejax import metrics
-from cejax.evaluators.common import Context, Inputs, field
-from cejax.evaluators.maps import compute_maps
+from cejax.jobs.evaluators.common import Context, Inputs, field
+from cejax.jobs.evaluators.maps import compute_maps
 
 SANITY_METHODS = ("ce_grid", "gradient", "gradient_x_input", "grad_cam")
 
@@ -107,6 +107,7 @@ class SanityEvaluator:
     self._methods = tuple(m for m in SANITY_METHODS if m in context.settings.methods)
     rand, s = context.random_model, context.settings
     self._maps = jax.jit(lambda x, t, k: compute_maps(rand, x, t, key=k, settings=s,
+                                                      mask_spec=context.masks,
                                                       methods=self._methods))
 
   def evaluate(self, inputs: Inputs, earlier, *, key) -> Sanity:

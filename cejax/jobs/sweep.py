@@ -1,12 +1,13 @@
 """Dataset-scale CE sweeps: CE maps for every image of a split, on every device of
 every host.
 
-    python -m cejax.sweep --config=configs/sweep.py --workdir=runs/synthetic
+    python -m cejax.jobs.sweep --config=configs/sweep.py --workdir=runs/synthetic
 
 For each image: the CE map of every configured mask family (``grid``, ``sliding``,
-``rise``) x intervention x estimand, for the predicted class or for every class /
-finding (``targets="all"``), all estimands and targets from the same forward passes
-(one stacked estimand), and optionally the raw per-mask effects.
+``rise``; their sizes from ``config.masks``) x intervention x estimand, for the
+predicted class or for every class / finding (``targets="all"``), all estimands and
+targets from the same forward passes (one stacked estimand), and optionally the raw
+per-mask effects.
 
 Work distribution. Images are cut into chunks of ``sweep.chunk_size``; process ``p`` of
 ``P`` (``jax.process_index()`` / ``jax.process_count()``: call
@@ -17,7 +18,7 @@ masks are sharded over its local devices (``sharding.mask_mesh(jax.local_devices
 computes it, so the maps are bit-identical whatever the device and process count.
 
 Output (``<out>``, default ``<workdir>/sweep``): ``settings.json`` and one
-``chunks/NNNNN.npz`` per chunk, written atomically (``evaluators.store``: the arrays
+``chunks/NNNNN.npz`` per chunk, written atomically (``jobs.common.save_tree``: the arrays
 plus a JSON structure, readable with numpy alone): ``ids`` (``"split/index"``) and
 ``maps[family][intervention][estimand]`` of shape ``(n, h, w)`` (``(n, h, w, k)`` for
 ``targets="all"``), and ``effects`` likewise ``(n, m[, k])`` with ``save_effects``.
@@ -41,13 +42,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from cejax import analysis, checkpoint, effects, incremental, masks, sharding
-from cejax import config as config_lib
-from cejax.estimands import ESTIMANDS, activate, estimand_value
-from cejax.evaluators import store
-from cejax.throughput import auto_batch_size, forward_flops, matmul_peak  # noqa: F401
+from cejax import effects, incremental, interventions, sharding
+from cejax.estimands import ESTIMANDS, activate
+from cejax.jobs import checkpoint, common, throughput
+from cejax.jobs import config as config_lib
 
-FAMILIES = ("grid", "sliding", "rise")
+FAMILIES = common.MASK_FAMILIES
 SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
 TARGETS = ("predicted", "all")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -73,7 +73,7 @@ class StackedEstimand:
       elif self.all_targets and name == "logit":
         v = do_logits - clean_logits
       else:
-        v = estimand_value(name, clean_logits, do_logits, do_probs, target, activation)
+        v = ESTIMANDS[name](clean_logits, do_logits, do_probs, target, activation)
       cols.append(v if v.ndim == do_logits.ndim else v[..., None])
     return jnp.concatenate(cols, -1)
 
@@ -104,42 +104,41 @@ def check_settings(s) -> None:
     raise ValueError(f"config.sweep.chunk_size must be >= 1, got {s.chunk_size}.")
 
 
-def mask_sources(s, shape) -> dict[str, Any]:
-  """The lazy mask recipes of ``s.families`` for images of ``shape``."""
-  h = shape[0]
-  made = {
-      "grid": lambda: masks.grid(shape=shape, n=s.grid_cells),
-      "sliding": lambda: masks.sliding_windows(shape=shape, window=s.window or max(1, h // 4),
-                                               stride=s.stride or max(1, h // 16)),
-      "rise": lambda: masks.rise_masks(jax.random.key(s.seed), num=s.rise_masks, shape=shape,
-                                       cells=s.rise_cells),
-  }
-  return {f: made[f]() for f in s.families}
+def mask_sources(config, shape) -> dict[str, Any]:
+  """The mask sources of ``config.sweep.families`` for images of ``shape`` (sizes from
+  ``config.masks``; ``config.sweep.seed`` draws the RISE masks)."""
+  return common.mask_sources(config.masks, shape, key=jax.random.key(config.sweep.seed),
+                             families=config.sweep.families)
 
 
 def _interventions(s):
-  return {"zero": "zero", "mean": "mean", "blur": effects.Blur(sigma=s.blur_sigma)}
+  return {"zero": "zero", "mean": "mean", "blur": interventions.Blur(sigma=s.blur_sigma)}
 
 
-def incremental_paths(model, image_shape, settings, sources) -> dict[str, str]:
-  """``{family: "incremental" or the reason it runs full forward passes}``: the
-  incremental recompute (``cejax.incremental``) is used where it applies, unless
-  ``settings.incremental`` is off."""
-  if not settings.incremental:
-    return {f: "full forward (config.sweep.incremental is False)" for f in sources}
-  paths = {}
+def forwards(logits_fn, model, image_shape, settings, sources
+             ) -> tuple[dict[str, Any], dict[str, str]]:
+  """Per family, the forward the sweep runs, and which one it is and why:
+  ``incremental.forward(model)`` where it applies (``incremental.plan``) unless
+  ``settings.incremental`` is off, else full forward passes of ``logits_fn``."""
+  chosen, paths = {}, {}
   for family, source in sources.items():
+    if not settings.incremental:
+      chosen[family], paths[family] = logits_fn, ("full forward (config.sweep.incremental "
+                                                  "is False)")
+      continue
     decision = incremental.plan(model, image_shape, source)
-    paths[family] = ("incremental" if decision.applies
-                     else f"full forward ({decision.reason})")
-  return paths
+    if decision.applies:
+      chosen[family], paths[family] = incremental.forward(model), "incremental"
+    else:
+      chosen[family], paths[family] = logits_fn, f"full forward ({decision.reason})"
+  return chosen, paths
 
 
-def image_results(logits_fn, image, *, settings, sources, activation, num_classes,
-                  mesh=None, model=None, paths=None) -> dict[str, Any]:
+def image_results(forward_of, image, *, settings, sources, activation, num_classes,
+                  mesh=None) -> dict[str, Any]:
   """One image's maps (and effects): ``{"maps": {family: {intervention: {estimand:
-  array}}}, "effects": ...}``. Families whose ``paths`` entry is ``"incremental"``
-  are computed by ``incremental.causal_effect(model, ...)``."""
+  array}}}, "effects": ...}``; family ``f`` is computed with the forward
+  ``forward_of[f]`` (``forwards``)."""
   s = settings
   stacked = StackedEstimand(tuple(s.estimands), all_targets=s.targets == "all")
   widths = stacked.widths(num_classes)
@@ -154,14 +153,9 @@ def image_results(logits_fn, image, *, settings, sources, activation, num_classe
   for family, source in sources.items():
     maps[family], raw[family] = {}, {}
     for name in s.interventions:
-      if paths and paths[family] == "incremental":
-        res = incremental.causal_effect(model, image, source, intervention=fills[name],
-                                        estimand=stacked, batch_size=s.batch_size,
-                                        activation=activation, mesh=mesh)
-      else:
-        res = effects.causal_effect(logits_fn, image, source, intervention=fills[name],
-                                    estimand=stacked, batch_size=s.batch_size,
-                                    activation=activation, mesh=mesh)
+      res = effects.causal_effect(forward_of[family], image, source,
+                                  intervention=fills[name], estimand=stacked,
+                                  batch_size=s.batch_size, activation=activation, mesh=mesh)
       # On the host first: the map is then one program on one device whatever the mesh
       # (a replicated input would make it an SPMD program with another reduction order).
       per_mask = np.asarray(res.effects)
@@ -192,6 +186,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   config_lib.check_keys(config, config_lib.base_config())
   s = config.sweep
   check_settings(s)
+  common.check_mask_spec(config.masks)
   out = Path(out or Path(workdir) / "sweep")
   graphdef, params, stats, run_info = checkpoint.load_model(
       workdir, compute_dtype=s.compute_dtype)
@@ -201,19 +196,20 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   if dataset.num_classes != run_info["num_classes"]:
     raise ValueError(f"The data set has {dataset.num_classes} classes but the model in "
                      f"{workdir} has {run_info['num_classes']}.")
-  recorded = dict(s.to_dict(), data=config.data.name, image_size=config.data.image_size,
+  recorded = dict(s.to_dict(), masks=config.masks.to_dict(), data=config.data.name,
+                  image_size=config.data.image_size,
                   model=model_fingerprint(params, stats), step=run_info["step"])
   process, processes = jax.process_index(), jax.process_count()
-  analysis.record_settings(out, recorded, fresh=fresh, num_workers=processes)
+  common.record_settings(out, recorded, fresh=fresh, num_workers=processes)
   devices = list(jax.local_devices() if devices is None else devices)
   mesh = sharding.mask_mesh(devices) if len(devices) > 1 else None
   count = dataset.num_examples(s.split)
   num = count if s.num_images <= 0 else min(s.num_images, count)
   chunk_dir = out / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
-  mine = analysis.chunks(num, s.chunk_size, worker=process, num_workers=processes)
+  mine = common.chunks(num, s.chunk_size, worker=process, num_workers=processes)
   activation = checkpoint.activation_of(run_info)
-  sources = paths = None
+  sources = paths = forward_of = None
   done_masks, t_start, t_steady, steady_masks = 0, time.perf_counter(), None, 0
   bar = tqdm(total=sum(map(len, mine.values())), unit="image",
              desc=f"sweep (process {process})", position=process, disable=not progress)
@@ -230,22 +226,21 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
       raise ValueError(f"Could not read images {idx[0]}..{idx[-1]} of split {s.split!r} "
                        f"({type(e).__name__}: {e}).") from e
     if sources is None:
-      sources = mask_sources(s, images.shape[1:3])
-      paths = incremental_paths(model, images.shape[1:], s, sources)
-      flops = forward_flops(logits_fn, jnp.asarray(images[0]))
+      sources = mask_sources(config, images.shape[1:3])
+      forward_of, paths = forwards(logits_fn, model, images.shape[1:], s, sources)
+      flops = throughput.forward_flops(logits_fn, jnp.asarray(images[0]))
       if s.batch_size == "auto":
-        batch = auto_batch_size(logits_fn, images.shape[1:],
+        batch = throughput.auto_batch_size(logits_fn, images.shape[1:],
                                 budget_bytes=s.memory_budget_gb * 2**30,
-                                limit=max(masks.num_masks(m) for m in sources.values()))
+                                limit=max(m.num for m in sources.values()))
         s = ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch))
-    per_image = [image_results(logits_fn, jnp.asarray(x), settings=s, sources=sources,
+    per_image = [image_results(forward_of, jnp.asarray(x), settings=s, sources=sources,
                                activation=activation, num_classes=dataset.num_classes,
-                               mesh=mesh, model=model, paths=paths) for x in images]
+                               mesh=mesh) for x in images]
     tree = jax.tree.map(lambda *a: np.stack(a), *per_image)
     tree["ids"] = np.asarray([f"{s.split}/{i}" for i in idx])
-    store.save_tree(path, tree)
-    n_masks = len(idx) * len(s.interventions) * sum(
-        masks.num_masks(src) for src in sources.values())
+    common.save_tree(path, tree)
+    n_masks = len(idx) * len(s.interventions) * sum(src.num for src in sources.values())
     done_masks += n_masks
     if t_steady is None:  # the first chunk pays for compilation
       t_steady = time.perf_counter()
@@ -264,10 +259,10 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
              "masks_per_s": rate, "forward_flops": flops,
              "paths": paths if sources is not None else None}
   if flops and done_masks:
-    peak = matmul_peak(devices)
+    peak = throughput.matmul_peak(devices)
     summary.update(gflops_per_s=rate * flops / 1e9, peak_gflops_per_s=peak / 1e9,
                    fraction_of_peak=rate * flops / peak)
-  checkpoint.write_json_atomic(out / f"throughput-p{process}.json", summary)
+  common.write_json_atomic(out / f"throughput-p{process}.json", summary)
   return summary
 
 
@@ -303,7 +298,7 @@ def load(out: Path) -> SweepResults:
   paths = sorted((out / "chunks").glob("*.npz"))
   if not paths:
     raise ValueError(f"{out} holds no finished chunks yet.")
-  parts = [store.load_tree(p) for p in paths]
+  parts = [common.load_tree(p) for p in paths]
   tree = jax.tree.map(lambda *a: np.concatenate(a), *parts)
   return SweepResults(ids=[str(i) for i in tree["ids"]], maps=tree["maps"],
                       effects=tree.get("effects"),
@@ -316,7 +311,7 @@ def main(argv=None) -> None:
 
   flags_ = flags.FLAGS
   config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "A training workdir (or one from cejax.convert).")
+  flags.DEFINE_string("workdir", None, "A training workdir (or one from cejax.jobs.convert).")
   flags.DEFINE_string("out", "", "Output directory; default WORKDIR/sweep.")
   flags.DEFINE_bool("fresh", False, "Discard the chunks of an earlier sweep.")
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (TPU "
@@ -353,6 +348,5 @@ if __name__ == "__main__":
   main()
 
 
-__all__ = ["FAMILIES", "StackedEstimand", "SweepResults", "auto_batch_size", "check_settings",
-           "image_results", "incremental_paths", "load", "mask_sources", "matmul_peak",
-           "model_fingerprint", "run"]
+__all__ = ["FAMILIES", "StackedEstimand", "SweepResults", "check_settings", "forwards",
+           "image_results", "load", "main", "mask_sources", "model_fingerprint", "run"]
