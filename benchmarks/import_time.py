@@ -18,19 +18,28 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 COMMANDS = {
     "jax + flax.nnx": "import jax; from flax import nnx",
     "cejax": "import cejax",
 }
-JOB_MODULES = ("orbax", "tensorflow_datasets", "matplotlib", "ml_collections", "absl")
+JOB_MODULES = ("orbax", "tensorflow_datasets", "matplotlib", "ml_collections")
+# Not the checkout: `python -c` puts the working directory first on sys.path, ahead of
+# PYTHONPATH, so a run from the checkout would import its cejax for --old too.
+NEUTRAL_DIR = tempfile.gettempdir()
+
+
+def _python(code: str, path: str | None, **kwargs):
+  env = dict(os.environ, PYTHONPATH=path) if path else None
+  return subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=NEUTRAL_DIR,
+                        **kwargs)
 
 
 def _run(code: str, path: str | None) -> float:
-  env = dict(os.environ, PYTHONPATH=path) if path else None
   t0 = time.perf_counter()
-  subprocess.run([sys.executable, "-c", code], check=True, env=env)
+  _python(code, path)
   return time.perf_counter() - t0
 
 
@@ -49,11 +58,9 @@ def main() -> None:
   for _ in range(args.rounds):
     for name, (code, path) in runs.items():
       times[name].append(_run(code, path))
-  probe = ("import sys, cejax; print(sorted({m.split('.')[0] for m in sys.modules} & "
-           f"set({list(JOB_MODULES)!r})))")
-  loaded = {name: subprocess.run([sys.executable, "-c", probe], capture_output=True,
-                                 text=True, env=dict(os.environ, PYTHONPATH=path)
-                                 if path else None).stdout.strip()
+  probe = ("import sys, cejax; print(cejax.__file__, sorted({m.split('.')[0] for m in "
+           f"sys.modules}} & set({list(JOB_MODULES)!r})))")
+  loaded = {name: _python(probe, path, capture_output=True, text=True).stdout.strip()
             for name, (code, path) in runs.items() if "cejax" in name}
   medians = {name: statistics.median(t) for name, t in times.items()}
   record = {"command": " ".join(sys.argv), "python": platform.python_version(),

@@ -74,7 +74,7 @@ def make_config(out: Path, images: int, incremental: bool):
   s.num_images, s.chunk_size, s.batch_size = images, 2, 25
   s.families, s.interventions, s.estimands = ("grid",), ("zero",), ("expected",)
   config.masks.grid_cells = 10
-  s.incremental = incremental
+  s.path = "incremental" if incremental else "full"
   return config
 
 

@@ -8,6 +8,7 @@ module (``cejax.masks.grid``) and, for the names below, this package
 - ``cejax.masks``, ``cejax.interventions``, ``cejax.estimands``: what is intervened on,
   with what, and how the effect is measured;
 - ``cejax.incremental``, ``cejax.latent``: forward paths beside full forward passes;
+- ``cejax.precision``: the precision policy (exact float32 products by default);
 - ``cejax.saliency``, ``cejax.attacks``, ``cejax.defenses``, ``cejax.metrics``,
   ``cejax.filters``, ``cejax.sharding``, ``cejax.adapters``, ``cejax.types``,
   ``cejax.models``, ``cejax.autoencoder``.
@@ -34,6 +35,7 @@ from cejax import interventions as interventions  # noqa: E402
 from cejax import latent as latent  # noqa: E402
 from cejax import masks as masks  # noqa: E402
 from cejax import metrics as metrics  # noqa: E402
+from cejax import precision as precision  # noqa: E402
 from cejax import saliency as saliency  # noqa: E402
 from cejax import sharding as sharding  # noqa: E402
 from cejax import types as types  # noqa: E402
@@ -170,6 +172,7 @@ __all__ = (
     "mask_mesh",
     "masks",
     "metrics",
+    "precision",
     "rise",
     "saliency",
     "sharding",

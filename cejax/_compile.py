@@ -7,6 +7,10 @@ compiled program's identity and must be hashable. Arguments declared as *data* a
 have their Python numbers traced, so a new target class, budget or fill value reuses
 the program instead of compiling a new one.
 
+Every program is traced under cejax's precision policy (``cejax.precision``): the
+function's own ``precision`` argument when it has one and it is set, else the policy
+in force at the call (``exact`` by default), which is part of the program's identity.
+
 Eager work stays outside the compiled program: ``prepare`` checks concrete values (a
 NaN image, a mask outside [0, 1]) and normalises arguments (a mask array wrapped as a
 mask source, an estimand name resolved to its function) before each call; ``check``
@@ -23,6 +27,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from cejax import precision as precision_lib
 
 
 class _Traced:
@@ -99,19 +105,26 @@ def jit(fn: Callable | None = None, *, data: Sequence[str] = (),
   signature = inspect.signature(fn)
   data = frozenset(data)
 
-  def body(static, traced):
-    return fn(**_merge(static, traced))
+  takes_precision = "precision" in signature.parameters
 
-  compiled = jax.jit(body, static_argnums=0)
+  def body(policy, static, traced):
+    with precision_lib.matmul_context(policy):
+      return fn(**_merge(static, traced))
+
+  compiled = jax.jit(body, static_argnums=(0, 1))
 
   @functools.wraps(fn)
   def call(*args, **kwargs):
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     arguments = dict(bound.arguments)
+    policy = precision_lib.current()
+    if takes_precision:
+      policy = arguments["precision"] = precision_lib.check(
+          arguments["precision"] or policy)
     if prepare is not None:
       arguments = prepare(arguments)
-    result = compiled(*_split(arguments, data))
+    result = compiled(policy, *_split(arguments, data))
     if check is not None:
       check(arguments, result)
     return result

@@ -189,8 +189,8 @@ def _check(a, result):
 def causal_effect(model: LogitsFn | Forward, image: Image, masks, *, intervention=None,
                   estimand="expected", target: int | None = None,
                   batch_size: int | None = None, activation: str = "softmax",
-                  key: PRNGKey | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> CEResult:
+                  key: PRNGKey | None = None, mesh: jax.sharding.Mesh | None = None,
+                  precision: str | None = None) -> CEResult:
   """Causal effect of each intervention on the prediction.
 
   Pure: works under ``jit``, under ``vmap`` over images, and under ``grad`` with
@@ -214,6 +214,8 @@ def causal_effect(model: LogitsFn | Forward, image: Image, masks, *, interventio
     activation: ``"softmax"`` (multi-class) or ``"sigmoid"`` (multi-label).
     key: PRNG key, required by random interventions.
     mesh: shard the item axis over this mesh's devices.
+    precision: ``"exact"`` (float32 products on every backend), ``"tf32"`` or ``"bf16"``
+      (``cejax.precision``); None: the policy in force, ``"exact"`` by default.
 
   Returns:
     A ``CEResult``.
@@ -221,7 +223,7 @@ def causal_effect(model: LogitsFn | Forward, image: Image, masks, *, interventio
   Raises:
     ValueError: a shape that does not match the image, no masks, masks outside [0, 1],
       a non-finite or integer image, a bad batch size, a target that is not an integer
-      in range, an unknown estimand, intervention or activation, or a random
+      in range, an unknown estimand, intervention, activation or precision, or a random
       intervention without ``key`` (under ``jit``, bad values give NaN instead).
   """
   forward = model

@@ -61,8 +61,11 @@ def test_stacked_estimands_equal_one_call_per_estimand_and_target(trained_smoke,
   assert summary["masks_computed"] == 3 * (16 + 10) and summary["masks_per_s"] > 0
   assert 0 < summary["fraction_of_peak"] < 1.5 and summary["forward_flops"] > 0
   # Grid masks take the incremental recompute (exact to float32 round-off, 1e-5).
-  assert summary["paths"] == {"grid": "incremental", "rise": "full forward (RISE masks are "
-                              "not local (each covers the whole image).)"}
+  assert summary["paths"] == {
+      "grid": {"path": "incremental", "why": "measured faster on CPUs"},
+      "rise": {"path": "full", "why": "incremental does not apply: RISE masks are not "
+                                      "local (each covers the whole image)."}}
+  assert summary["precision"] == "exact"
   logits_fn, _ = checkpoint.load_logits_fn(trained_smoke[1])
   image = pipeline.load_dataset(config.data).batch("test", [1])["image"][0]
   grid = sweep.mask_sources(config, image.shape[:2])["grid"]
@@ -102,8 +105,8 @@ def test_changed_settings_corrupt_chunks_and_bad_keys_are_refused(trained_smoke,
   changed.masks.rise_masks = 12
   with pytest.raises(ValueError, match=r"different settings \(\['masks.rise_masks'\]\)"):
     sweep.run(changed, trained_smoke[1], out=tmp_path, progress=False)
-  changed.masks.rise_masks, changed.sweep.compute_dtype = 10, "bfloat16"
-  with pytest.raises(ValueError, match=r"different settings \(\['compute_dtype'\]\)"):
+  changed.masks.rise_masks, changed.sweep.precision = 10, "bf16"
+  with pytest.raises(ValueError, match=r"different settings \(\['precision'\]\)"):
     sweep.run(changed, trained_smoke[1], out=tmp_path, progress=False)
   chunk = tmp_path / "chunks" / "00000.npz"
   chunk.write_bytes(b"corrupt")
@@ -113,8 +116,8 @@ def test_changed_settings_corrupt_chunks_and_bad_keys_are_refused(trained_smoke,
   bad.sweep.families = ("grid", "windows")
   with pytest.raises(ValueError, match=r"config.sweep.families has \['windows'\]"):
     sweep.run(bad, trained_smoke[1], out=tmp_path / "other", progress=False)
-  bad.sweep.families, bad.sweep.compute_dtype = ("grid",), "float16"
-  with pytest.raises(ValueError, match=r"compute_dtype is 'float16'; valid are"):
+  bad.sweep.families, bad.sweep.precision = ("grid",), "float16"
+  with pytest.raises(ValueError, match=r"precision: Unknown precision 'float16'; valid are"):
     sweep.check_settings(bad.sweep)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from cejax import precision
 from cejax.jobs import checkpoint, common, evaluators, report
 from cejax.jobs import config as config_lib
 from cejax.jobs.evaluators import common as ev_common
@@ -146,9 +147,14 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
     raise ValueError("The config has no 'analysis' section; see cejax/jobs/config.py.")
   config_lib.check_keys(config, config_lib.base_config())
   settings = config.analysis
+  try:
+    precision.check(settings.precision)
+  except ValueError as e:
+    raise ValueError(f"config.analysis.precision: {e}") from None
   chosen_classes = evaluators.select(settings.evaluators)
   out = Path(out or Path(workdir) / "analysis")
-  graphdef, params, stats, run = checkpoint.load_model(workdir)
+  dtype = precision.compute_dtype(settings.precision)
+  graphdef, params, stats, run = checkpoint.load_model(workdir, compute_dtype=dtype)
   dataset = pipeline.load_dataset(config.data)
   if dataset.num_classes != run["num_classes"] or dataset.channels != run["in_channels"]:
     raise ValueError(
@@ -162,7 +168,7 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
 
   model = ev_common.make_model(graphdef, params, stats, run,
                                latent_stage=settings.latent_stage)
-  rand = (ev_common.random_model(run, latent_stage=settings.latent_stage)
+  rand = (ev_common.random_model(dict(run, dtype=dtype), latent_stage=settings.latent_stage)
           if evaluators.SanityEvaluator in chosen_classes else None)
   space = ev_common.pixel_space(dataset.normalization)
   chosen = build(chosen_classes, ev_common.Context(
@@ -171,7 +177,7 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   mine = common.chunks(len(indices), settings.chunk_size, worker=worker,
                        num_workers=num_workers)
   with tqdm(total=sum(map(len, mine.values())), unit="image", desc=f"analyze (worker {worker})",
-            disable=not progress) as bar:
+            disable=not progress) as bar, precision.policy(settings.precision):
     paths = run_chunks(chosen, dataset, model=model, space=space, out_dir=out,
                        settings=settings, indices=indices, key=jax.random.key(settings.seed),
                        progress=bar, worker=worker, num_workers=num_workers)

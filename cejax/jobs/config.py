@@ -29,6 +29,9 @@ MOVED_KEYS = {
     "config.sweep.stride": "config.masks.stride",
     "config.analysis.window_div": "config.masks.window (in pixels: image size / window_div)",
     "config.analysis.stride_div": "config.masks.stride (in pixels: image size / stride_div)",
+    "config.sweep.compute_dtype": "config.sweep.precision ('bf16' runs the network in "
+                                  "bfloat16, 'exact' in float32)",
+    "config.sweep.incremental": "config.sweep.path ('auto', 'incremental' or 'full')",
 }
 
 
@@ -40,8 +43,7 @@ def check_keys(config, base, *, path: str = "config") -> None:
   """
   for key in config.keys():
     if f"{path}.{key}" in MOVED_KEYS:
-      raise ValueError(f"{path}.{key} moved to {MOVED_KEYS[f'{path}.{key}']}: the analysis "
-                       "and the sweep share one mask specification.")
+      raise ValueError(f"{path}.{key} is now {MOVED_KEYS[f'{path}.{key}']}.")
     if key not in base:
       close = difflib.get_close_matches(key, list(base.keys()), n=1)
       hint = f" Did you mean {path}.{close[0]}?" if close else ""
@@ -94,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.best_metric = "accuracy"  # validation metric that picks the best checkpoint
   config.train.log_every_steps = 20
   config.train.eval_batch_size = 250
+  # cejax.precision of the training programs ("exact", "tf32", "bf16"); the network's
+  # own dtype is config.model.dtype.
+  config.train.precision = "exact"
 
   # The masks of both jobs (analysis and sweep): one specification, in pixels.
   config.masks = ml_collections.ConfigDict()
@@ -117,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
                              "grad_cam", "grad_cam_pp", "smooth_grad_cam_pp", "rise",
                              "occlusion")
   config.analysis.batch_size = 64  # masks per forward call
+  config.analysis.precision = "exact"  # cejax.precision: "exact", "tf32" or "bf16"
   config.analysis.latent_stage = "block2"
   config.analysis.noise_samples = 50  # SmoothGrad and Smooth Grad-CAM++ (Smilkov: ~50)
   config.analysis.noise_level = 0.15  # noise std / image range (Smilkov: 10-20 %)
@@ -144,11 +150,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.sweep.estimands = ("expected",)  # any of cejax.estimands.ESTIMANDS
   config.sweep.targets = "predicted"  # or "all": every class / finding
   config.sweep.save_effects = False  # also keep the per-mask effects
-  # "bfloat16" runs the forward passes in bf16 (weights stay float32); the CE maps'
-  # error against float32 is in benchmarks/RESULTS.md ("bf16 CE maps").
-  config.sweep.compute_dtype = "float32"
-  # Grid and sliding-window masks of a DenseNet are recomputed only where they can
-  # change activations (cejax.incremental; exact to float32 round-off); False: full
-  # forward passes for every mask.
-  config.sweep.incremental = True
+  # cejax.precision: "exact" (float32 products on every backend), "tf32", or "bf16" (the
+  # network in bfloat16, weights float32); errors of each in benchmarks/RESULTS.md.
+  config.sweep.precision = "exact"
+  # Which forward each mask family takes: "auto" (the rule per platform in
+  # cejax.jobs.sweep.AUTO_PATH: incremental recompute where it applies on CPUs, full
+  # forward passes on GPUs and TPUs), or "incremental" / "full" for every family.
+  config.sweep.path = "auto"
   return config

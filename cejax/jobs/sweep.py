@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from cejax import effects, incremental, interventions, sharding
+from cejax import effects, incremental, interventions, precision, sharding
 from cejax.estimands import ESTIMANDS, activate
 from cejax.jobs import checkpoint, common, throughput
 from cejax.jobs import config as config_lib
@@ -50,7 +50,17 @@ from cejax.jobs import config as config_lib
 FAMILIES = common.MASK_FAMILIES
 SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
 TARGETS = ("predicted", "all")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+PATHS = ("auto", "incremental", "full")
+# The forward a family takes under path="auto", per platform, and why. CPUs: measured
+# (benchmarks/RESULTS.md, DenseNet-121, 10 x 10 grid, 2 cores: 1.56x the full forward at
+# 224 px, 2.50x at 448). GPUs and TPUs: declared until measured there (benchmarks/
+# gpu_run.py measures both paths): a batched full forward keeps the matrix units busy,
+# while the incremental walk runs many small patch products at per-mask offsets.
+AUTO_PATH = {
+    "cpu": ("incremental", "measured faster on CPUs"),
+    "gpu": ("full", "declared for GPUs: batched full passes keep the tensor cores busy"),
+    "tpu": ("full", "declared for TPUs: batched full passes keep the matrix units busy"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +107,12 @@ def check_settings(s) -> None:
   if s.batch_size != "auto" and (not isinstance(s.batch_size, int) or s.batch_size < 1):
     raise ValueError(f"config.sweep.batch_size must be a positive int or 'auto', got "
                      f"{s.batch_size!r}.")
-  if s.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"config.sweep.compute_dtype is {s.compute_dtype!r}; valid are "
-                     f"{COMPUTE_DTYPES}.")
+  try:
+    precision.check(s.precision)
+  except ValueError as e:
+    raise ValueError(f"config.sweep.precision: {e}") from None
+  if s.path not in PATHS:
+    raise ValueError(f"config.sweep.path is {s.path!r}; valid are {PATHS}.")
   if s.chunk_size < 1:
     raise ValueError(f"config.sweep.chunk_size must be >= 1, got {s.chunk_size}.")
 
@@ -115,22 +128,26 @@ def _interventions(s):
   return {"zero": "zero", "mean": "mean", "blur": interventions.Blur(sigma=s.blur_sigma)}
 
 
-def forwards(logits_fn, model, image_shape, settings, sources
-             ) -> tuple[dict[str, Any], dict[str, str]]:
-  """Per family, the forward the sweep runs, and which one it is and why:
-  ``incremental.forward(model)`` where it applies (``incremental.plan``) unless
-  ``settings.incremental`` is off, else full forward passes of ``logits_fn``."""
+def forwards(logits_fn, model, image_shape, settings, sources, *, platform: str
+             ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+  """Per family, the forward the sweep runs, and ``{"path", "why"}``: under
+  ``settings.path="auto"`` the rule of ``AUTO_PATH`` for ``platform``, else the path
+  the config forces; incremental recompute (``incremental.forward(model)``) only where
+  ``incremental.plan`` says it applies, full forward passes of ``logits_fn`` otherwise."""
+  if settings.path == "auto":
+    want, why = AUTO_PATH.get(platform, ("full", f"no rule for platform {platform!r}"))
+  else:
+    want, why = settings.path, f"config.sweep.path={settings.path!r}"
   chosen, paths = {}, {}
   for family, source in sources.items():
-    if not settings.incremental:
-      chosen[family], paths[family] = logits_fn, ("full forward (config.sweep.incremental "
-                                                  "is False)")
-      continue
-    decision = incremental.plan(model, image_shape, source)
-    if decision.applies:
-      chosen[family], paths[family] = incremental.forward(model), "incremental"
+    decision = incremental.plan(model, image_shape, source) if want != "full" else None
+    if decision is not None and decision.applies:
+      chosen[family] = incremental.forward(model)
+      paths[family] = {"path": "incremental", "why": why}
     else:
-      chosen[family], paths[family] = logits_fn, f"full forward ({decision.reason})"
+      chosen[family] = logits_fn
+      paths[family] = {"path": "full", "why": why if decision is None else
+                       f"incremental does not apply: {decision.reason}"}
   return chosen, paths
 
 
@@ -189,7 +206,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   common.check_mask_spec(config.masks)
   out = Path(out or Path(workdir) / "sweep")
   graphdef, params, stats, run_info = checkpoint.load_model(
-      workdir, compute_dtype=s.compute_dtype)
+      workdir, compute_dtype=precision.compute_dtype(s.precision))
   logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
   model = nnx.merge(graphdef, params, stats)
   dataset = pipeline.load_dataset(config.data)
@@ -227,16 +244,18 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
                        f"({type(e).__name__}: {e}).") from e
     if sources is None:
       sources = mask_sources(config, images.shape[1:3])
-      forward_of, paths = forwards(logits_fn, model, images.shape[1:], s, sources)
+      forward_of, paths = forwards(logits_fn, model, images.shape[1:], s, sources,
+                                   platform=devices[0].platform)
       flops = throughput.forward_flops(logits_fn, jnp.asarray(images[0]))
       if s.batch_size == "auto":
         batch = throughput.auto_batch_size(logits_fn, images.shape[1:],
                                 budget_bytes=s.memory_budget_gb * 2**30,
                                 limit=max(m.num for m in sources.values()))
         s = ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch))
-    per_image = [image_results(forward_of, jnp.asarray(x), settings=s, sources=sources,
-                               activation=activation, num_classes=dataset.num_classes,
-                               mesh=mesh) for x in images]
+    with precision.policy(s.precision):
+      per_image = [image_results(forward_of, jnp.asarray(x), settings=s, sources=sources,
+                                 activation=activation, num_classes=dataset.num_classes,
+                                 mesh=mesh) for x in images]
     tree = jax.tree.map(lambda *a: np.stack(a), *per_image)
     tree["ids"] = np.asarray([f"{s.split}/{i}" for i in idx])
     common.save_tree(path, tree)
@@ -253,7 +272,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   steady = time.perf_counter() - t_steady if t_steady is not None else 0.0
   rate = steady_masks / steady if steady_masks else (done_masks / elapsed if elapsed else 0.)
   summary = {"process": process, "processes": processes, "devices": len(devices),
-             "batch_size": s.batch_size,
+             "batch_size": s.batch_size, "precision": s.precision,
              "device_kind": devices[0].device_kind, "images": num, "chunks": len(mine),
              "masks_computed": done_masks, "seconds": elapsed,
              "masks_per_s": rate, "forward_flops": flops,
@@ -348,5 +367,6 @@ if __name__ == "__main__":
   main()
 
 
-__all__ = ["FAMILIES", "StackedEstimand", "SweepResults", "check_settings", "forwards",
-           "image_results", "load", "main", "mask_sources", "model_fingerprint", "run"]
+__all__ = ["AUTO_PATH", "FAMILIES", "PATHS", "StackedEstimand", "SweepResults",
+           "check_settings", "forwards", "image_results", "load", "main", "mask_sources",
+           "model_fingerprint", "run"]

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cejax import data, metrics
+from cejax import data, metrics, precision
 from cejax.estimands import check_activation
 from cejax.jobs import checkpoint, common
 from cejax.jobs import config as config_lib
@@ -43,6 +43,10 @@ def validate_config(config, sections=("data", "model", "train")) -> None:
     if section not in config:
       raise ValueError(f"Config lacks the section {section!r}.")
   config_lib.check_keys(config, config_lib.base_config())
+  try:
+    precision.check(config.train.precision)
+  except ValueError as e:
+    raise ValueError(f"config.train.precision: {e}") from None
   if config.model.preset not in densenet.PRESETS:
     raise ValueError(f"Unknown config.model.preset {config.model.preset!r}; valid "
                      f"presets are {sorted(densenet.PRESETS)}.")
@@ -210,9 +214,16 @@ def train_and_evaluate(config, workdir, *, devices=None,
   Raises:
     FloatingPointError: the training loss became NaN or infinite.
   """
+  validate_config(config)
+  # Every program the run compiles is traced under the precision policy (exact: float32
+  # products on every backend; cejax.precision).
+  with precision.policy(config.train.precision):
+    return _train(config, workdir, devices=devices, step_hook=step_hook)
+
+
+def _train(config, workdir, *, devices, step_hook):
   from tqdm.auto import tqdm
 
-  validate_config(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   tc = config.train
