@@ -1,12 +1,21 @@
-"""Prints the README's science tables (markdown) from one analysis run's metrics.json.
+"""Prints the README's science tables (markdown) from one committed evaluation record.
 
-    python benchmarks/science_tables.py runs/synthetic/eval/metrics.json
+    python benchmarks/science_tables.py benchmarks/results_science_2026-11-29.json
 
-Every number comes from the file, so the README's tables match the run they name.
+The record is the evaluation's ``metrics.json`` with how it was made (``record``:
+command, config, commit, date, machine); ``--make OUT --from METRICS`` writes one from a
+run's ``metrics.json``. Every number printed comes from the record, and
+``tests/test_science_tables.py`` checks that the README's tables, between its
+``science-tables`` markers, are exactly this script's output.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
-import sys
+import platform
+import subprocess
+import time
 
 ROWS = (
     ("ce_sliding", "CE, sliding windows (expected CE)"),
@@ -27,39 +36,84 @@ ROWS = (
 ATTACKS = {"fgsm": "FGSM", "bim": "I-FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD"}
 
 
-def ci(v, digits=2):
+def ci(v, digits=2) -> str:
   mean, lo, hi = v
   return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def main(path):
-  s = json.load(open(path))
-  print(f"{s['num_images']} images, {s['num_with_box']} with a box; clean accuracy "
-        f"{s['clean_accuracy']:.3f}; pointing tolerance {s['pointing_tolerance_px']:.2f} px\n")
-  print("| method | pointing game | IoU@0.5 | mass in box | deletion AUC, zero fill "
-        "(lower better) | deletion AUC, blur fill (lower better) | insertion AUC, from blur "
-        "| rank corr. with random model |")
-  print("|---|---|---|---|---|---|---|---|")
+def tables(record: dict) -> str:
+  """The README's tables, as markdown."""
+  s = record["metrics"]
+  out = [f"{s['num_images']} images, {s['num_with_box']} with a box; clean accuracy "
+         f"{s['clean_accuracy']:.3f}; pointing tolerance {s['pointing_tolerance_px']:.2f} px; "
+         f"`{record['record']['command']}` at commit {record['record']['commit']}, "
+         f"{record['record']['date']}.", ""]
+  levels = " / ".join(str(t) for t in s["iobb_levels"])
+  out += ["Localization (the boxed images):", "",
+          "| method | pointing game | hit rate | mass in box | IoU at half range | Otsu mIoU "
+          f"| T(IoBB) at {levels} |", "|---|---|---|---|---|---|---|"]
   for key, name in ROWS:
     row = s["methods"].get(key)
-    if row is None:
-      continue
-    sanity = ci(row["sanity_spearman"]) if "sanity_spearman" in row else "—"
-    print(f"| {name} | {ci(row['pointing'])} | {ci(row['iou'])} | {row['mass'][0]:.2f} | "
-          f"{ci(row['deletion_zero'], 3)} | {ci(row['deletion_blur'], 3)} | "
-          f"{ci(row['insertion_blur'], 3)} | {sanity} |")
-  print("\n| attack (eps in /255) | success | attacked images (train / test) | CE features "
-        "| max confidence | feature squeezing |")
-  print("|---|---|---|---|---|---|")
+    if row is not None:
+      iobb = " / ".join(f"{v:.2f}" for v in row["t_iobb"])
+      out.append(f"| {name} | {ci(row['pointing'])} | {ci(row['hit'])} | "
+                 f"{row['mass'][0]:.2f} | {ci(row['iou'])} | {ci(row['otsu_iou'])} | {iobb} |")
+  out += ["", "Faithfulness (every image) and the randomisation check:", "",
+          "| method | deletion AUC, zero fill (lower better) | deletion AUC, blur fill (lower "
+          "better) | insertion AUC, from blur | rank corr. with random model |",
+          "|---|---|---|---|---|"]
+  for key, name in ROWS:
+    row = s["methods"].get(key)
+    if row is not None:
+      sanity = ci(row["sanity_spearman"]) if "sanity_spearman" in row else "—"
+      out.append(f"| {name} | {ci(row['deletion_zero'], 3)} | {ci(row['deletion_blur'], 3)} "
+                 f"| {ci(row['insertion_blur'], 3)} | {sanity} |")
+  gap = s["methods"].get("integrated_gradients", {}).get("completeness_gap")
+  if gap:
+    out += ["", f"Integrated Gradients' completeness gap (|sum of attributions - logit "
+            f"difference| / |logit difference|): mean {ci(gap, 4)}, median "
+            f"{s['methods']['integrated_gradients']['completeness_gap_median']:.4f}."]
+  out += ["", "| attack (eps in /255) | success | attacked images (train / test) | CE "
+          "features | max confidence | feature squeezing |", "|---|---|---|---|---|---|"]
   for attack, dets in s["detection"].items():
     base, eps = attack.split("@")
     cells = [f"{d['auroc']:.2f} [{d['auroc_ci'][0]:.2f}, {d['auroc_ci'][1]:.2f}]; "
              f"{d['tpr_at_5fpr']:.2f}" for d in
              (dets["CE features"], dets["max confidence"], dets["squeezing"])]
     ce = dets["CE features"]
-    print(f"| {ATTACKS.get(base, base)} {eps} | {s['attack_success'][attack]:.2f} | "
-          f"{ce['n_train']} / {ce['n_test']} | " + " | ".join(cells) + " |")
+    out.append(f"| {ATTACKS.get(base, base)} {eps} | {s['attack_success'][attack]:.2f} | "
+               f"{ce['n_train']} / {ce['n_test']} | " + " | ".join(cells) + " |")
+  return "\n".join(out) + "\n"
+
+
+def make_record(metrics_path: str, *, command: str, config: str) -> dict:
+  """A record: the run's metrics.json and how it was made."""
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+  with open(metrics_path) as f:
+    metrics = json.load(f)
+  return {"record": {"command": command, "config": config, "commit": commit,
+                     "date": time.strftime("%Y-%m-%d"),
+                     "machine": platform.processor() or platform.machine()},
+          "metrics": metrics}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("record", nargs="?")
+  parser.add_argument("--make", help="write a record to this path ...")
+  parser.add_argument("--from", dest="source", help="... from this metrics.json")
+  parser.add_argument("--command", default="", help="the command that made the run")
+  parser.add_argument("--config", default="configs/synthetic_eval.py")
+  args = parser.parse_args()
+  if args.make:
+    record = make_record(args.source, command=args.command, config=args.config)
+    with open(args.make, "w") as f:
+      json.dump(record, f, indent=1, sort_keys=True)
+    return
+  with open(args.record) as f:
+    print(tables(json.load(f)), end="")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main()

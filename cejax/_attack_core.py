@@ -101,6 +101,9 @@ def check_inputs(images, labels, space, activation):
   if images.ndim != 4:
     raise ValueError(f"images must be (n, h, w, c) in pixel space, got {images.shape}.")
   labels = jnp.asarray(labels)
+  if not multi_label and not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype} (a "
+                     "float would be truncated).")
   want = images.shape[:1] + ((labels.shape[-1],) if multi_label else ())
   labels = jnp.asarray(labels, jnp.float32 if multi_label else jnp.int32)
   if labels.shape != want:

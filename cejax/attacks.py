@@ -33,7 +33,7 @@ from cejax.types import LogitsFn, Pixels
 
 __all__ = ["AttackResult", "PixelSpace", "attack_loss", "bim", "bpda_pgd",
            "carlini_wagner_l2", "deepfool", "epsilon_sweep", "fgsm", "mifgsm", "pgd",
-           "success"]
+           "success", "uniform_in_ball"]
 
 __getattr__ = deprecated_names(__name__, {
     "shard_batch": ("cejax.sharding.shard_batch", sharding.shard_batch)})
@@ -108,9 +108,9 @@ def pgd(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
         space: PixelSpace) -> AttackResult:
   """PGD (Madry et al., 2018) under L-infinity or L2, with random restarts.
 
-  Each restart starts uniformly in the eps-ball (L-inf) or at a random direction of
-  random radius (L2); per example the restart with the highest loss among the
-  successful ones (else the highest loss) is kept.
+  Each restart starts uniformly in the eps-ball (``uniform_in_ball``); per example the
+  restart with the highest loss among the successful ones (else the highest loss) is
+  kept.
   """
   if norm not in ("linf", "l2"):
     raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}.")
@@ -121,16 +121,7 @@ def pgd(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
   loss = attack_loss(logits_fn, space, labels, targeted=targeted, activation=activation)
 
   def one_restart(k):
-    if not random_start:
-      start = images
-    elif norm == "linf":
-      start = images + jax.random.uniform(k, images.shape, minval=-eps, maxval=eps)
-    else:
-      kd, kr = jax.random.split(k)
-      d = jax.random.normal(kd, images.shape)
-      d = d / jnp.sqrt((d.reshape(len(d), -1) ** 2).sum(-1)).reshape(-1, 1, 1, 1)
-      d = d * eps * jax.random.uniform(kr, (len(d), 1, 1, 1))
-      start = images + d
+    start = uniform_in_ball(k, images, eps=eps, norm=norm) if random_start else images
     start = core.project(start, images, eps, norm, space)
     adv = _iterate(logits_fn, images, labels, start, eps=eps, steps=steps,
                    step_size=step_size, norm=norm, decay=None, targeted=targeted,
@@ -143,6 +134,19 @@ def pgd(logits_fn: LogitsFn, images: Pixels, labels: jax.Array, *,
   best = jnp.argmax(scores, 0)
   adv = jnp.take_along_axis(advs, best[None, :, None, None, None], 0)[0]
   return core.attack_result(logits_fn, space, images, adv, labels, targeted, activation)
+
+
+def uniform_in_ball(key, images, *, eps, norm: str = "linf"):
+  """PGD's random start: uniform in the eps-ball around each image. L-inf: uniform per
+  pixel. L2: uniform in the ball, as Foolbox samples it (a uniform point on the unit
+  sphere of ``d + 2`` dimensions, its last two coordinates dropped; Voelker et al.,
+  2017), so the radius ``r`` has ``P(r <= t eps) = t^d`` in ``d`` dimensions."""
+  if norm == "linf":
+    return images + jax.random.uniform(key, images.shape, minval=-eps, maxval=eps)
+  n, d = len(images), images[0].size
+  sphere = jax.random.normal(key, (n, d + 2))
+  sphere = sphere / jnp.linalg.norm(sphere, axis=-1, keepdims=True)
+  return images + eps * sphere[:, :d].reshape(images.shape)
 
 
 @core.attack_program

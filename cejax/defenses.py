@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cejax.estimands import activate
+
 
 def _bayer(n: int) -> np.ndarray:
   """The ``n x n`` Bayer index matrix (n a power of two), thresholds in (0, 1)."""
@@ -61,7 +63,8 @@ def error_diffusion(images):
 
 
 def bit_depth(images, *, bits: int = 3):
-  """Rounds pixels to ``2**bits`` levels (feature squeezing, Xu et al., 2018)."""
+  """Rounds pixels to ``2**bits`` levels (Xu et al.'s bit-depth squeezer:
+  ``rint(x (2^bits - 1)) / (2^bits - 1)``)."""
   if not 1 <= bits <= 8:
     raise ValueError(f"bits must be in [1, 8], got {bits}.")
   levels = 2**bits - 1
@@ -69,14 +72,35 @@ def bit_depth(images, *, bits: int = 3):
 
 
 def median_smoothing(images, *, size: int = 3):
-  """Median over a ``size x size`` window (edge padding), per channel."""
-  if size < 1 or size % 2 == 0:
-    raise ValueError(f"size must be a positive odd integer, got {size}.")
-  r = size // 2
+  """Median over a ``size x size`` window per channel, equal to
+  ``scipy.ndimage.median_filter(images, size=(1, size, size, 1), mode="reflect")`` (Xu
+  et al.'s squeezer): the window of pixel ``i`` spans ``i - size // 2`` to
+  ``i - size // 2 + size - 1``, edges are mirrored (``d c b a | a b c d``), and an even
+  window takes the upper of its two middle values, as scipy's rank filter does."""
+  if size < 1:
+    raise ValueError(f"size must be a positive integer, got {size}.")
+  before, after = size // 2, size - 1 - size // 2
   _, h, w, _ = images.shape
-  padded = jnp.pad(images, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
+  padded = jnp.pad(images, ((0, 0), (before, after), (before, after), (0, 0)),
+                   mode="symmetric")
   windows = jnp.stack([padded[:, i:i + h, j:j + w] for i in range(size) for j in range(size)])
-  return jnp.median(windows, axis=0)
+  return jnp.sort(windows, axis=0)[size * size // 2]
+
+
+def squeeze_score(logits_fn, pixels, *, space, activation: str = "softmax",
+                  bits: int = 5, median: int = 2):
+  """Feature squeezing's detection score (Xu et al., NDSS 2018), per image ``(n,)``:
+  the largest L1 distance between the prediction on the input and on each squeezed
+  input, ``max(||f(x) - f(bit_depth(x))||_1, ||f(x) - f(median(x))||_1)``, ``f`` the
+  probabilities. Their ImageNet and CIFAR-10 squeezers are 5-bit depth and a 2 x 2
+  median (MNIST: 1 bit); their non-local means squeezer for colour images is not
+  included. ``pixels`` in [0, 1]; the model sees ``space.normalize``."""
+  def prediction(x):
+    return activate(logits_fn(space.normalize(x)).astype(jnp.float32), activation)
+
+  clean = prediction(pixels)
+  return jnp.stack([jnp.abs(clean - prediction(squeezed)).sum(-1) for squeezed in (
+      bit_depth(pixels, bits=bits), median_smoothing(pixels, size=median))]).max(0)
 
 
 DEFENSES = {

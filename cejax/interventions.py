@@ -132,11 +132,14 @@ class Reference:
 
 @_intervention_type(data=("std", "mean"), meta=("num_draws",))
 class GaussianNoise:
-  """Fill with i.i.d. ``N(mean, std^2)`` noise in model input space, ``num_draws`` times."""
+  """Fill with i.i.d. ``N(mean, std^2)`` noise in model input space, ``num_draws`` times.
+
+  ``mean`` and ``num_draws`` are keyword-only: ``GaussianNoise(0.5, 4)`` would otherwise
+  read as a mean of 4."""
 
   std: float = 1.0
-  mean: float = 0.0
-  num_draws: int = 8
+  mean: float = dataclasses.field(default=0.0, kw_only=True)
+  num_draws: int = dataclasses.field(default=8, kw_only=True)
   random: ClassVar[bool] = True
 
   def fill(self, image, key):

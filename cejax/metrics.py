@@ -234,26 +234,34 @@ def substrate(images, kind: str):
 
 
 def deletion_insertion(logits_fn: LogitsFn, images: Images, maps: Maps, targets: Targets, *,
-                       steps: int = 16,
+                       step: int | None = None,
                        curves=CURVES, activation: str = "softmax",
                        batch_size: int = 16) -> dict[str, jax.Array]:
-  """Deletion and insertion AUCs (Petsiuk et al., 2018), ``{curve: (n,)}``.
+  """Deletion and insertion AUCs (Petsiuk et al., 2018), ``{curve: (n,)}``, as their
+  ``CausalMetric`` computes them.
 
-  Pixels are taken in decreasing map order (ties by position), ``steps`` equal
-  fractions at a time (``round(i * h * w / steps)`` pixels at step ``i``).
-  ``"deletion_<s>"`` replaces the top pixels of the image by substrate ``s`` (a
-  faithful map makes the target probability fall fast: low AUC is good);
-  ``"insertion_<s>"`` starts from substrate ``s`` and restores them (high AUC is
-  good). Petsiuk et al. delete to ``zero`` and insert into ``blur``; deleting to
-  ``blur`` as well scores maps with a perturbation they were not built from (CE and
-  occlusion maps are built from zero fills). The AUC is the trapezoid mean over the
-  ``steps + 1`` fractions 0, 1/steps, ..., 1 (their ``auc``).
+  Pixels are taken in decreasing map order, ``step`` at a time (default: one image row,
+  their rule): after ``i`` steps the first ``min(i * step, h * w)`` pixels of the order
+  are changed, for ``i = 0 .. ceil(h * w / step)``. ``"deletion_<s>"`` replaces them in
+  the image by substrate ``s`` (a faithful map makes the target probability fall
+  fast: low AUC is good); ``"insertion_<s>"`` starts from substrate ``s`` and restores
+  them (high AUC is good). Petsiuk et al. delete to ``zero`` and insert into ``blur``;
+  deleting to ``blur`` as well scores maps with a perturbation they were not built from
+  (CE and occlusion maps are built from zero fills). The AUC is the trapezoid mean over
+  the steps (their ``auc``). ``targets`` should be the predicted classes, as theirs are.
+
+  Ties: their code orders pixels by ``np.flip(np.argsort(map))``, numpy's default,
+  unstable sort, whose order among equal values depends on numpy's version and the
+  CPU's vector instructions. cejax fixes that order to their expression with a stable
+  sort (``np.flip(np.argsort(map, kind="stable"))``: among equal values, later pixels
+  first); maps without ties are ordered identically.
 
   Args:
     logits_fn: pure ``images -> logits``.
     images: ``(n, h, w, c)`` in the model's input space.
     maps: ``(n, h, w)``.
     targets: int ``(n,)``, the class whose probability is tracked.
+    step: pixels changed per step; None: ``w`` (one row).
     curves: names ``"deletion_<substrate>"`` / ``"insertion_<substrate>"``.
     activation: ``"softmax"`` or ``"sigmoid"``.
   """
@@ -263,6 +271,9 @@ def deletion_insertion(logits_fn: LogitsFn, images: Images, maps: Maps, targets:
   n, h, w, _ = images.shape
   if maps.shape != (n, h, w):
     raise ValueError(f"maps must be {(n, h, w)} to match images, got {maps.shape}.")
+  step = w if step is None else int(step)
+  if step < 1:
+    raise ValueError(f"step must be a positive number of pixels, got {step}.")
   act = functools.partial(activate, activation=check_activation(activation))
   parsed = []
   for name in curves:
@@ -271,20 +282,22 @@ def deletion_insertion(logits_fn: LogitsFn, images: Images, maps: Maps, targets:
       raise ValueError(f"Unknown curve {name!r}; use 'deletion_<s>' or 'insertion_<s>' "
                        f"with s in {list(SUBSTRATES)}.")
     parsed.append((mode, kind))
-  counts = jnp.round(jnp.linspace(0, h * w, steps + 1)).astype(jnp.int32)
+  num_steps = -(-h * w // step)
+  counts = jnp.minimum(jnp.arange(num_steps + 1) * step, h * w)
 
   def one(image, saliency, target):
-    order = jnp.argsort(-saliency.reshape(-1), stable=True)
+    order = jnp.flip(jnp.argsort(saliency.reshape(-1), stable=True))
     rank = jnp.zeros(h * w, jnp.int32).at[order].set(jnp.arange(h * w)).reshape(h, w)
-    top = (rank[None] < counts[:, None, None]).astype(jnp.float32)[..., None]
-    xs = []
-    for mode, kind in parsed:
-      fill = substrate(image, kind)
-      xs.append(image * (1 - top) + fill * top if mode == "deletion"
-                else image * top + fill * (1 - top))
-    x = jnp.concatenate(xs)
-    logits = jax.lax.map(lambda xi: logits_fn(xi[None])[0], x, batch_size=batch_size)
-    curve = act(logits.astype(jnp.float32))[:, target].reshape(len(parsed), steps + 1)
+    fills = [substrate(image, kind) for _, kind in parsed]
+
+    def curve_at(count):  # every curve's probability after ``count`` pixels
+      top = (rank < count).astype(jnp.float32)[..., None]
+      x = jnp.stack([image * (1 - top) + fill * top if mode == "deletion"
+                     else image * top + fill * (1 - top)
+                     for (mode, _), fill in zip(parsed, fills, strict=True)])
+      return act(logits_fn(x).astype(jnp.float32))[:, target]
+
+    curve = jax.lax.map(curve_at, counts, batch_size=max(1, batch_size // len(parsed))).T
     return (curve[:, 1:] + curve[:, :-1]).mean(1) / 2
 
   aucs = jax.lax.map(lambda a: one(*a), (images, maps, targets))

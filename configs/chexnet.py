@@ -35,7 +35,7 @@ def get_config():
   m.rise_cells = 7
   a.noise_samples = 50
   a.ig_steps = 8
-  a.deletion_steps = 8
+  a.deletion_step = 224 * 28  # 8 steps (Petsiuk: one row, 224 steps, on a GPU)
   a.evaluators = ("maps", "localization", "attacks", "detection", "defenses")
   a.attacks = ("fgsm", "pgd")
   a.epsilons = (1 / 255, 4 / 255)

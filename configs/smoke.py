@@ -28,7 +28,7 @@ def get_config():
   config.masks.rise_cells = 4
   config.analysis.noise_samples = 2
   config.analysis.ig_steps = 4
-  config.analysis.deletion_steps = 4
+  config.analysis.deletion_step = 256  # 4 steps at 32 x 32
   config.analysis.attacks = ("fgsm", "pgd")
   config.analysis.epsilons = (8 / 255,)
   config.analysis.attack_steps = 3

@@ -75,7 +75,7 @@ def test_the_sweeps_per_image_program_lowers(tiny):
   model, logits_fn = tiny
   settings = ml_collections.ConfigDict(dict(path="auto", batch_size=4))
   spec = ml_collections.ConfigDict(dict(grid_cells=4, window=0, stride=0, rise_masks=8,
-                                        rise_cells=4))
+                                        rise_cells=4, rise_p=0.5))
   from cejax.jobs import common
 
   sources = common.mask_sources(spec, (SIZE, SIZE), key=jax.random.key(0))

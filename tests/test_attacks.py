@@ -197,6 +197,59 @@ def test_carlini_wagner_finds_the_analytic_boundary_distance(confidence):
   np.testing.assert_allclose(res.l2, dist, rtol=0.05)  # and the search gets close to it
 
 
+def test_pgd_l2_start_is_uniform_in_the_ball_as_foolbox_samples_it():
+  """Radii of uniform points in a d-ball: P(r <= t eps) = t^d. The old start drew the
+  radius uniformly, which puts most starts deep inside the ball: the KS test of
+  (r / eps)^d against U(0, 1) rejects it, and accepts ours and Foolbox's sampler."""
+  fb_base = pytest.importorskip("foolbox.attacks.gradient_descent_base")
+  import eagerpy as ep
+  import scipy.stats
+
+  images = jnp.zeros((2000, 3, 3, 1))
+  d, eps = 9, 0.5
+  start = attacks.uniform_in_ball(jax.random.key(0), images, eps=eps, norm="l2")
+  radii = np.linalg.norm(np.asarray(start).reshape(2000, -1), axis=-1)
+  assert radii.max() <= eps * (1 + 1e-6)
+  assert scipy.stats.kstest((radii / eps) ** d, "uniform").pvalue > 1e-3
+  theirs = np.asarray(fb_base.uniform_l2_n_balls(ep.astensor(images), 2000, d).raw)
+  assert scipy.stats.ks_2samp(np.linalg.norm(theirs, axis=-1), radii / eps).pvalue > 1e-3
+  uniform_radius = np.random.default_rng(0).uniform(size=2000)  # the old start's radii
+  assert scipy.stats.kstest(uniform_radius ** d, "uniform").pvalue < 1e-6
+  box = attacks.uniform_in_ball(jax.random.key(1), images, eps=eps, norm="linf")
+  assert np.abs(np.asarray(box)).max() <= eps
+
+
+def test_carlini_wagner_equals_foolbox_run_for_run():
+  """Foolbox 3's L2CarliniWagnerAttack (Carlini's algorithm: Adam in tanh space, the
+  binary search on c, with 10+ search steps a last run at the upper bound, optional
+  early abort) at the same hyperparameters, on a nonlinear model where c matters: the
+  same adversarial images. On a linear model any large enough c reaches the boundary,
+  so the analytic test above could not tell a broken search (c *= 10) from the right
+  one; this comparison does (its distortions grow with c here)."""
+  fb = pytest.importorskip("foolbox")
+  rng = np.random.default_rng(3)
+  w1 = jnp.asarray(rng.normal(0, 1.0, (16, 12)), jnp.float32)
+  w2 = jnp.asarray(rng.normal(0, 1.0, (12, 3)), jnp.float32)
+  logits_fn = lambda x: jnp.tanh(x.reshape(len(x), -1) @ w1) @ w2 * 2  # noqa: E731
+  x = jnp.asarray(rng.uniform(0.2, 0.8, (8, 4, 4, 1)), jnp.float32)
+  y = jnp.argmax(logits_fn(x), -1)
+  model = fb.JAXModel(logits_fn, bounds=(0, 1))
+  for search, abort in ((5, False), (10, True)):  # the search; the repeat and the abort
+    kw = dict(steps=30, confidence=0.5)
+    ref, _, ok = fb.attacks.L2CarliniWagnerAttack(
+        binary_search_steps=search, stepsize=0.05, initial_const=0.01, abort_early=abort,
+        **kw)(model, x, y, epsilons=None)
+    res = attacks.carlini_wagner_l2(logits_fn, x, y, learning_rate=0.05, c=0.01,
+                                    search_steps=search, abort_early=abort,
+                                    space=attacks.PixelSpace(), **kw)
+    ok = np.asarray(ok)
+    assert ok.sum() >= 4, (search, abort, ok)
+    np.testing.assert_array_equal(np.asarray(res.success), ok)
+    np.testing.assert_allclose(np.asarray(res.images)[ok], np.asarray(ref)[ok], atol=2e-3)
+    ref_l2 = np.linalg.norm((np.asarray(ref) - np.asarray(x)).reshape(8, -1), axis=-1)
+    np.testing.assert_allclose(np.asarray(res.l2)[ok], ref_l2[ok], rtol=1e-3, atol=1e-5)
+
+
 def test_multi_label_attack_turns_a_finding_on():
   logits_fn, _ = _linear(k=4)
   x = jax.random.uniform(jax.random.key(6), (3, H, W, 1))
@@ -242,6 +295,34 @@ def test_defenses():
                              [0, 0, 1])
   spike = jnp.zeros((1, 5, 5, 1)).at[0, 2, 2, 0].set(1.0)
   assert float(defenses.median_smoothing(spike).max()) == 0.0
+
+
+def test_feature_squeezing_is_xu_et_als_per_squeezer_maximum():
+  """Their squeezers (scipy's median_filter with mode "reflect", np.rint bit depth),
+  each scored on its own, the largest L1 distance kept. The old code squeezed once with
+  both combined and a 3 x 3 median (its docstring said 2 x 2)."""
+  import scipy.ndimage
+
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(3, 9, 8, 2)).astype(np.float32)
+  for size in (2, 3, 4):
+    ref = scipy.ndimage.median_filter(x, size=(1, size, size, 1), mode="reflect")
+    np.testing.assert_array_equal(defenses.median_smoothing(jnp.asarray(x), size=size), ref)
+  weights = rng.normal(size=(9 * 8 * 2, 4)).astype(np.float32)
+  space = attacks.PixelSpace(mean=0.4, std=0.3)
+  logits_fn = lambda z: z.reshape(len(z), -1) @ weights  # noqa: E731
+  def probs(z):
+    logits = ((z - 0.4) / 0.3).reshape(len(z), -1).astype(np.float64) @ weights
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+  squeezed = [np.rint(x * 31) / 31,
+              scipy.ndimage.median_filter(x, size=(1, 2, 2, 1), mode="reflect")]
+  ref = np.max([np.abs(probs(x) - probs(q)).sum(-1) for q in squeezed], 0)
+  got = defenses.squeeze_score(logits_fn, jnp.asarray(x), space=space, bits=5, median=2)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+  combined = np.abs(probs(x) - probs(scipy.ndimage.median_filter(
+      np.rint(x * 15) / 15, size=(1, 3, 3, 1), mode="reflect"))).sum(-1)
+  assert not np.allclose(got, combined, rtol=1e-3)  # what the old code scored
 
 
 @pytest.fixture(scope="module")

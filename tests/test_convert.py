@@ -155,7 +155,7 @@ def test_imported_chexnet_layout_analyzes_real_chestxray14_images(tmp_path, ches
          "--config.data.crop_size=64", "--config.analysis.num_images=4",
          "--config.analysis.chunk_size=4", "--config.masks.grid_cells=4",
          "--config.masks.rise_masks=16", "--config.analysis.noise_samples=2",
-         "--config.analysis.ig_steps=2", "--config.analysis.deletion_steps=2",
+         "--config.analysis.ig_steps=2", "--config.analysis.deletion_step=25088",
          "--config.analysis.attack_steps=2", "--config.analysis.defenses=()",
          "--config.analysis.epsilons=(0.01,)", "--config.analysis.attacks=('fgsm',)",
          "--config.analysis.methods=('ce_grid', 'grad_cam')",

@@ -507,3 +507,32 @@ def test_lazy_boxes_equal_box_masks_and_pass_jit(setup):
   lazy = jax.jit(lambda r: effects.causal_effect(logits_fn, image, r, batch_size=2).effects)
   np.testing.assert_allclose(lazy(recipe), effects.causal_effect(
       logits_fn, image, dense, batch_size=2).effects, atol=1e-7)
+
+
+def test_what_a_user_hits_gets_a_clear_error(setup, tiny_stage):
+  """Each of these passed silently or failed deep in XLA on the old code: a float target
+  (used as class 2), a 12-px image on the tiny DenseNet (every effect NaN), a 3-channel
+  image on a 1-channel model, a NaN mask (reported as "values in [0, 1]"), and
+  GaussianNoise(0.5, 4) (a mean of 4)."""
+  from cejax import attacks, saliency
+
+  logits_fn, image, mask_set = setup
+  with pytest.raises(ValueError, match="target must be one integer class index"):
+    effects.causal_effect(logits_fn, image, mask_set, estimand="probability", target=2.7)
+  with pytest.raises(ValueError, match="targets must be integer class indices"):
+    saliency.vanilla_gradient(logits_fn, image[None], np.array([2.7]))
+  with pytest.raises(ValueError, match="labels must be integer class indices"):
+    attacks.fgsm(logits_fn, jax.nn.sigmoid(image)[None], np.array([1.0]), eps=0.1,
+                 space=attacks.PixelSpace())
+  with pytest.raises(ValueError, match=r"got 1 NaN or infinite values"):
+    effects.causal_effect(logits_fn, image, mask_set.at[0, 0, 0].set(jnp.nan))
+  graphdef, params, stats = tiny_stage
+  tiny = lambda x: nnx.merge(graphdef, params, stats)(x)  # noqa: E731
+  small = jax.random.normal(jax.random.key(0), (12, 12, 1))
+  with pytest.raises(ValueError, match="12 x 12 are too small.*at least 13 x 13"):
+    effects.causal_effect(tiny, small, masks.grid(shape=(12, 12), n=2))
+  with pytest.raises(ValueError, match="takes 1-channel images, got 3 channels"):
+    effects.causal_effect(tiny, jnp.zeros((32, 32, 3)), masks.grid(shape=(32, 32), n=2))
+  with pytest.raises(TypeError):
+    interventions.GaussianNoise(0.5, 4)  # noqa: B018
+  assert interventions.GaussianNoise(0.5, num_draws=4).mean == 0.0

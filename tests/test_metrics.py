@@ -146,9 +146,27 @@ def test_bootstrap_interval_equals_scipy_percentile_bootstrap():
   assert np.isnan(metrics.bootstrap_interval([np.nan])[0])
 
 
-def _petsiuk_causal_metric(model, image_nchw, explanation, *, mode, step, substrate_fn):
+def test_bootstrap_is_the_percentile_interval_on_skewed_data():
+  """On skewed data the percentile and basic intervals differ by several times their
+  Monte Carlo error: ours must be the percentile one (the symmetric test above could
+  not tell them apart)."""
+  values = np.random.default_rng(7).lognormal(0.0, 1.5, 60)
+  mean, lo, hi = metrics.bootstrap_interval(values, num=20_000)
+  kw = dict(n_resamples=20_000, random_state=1)
+  pct = scipy.stats.bootstrap((values,), np.mean, method="percentile",
+                              **kw).confidence_interval
+  basic = scipy.stats.bootstrap((values,), np.mean, method="basic", **kw).confidence_interval
+  gap = min(abs(pct.low - basic.low), abs(pct.high - basic.high))
+  assert gap > 0.1  # skewed enough to tell them apart
+  assert abs(lo - pct.low) < gap / 4 and abs(hi - pct.high) < gap / 4
+  assert abs(lo - basic.low) > gap / 2 and abs(hi - basic.high) > gap / 2
+
+
+def _petsiuk_causal_metric(model, image_nchw, explanation, *, mode, step, substrate_fn,
+                           argsort=np.argsort):
   """Petsiuk et al.'s ``CausalMetric.single_run`` (RISE repository, evaluation.py),
-  transcribed: pixels in decreasing saliency, ``step`` at a time, class = prediction."""
+  transcribed: pixels in decreasing saliency, ``step`` at a time, class = prediction.
+  ``argsort``: their ``np.argsort`` (numpy's default sort), or another to try."""
   torch = pytest.importorskip("torch")
   n_ch, hw = image_nchw.shape[1], image_nchw.shape[2] * image_nchw.shape[3]
   c = int(torch.argmax(model(image_nchw), 1)[0])
@@ -158,7 +176,7 @@ def _petsiuk_causal_metric(model, image_nchw, explanation, *, mode, step, substr
   else:
     start, finish = substrate_fn(image_nchw), image_nchw.clone()
   scores = np.empty(n_steps + 1)
-  order = np.flip(np.argsort(explanation.reshape(-1, hw), axis=1), axis=-1)
+  order = np.flip(argsort(explanation.reshape(-1, hw), axis=1), axis=-1)
   for i in range(n_steps + 1):
     scores[i] = float(model(start)[0, c])
     if i < n_steps:
@@ -170,8 +188,12 @@ def _petsiuk_causal_metric(model, image_nchw, explanation, *, mode, step, substr
 
 
 def test_deletion_insertion_equal_petsiuks_causal_metric():
+  """Their step rule (one image row a step), their class (the prediction) and their
+  order: identical on maps without ties; on maps with ties (2 x 2 blocks) identical to
+  their code with a stable sort, and our tie rule is exactly "later pixel first" (their
+  own code on the map with its ties broken that way gives our numbers)."""
   torch = pytest.importorskip("torch")
-  h, w, ch, k, steps = 8, 8, 2, 3, 16
+  h, w, ch, k = 8, 8, 2, 3
   weights = RNG.normal(0, 0.5, (h * w * ch, k)).astype(np.float32)
   logits_fn = lambda x: x.reshape(len(x), -1) @ weights
 
@@ -184,25 +206,44 @@ def test_deletion_insertion_equal_petsiuks_causal_metric():
     kern[i, i] = filters.petsiuk_kernel(11, 5.0)
   blur = lambda x: torch.nn.functional.conv2d(x.double(), torch.tensor(kern), padding=5)
   images = RNG.normal(size=(3, h, w, ch)).astype(np.float32)
-  maps = RNG.normal(size=(3, h, w)).astype(np.float32)  # no ties
-  refs = {"deletion_zero": [], "deletion_blur": [], "insertion_blur": []}
-  targets = []
-  for x, m in zip(images, maps, strict=True):
-    x_nchw = torch.tensor(x.transpose(2, 0, 1)[None], dtype=torch.float64)
-    for name, mode, sub in (("deletion_zero", "del", torch.zeros_like),
-                            ("deletion_blur", "del", blur), ("insertion_blur", "ins", blur)):
-      auc, c = _petsiuk_causal_metric(torch_model, x_nchw, m, mode=mode,
-                                      step=h * w // steps, substrate_fn=sub)
-      refs[name].append(auc)
-    targets.append(c)
-  ours = metrics.deletion_insertion(logits_fn, images, maps, np.array(targets), steps=steps)
-  for name, ref in refs.items():
-    np.testing.assert_allclose(ours[name], ref, rtol=1e-5, atol=1e-6, err_msg=name)
+  untied = RNG.normal(size=(3, h, w)).astype(np.float32)
+  blocks = np.repeat(np.repeat(RNG.integers(0, 5, (3, h // 2, w // 2)), 2, 1), 2, 2)
+  blocks = blocks.astype(np.float32)
+  # The same order as ``blocks`` under "ties: later pixel first", without ties.
+  broken = blocks + np.arange(h * w).reshape(h, w)[None] * 1e-3 / (h * w)
+  stable = lambda a, axis: np.argsort(a, axis=axis, kind="stable")  # noqa: E731
+
+  def theirs(maps, argsort, step):
+    refs = {"deletion_zero": [], "deletion_blur": [], "insertion_blur": []}
+    targets = []
+    for x, m in zip(images, maps, strict=True):
+      x_nchw = torch.tensor(x.transpose(2, 0, 1)[None], dtype=torch.float64)
+      for name, mode, sub in (("deletion_zero", "del", torch.zeros_like),
+                              ("deletion_blur", "del", blur),
+                              ("insertion_blur", "ins", blur)):
+        auc, c = _petsiuk_causal_metric(torch_model, x_nchw, m, mode=mode, step=step,
+                                        substrate_fn=sub, argsort=argsort)
+        refs[name].append(auc)
+      targets.append(c)
+    return refs, np.array(targets)
+
+  for maps, ref_maps, argsort, step in ((untied, untied, np.argsort, None),
+                                        (untied, untied, np.argsort, 20),
+                                        (blocks, blocks, stable, None),
+                                        (blocks, broken, np.argsort, None)):
+    refs, targets = theirs(ref_maps, argsort, w if step is None else step)
+    ours = metrics.deletion_insertion(logits_fn, images, maps, targets, step=step)
+    for name, ref in refs.items():
+      np.testing.assert_allclose(ours[name], ref, rtol=1e-5, atol=1e-6, err_msg=name)
+  # What the old order (ties by position, first pixel first) gave on the block maps.
+  first_first = lambda a, axis: np.flip(np.argsort(-a, axis=axis, kind="stable"), axis)  # noqa: E731
+  old, targets = theirs(blocks, first_first, w)
+  ours = metrics.deletion_insertion(logits_fn, images, blocks, targets)
+  assert not np.allclose(ours["deletion_zero"], old["deletion_zero"], rtol=1e-3)
   with pytest.raises(ValueError, match="Unknown activation"):
-    metrics.deletion_insertion(logits_fn, images, maps, np.array(targets),
-                               activation="softmx")
+    metrics.deletion_insertion(logits_fn, images, untied, targets, activation="softmx")
   with pytest.raises(ValueError, match="Unknown curve"):
-    metrics.deletion_insertion(logits_fn, images, maps, np.array(targets),
+    metrics.deletion_insertion(logits_fn, images, untied, targets,
                                curves=("deletion_noise",))
 
 

@@ -60,10 +60,13 @@ def test_gradient_methods_equal_captum(pair):
   np.testing.assert_allclose(saliency.gradient_x_input(logits_fn, x, t), ref.sum(-1),
                              rtol=1e-4, atol=1e-6)
   ig = captum_attr.IntegratedGradients(torch_model)
+  ref = _hw(ig.attribute(_nchw(x), baselines=0.0, target=target))  # Captum's defaults
+  np.testing.assert_allclose(saliency.integrated_gradients(logits_fn, x, t), ref.sum(-1),
+                             rtol=1e-3, atol=1e-5)
   ref = _hw(ig.attribute(_nchw(x), baselines=0.0, target=target, n_steps=16,
                          method="riemann_middle"))
-  np.testing.assert_allclose(saliency.integrated_gradients(logits_fn, x, t, steps=16),
-                             ref.sum(-1), rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(saliency.integrated_gradients(
+      logits_fn, x, t, steps=16, method="riemann_middle"), ref.sum(-1), rtol=1e-3, atol=1e-5)
 
 
 def test_smoothgrad_is_the_noise_tunnel_mean_of_captum_saliency(pair):
@@ -117,13 +120,15 @@ def _kept_target_probs(image, kept, weights, target):
   return (prob / prob.sum(1, keepdims=True))[:, target]
 
 
-def test_rise_is_petsiuks_formula():
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_rise_is_petsiuks_formula(p):
   """``S = sum_i f_t(I * M_i) M_i / (N p)``, in numpy from the materialised kept masks,
-  on a linear softmax model."""
+  on a linear softmax model, at Petsiuk's released p = 0.1 and at 0.5 (where a swapped
+  p / 1 - p could not be seen)."""
   logits_fn, weights, x = _linear_softmax(0)
   h, w = x.shape[1:3]
   t = np.array([2, 0])
-  key, n, p = jax.random.key(3), 37, 0.4
+  key, n = jax.random.key(3), 37
   ours = saliency.rise(logits_fn, x, t, key=key, num_masks=n, cells=3, p=p, batch_size=8)
   kept = 1.0 - np.asarray(masks.rise(key, num=n, shape=(h, w), cells=3, p=p)(
       jnp.arange(n)), np.float64)
@@ -133,35 +138,61 @@ def test_rise_is_petsiuks_formula():
 
 
 def test_adaptive_rise_stops_by_its_rule_and_equals_fixed_count_rise():
-  """Tolerance 0: all masks, the fixed-count RISE map. A looser tolerance stops early, at
-  the first batch whose map moved by at most the tolerance (checked in numpy from the
-  materialised masks), with the fixed-count map of the masks it used."""
+  """Tolerance 0: all masks, the fixed-count RISE map. A looser tolerance stops at the
+  first check N (8, 16, 32, ... masks) whose map moved by at most the tolerance from the
+  map of N/2 (checked in numpy from the materialised masks, norm and rank rules), with
+  the fixed-count map of the masks it used, whatever the batch size."""
+  from scipy.stats import spearmanr
+
   logits_fn, weights, x = _linear_softmax(1, c=1)
   h, w = x.shape[1:3]
   t = np.array([1, 2])
-  key, n, b = jax.random.key(5), 60, 8
+  key, n = jax.random.key(5), 60
   maps, used = saliency.adaptive_rise(logits_fn, x, t, key=key, tolerance=0.0, max_masks=n,
-                                      cells=3, batch_size=b)
+                                      first=8, cells=3, p=0.5, batch_size=8)
   np.testing.assert_array_equal(used, [n, n])
-  fixed = saliency.rise(logits_fn, x, t, key=key, num_masks=n, cells=3, batch_size=b)
+  fixed = saliency.rise(logits_fn, x, t, key=key, num_masks=n, cells=3, p=0.5,
+                        batch_size=8)
   np.testing.assert_allclose(maps, fixed, rtol=1e-5, atol=1e-7)
   kept = 1.0 - np.asarray(masks.rise(key, num=n, shape=(h, w), cells=3)(jnp.arange(n)),
                           np.float64)
   for i in range(2):  # and Petsiuk's formula over all n masks, in numpy
     full = np.tensordot(_kept_target_probs(x[i], kept, weights, t[i]), kept, 1) / (n * 0.5)
     np.testing.assert_allclose(maps[i], full, rtol=1e-5, atol=1e-6)
-  tol = 0.15
-  maps, used = saliency.adaptive_rise(logits_fn, x, t, key=key, tolerance=tol,
-                                      max_masks=n, cells=3, batch_size=b)
-  for i in range(2):
-    prob = _kept_target_probs(x[i], kept, weights, t[i])
-    counts = [min(m, n) for m in range(b, n + b, b)]  # the last batch may be partial
-    running = [np.tensordot(prob[:m], kept[:m], 1) / (m * 0.5) for m in counts]
-    change = [np.inf] + [np.linalg.norm(a - prev) / np.linalg.norm(a)
-                         for prev, a in zip(running, running[1:], strict=False)]
-    stop = next(j for j, ch in enumerate(change) if ch <= tol)  # stops early here
-    assert used[i] == counts[stop] < n, (change, used)
-    np.testing.assert_allclose(maps[i], running[stop], rtol=1e-4, atol=1e-6)
+  checks = [8, 16, 32, 60]
+  for rule, tol in (("norm", 0.3), ("rank", 0.1)):
+    runs = [saliency.adaptive_rise(logits_fn, x, t, key=key, tolerance=tol, rule=rule,
+                                   first=8, max_masks=n, cells=3, p=0.5,
+                                   batch_size=b)
+            for b in (8, 5, 13)]
+    for maps, used in runs[1:]:  # the batch size changes nothing
+      np.testing.assert_array_equal(used, runs[0][1])
+      np.testing.assert_allclose(maps, runs[0][0], rtol=1e-5, atol=1e-7)
+    maps, used = runs[0]
+    for i in range(2):
+      prob = _kept_target_probs(x[i], kept, weights, t[i])
+      at = {m: np.tensordot(prob[:m], kept[:m], 1) / (m * 0.5) for m in checks}
+      change = {m: (np.linalg.norm(at[m] - at[prev]) / np.linalg.norm(at[m]) if rule == "norm"
+                    else 1 - spearmanr(at[m].ravel(), at[prev].ravel()).statistic)
+                for prev, m in zip(checks, checks[1:], strict=False)}
+      stop = next((m for m in checks[1:] if change[m] <= tol), n)
+      assert used[i] == stop, (rule, change, used)
+      np.testing.assert_allclose(maps[i], at[stop], rtol=1e-4, atol=1e-6)
+    assert min(np.asarray(used)) < n, (rule, used)  # the rule did stop somewhere early
+
+
+def test_adaptive_rise_gives_nan_for_a_target_out_of_range_under_jit():
+  """Found: under jit a target of 7 or -1 of a 3-class model returned class 2's map."""
+  logits_fn, _, x = _linear_softmax(1, c=1)
+  run = jax.jit(lambda t: saliency.adaptive_rise(logits_fn, x, t, key=jax.random.key(5),
+                                                 tolerance=0.1, first=8, max_masks=16,
+                                                 cells=3, batch_size=8)[0])
+  good = np.asarray(run(jnp.array([1, 2])))
+  assert np.isfinite(good).all()
+  for bad in ([7, 2], [-1, 2]):
+    out = np.asarray(run(jnp.array(bad)))
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+    np.testing.assert_allclose(out[1], good[1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("shape,cells", [((32, 32), 8), ((24, 17), 5), ((9, 9), 1)])
@@ -180,11 +211,16 @@ def test_rise_masks_equal_petsiuks_generator(shape, cells):
     dy, dx = shifts[i]
     np.testing.assert_allclose(1 - ours[i], up[dy:dy + shape[0], dx:dx + shape[1]],
                                atol=1e-6)
-  # Every shift value is drawn; the grids are Bernoulli(0.5).
+  # Every shift value is drawn; the grids keep a cell with probability p (Bernoulli(p),
+  # checked at p = 0.1 too, where keeping with 1 - p would show).
   many = np.asarray(recipe.grids(jnp.arange(2000))[1])
   for axis in (0, 1):
     assert set(np.unique(many[:, axis])) == set(range(cell[axis]))
-  assert abs(float(np.asarray(recipe.grids(jnp.arange(2000))[0]).mean()) - 0.5) < 0.02
+  for p in (0.1, 0.5):
+    kept = np.asarray(masks.rise(jax.random.key(2), num=2000, shape=shape, cells=cells,
+                                 p=p).grids(jnp.arange(2000))[0])
+    # The binomial standard error of 2000 * cells^2 cells, four times over.
+    assert abs(float(kept.mean()) - p) < 4 * np.sqrt(p * (1 - p) / kept.size), p
 
 
 def _quadratic_head(weights):
@@ -257,7 +293,7 @@ def test_cam_and_grad_cam_match_hand_computation():
 def test_integrated_gradients_completeness_on_a_nonlinear_model(pair):
   _, logits_fn, _, _, x, t = pair
   x, t = x[:1], t[:1]  # completeness holds image by image: one is enough (and 3x cheaper)
-  ig = saliency.integrated_gradients(logits_fn, x, t, steps=256)
+  ig = saliency.integrated_gradients(logits_fn, x, t)  # Gauss-Legendre, 50 nodes
   gap = np.take_along_axis(np.asarray(logits_fn(x) - logits_fn(np.zeros_like(x))),
                            t[:, None], 1)[:, 0]
   np.testing.assert_allclose(ig.sum((1, 2)), gap, rtol=1e-2, atol=1e-3)

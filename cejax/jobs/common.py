@@ -101,13 +101,13 @@ def sliding_geometry(spec, shape) -> tuple[int, int]:
 def mask_sources(spec, shape, *, key, families=MASK_FAMILIES) -> dict[str, Any]:
   """The mask sources of ``families`` for images of ``shape`` (``h, w``), from
   ``spec`` (``config.masks``: ``grid_cells``, ``window``, ``stride``, ``rise_masks``,
-  ``rise_cells``); ``key`` draws the RISE masks."""
+  ``rise_cells``, ``rise_p``); ``key`` draws the RISE masks."""
   window, stride = sliding_geometry(spec, shape)
   made = {
       "grid": lambda: masks.grid(shape=shape, n=spec.grid_cells),
       "sliding": lambda: masks.sliding_windows(shape=shape, window=window, stride=stride),
       "rise": lambda: masks.rise(key, num=spec.rise_masks, shape=shape,
-                                 cells=spec.rise_cells),
+                                 cells=spec.rise_cells, p=spec.rise_p),
   }
   return {f: made[f]() for f in families}
 
@@ -118,6 +118,8 @@ def check_mask_spec(spec, shape=None) -> None:
   for key in ("grid_cells", "rise_masks", "rise_cells"):
     if not isinstance(spec[key], int) or spec[key] < 1:
       raise ValueError(f"config.masks.{key} must be a positive integer, got {spec[key]!r}.")
+  if not 0.0 < spec.rise_p < 1.0:
+    raise ValueError(f"config.masks.rise_p must be in (0, 1), got {spec.rise_p!r}.")
   for key in ("window", "stride"):
     if not isinstance(spec[key], int) or spec[key] < 0:
       raise ValueError(f"config.masks.{key} must be an integer >= 0 (0: the default "

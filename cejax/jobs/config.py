@@ -32,6 +32,8 @@ MOVED_KEYS = {
     "config.sweep.compute_dtype": "config.sweep.precision ('bf16' runs the network in "
                                   "bfloat16, 'exact' in float32)",
     "config.sweep.incremental": "config.sweep.path ('auto', 'incremental' or 'full')",
+    "config.analysis.deletion_steps": "config.analysis.deletion_step (pixels per step; 0: "
+                                      "one image row, Petsiuk et al.'s rule)",
 }
 
 
@@ -107,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.masks.stride = 0  # its stride in pixels; 0: image size / 16
   config.masks.rise_masks = 500  # RISE masks (also the RISE saliency baseline's count)
   config.masks.rise_cells = 8  # RISE's coarse grid s (Petsiuk et al.'s released code: 8)
+  # The probability that a RISE cell is kept, for the CE-RISE masks and the RISE
+  # baseline alike (0.5 keeps the two comparable; Petsiuk et al.'s released code: 0.1).
+  config.masks.rise_p = 0.5
 
   # analyze.py: CE maps vs baselines, attacks, detector and defenses on test images.
   config.analysis = ml_collections.ConfigDict()
@@ -126,11 +131,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.analysis.latent_stage = "block2"
   config.analysis.noise_samples = 50  # SmoothGrad and Smooth Grad-CAM++ (Smilkov: ~50)
   config.analysis.noise_level = 0.15  # noise std / image range (Smilkov: 10-20 %)
-  config.analysis.ig_steps = 32
-  config.analysis.deletion_steps = 16
+  config.analysis.ig_steps = 50  # Gauss-Legendre nodes (Captum's default)
+  config.analysis.deletion_step = 0  # pixels per deletion step; 0: one image row (Petsiuk)
   config.analysis.attacks = ("fgsm", "bim", "pgd")
   config.analysis.epsilons = (2 / 255, 8 / 255)
   config.analysis.attack_steps = 10
+  # Feature squeezing's squeezers (Xu et al.: 5-bit depth and a 2 x 2 median for
+  # ImageNet and CIFAR-10), scored one by one, the largest L1 change kept.
+  config.analysis.squeeze_bits = 5
+  config.analysis.squeeze_median = 2
   config.analysis.defenses = ("ordered_dither", "error_diffusion", "bit_depth", "median")
   config.analysis.defense_eps = 8 / 255  # the defenses evaluator's attack budget
 

@@ -160,18 +160,25 @@ def _fmt(ci) -> str:
 
 
 def metrics_table(summary) -> str:
-  cols = ("pointing", "mass", "iou", "deletion_zero", "deletion_blur", "insertion_blur")
+  cols = ("pointing", "hit", "mass", "iou", "otsu_iou", "deletion_zero", "deletion_blur",
+          "insertion_blur")
   rows = []
   for m, row in summary["methods"].items():
+    if "pointing" not in row:
+      continue
     cells = "".join(f"<td>{_fmt(row[c])}</td>" for c in cols)
-    t_iou = " / ".join(f"{v:.2f}" for v in row["t_iou"]) if row["t_iou"] else "n/a"
+    lists = [" / ".join(f"{v:.2f}" for v in row[k]) if row.get(k) else "n/a"
+             for k in ("t_iobb", "t_iou")]
     sanity = _fmt(row["sanity_spearman"]) if "sanity_spearman" in row else "—"
-    rows.append(f"<tr><th>{html.escape(TITLES.get(m, m))}</th>{cells}<td>{t_iou}</td>"
-                f"<td>{sanity}</td></tr>")
-  head = ("<tr><th>method</th><th>pointing game &uarr;</th><th>mass in box &uarr;</th>"
-          "<th>IoU@0.5 &uarr;</th><th>deletion AUC, zero fill &darr;</th>"
+    rows.append(f"<tr><th>{html.escape(TITLES.get(m, m))}</th>{cells}"
+                + "".join(f"<td>{v}</td>" for v in lists) + f"<td>{sanity}</td></tr>")
+  head = ("<tr><th>method</th><th>pointing game &uarr;</th><th>hit rate &uarr;</th>"
+          "<th>mass in box &uarr;</th><th>IoU at half range &uarr;</th>"
+          "<th>Otsu mIoU (CheXlocalize) &uarr;</th><th>deletion AUC, zero fill &darr;</th>"
           "<th>deletion AUC, blur fill &darr;</th><th>insertion AUC, from blur &uarr;</th>"
-          "<th>T(IoU) at " + ", ".join(str(t) for t in summary["iou_thresholds"])
+          "<th>T(IoBB) at " + ", ".join(str(t) for t in summary.get("iobb_levels", ()))
+          + " (Wang et al.)</th><th>T(IoU) at "
+          + ", ".join(str(t) for t in summary["iou_thresholds"])
           + "</th><th>rank corr. with random model &darr;</th></tr>")
   return f"<table>{head}{''.join(rows)}</table>"
 
@@ -255,8 +262,9 @@ def write_report(out_dir: Path, inputs, results, summary, *, settings: dict[str,
     w.writerow(["method", "metric", "mean", "ci_low", "ci_high"])
     for m, row in summary["methods"].items():
       for metric, v in row.items():
-        if metric != "t_iou":
-          w.writerow([m, metric, *v])
+        if metric in ("t_iou", "t_iobb"):
+          continue
+        w.writerow([m, metric, *(v if isinstance(v, (list, tuple)) else (v, "", ""))])
   with open(out_dir / "detection.csv", "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["attack", "detector", "auroc", "auroc_ci_low", "auroc_ci_high",
@@ -293,11 +301,16 @@ def write_report(out_dir: Path, inputs, results, summary, *, settings: dict[str,
       "over images (localization over images with a box). Pointing game (Zhang et al.): "
       "a hit when the map's maximum (first in row-major order) lies in the box or closer "
       f"than {summary.get('pointing_tolerance_px', float('nan')):.2f} px to it (their 15 "
-      "px at 224 px, scaled to the image); a flat map is a miss. IoU: "
-      "the region above half the map's range vs the box. T(IoU): fraction of images whose "
-      "IoU exceeds each threshold (the ChestX-ray14 protocol). Deletion/insertion "
-      "(Petsiuk et al.): AUC of the target probability as the top pixels are replaced by "
-      "a substrate / restored into it. Their deletion substrate is zero (the data mean), "
+      "px at 224 px, scaled to the image); a flat map is a miss. Hit rate (CheXlocalize): "
+      "the maximum inside the box, no tolerance. IoU at half range: the region above half "
+      "the map's range vs the box; T(IoU): the fraction of images whose IoU exceeds each "
+      "threshold. Otsu mIoU (CheXlocalize): the region above Otsu's threshold of the map "
+      "as uint8 vs the box. T(IoBB) (Wang et al., ChestX-ray8): boxes around the connected "
+      "regions of the map thresholded at 60 and 180 of 255; the fraction of images with a "
+      "box whose intersection with the ground truth over its own area exceeds each level. "
+      "Deletion/insertion (Petsiuk et al.): AUC of the predicted class's probability as "
+      "the top pixels are replaced by a substrate / restored into it, one image row a "
+      "step. Their deletion substrate is zero (the data mean), "
       "the same fill the CE and occlusion maps are built from, which favours those maps; "
       "the blur-fill deletion column scores every map with a perturbation none was built "
       "from. Insertion starts from their blurred copy (11 x 11 kernel, sigma 5). Rank "

@@ -215,9 +215,38 @@ class DenseNet(nnx.Module):
       )
     return self.stage_names.index(stage)
 
+  def smallest_input(self) -> int:
+    """The smallest image side the network maps to a feature map of at least 1 x 1."""
+    conv = self.stem.conv
+
+    def final(n):
+      n = (n + 2 * conv.padding[0][0] - conv.kernel_size[0]) // conv.strides[0] + 1
+      n = (n + 2 - 3) // 2 + 1 if self.stem.pool else n
+      for _ in self.transitions:
+        n = n // 2
+      return n
+
+    return next(n for n in range(1, 4097) if final(n) >= 1)
+
+  def check_input(self, x) -> None:
+    """Raises ``ValueError`` for images this network cannot take: not ``(n, h, w, c)``,
+    another channel count, or smaller than ``smallest_input()`` (whose feature map
+    would be empty, and every effect NaN). Shapes are static, so this holds under
+    ``jit`` too."""
+    if x.ndim != 4:
+      raise ValueError(f"images must be (n, h, w, c), got shape {x.shape}.")
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(f"The network takes {self.in_channels}-channel images, got "
+                       f"{x.shape[-1]} channels (shape {x.shape}).")
+    side = self.smallest_input()
+    if min(x.shape[1:3]) < side:
+      raise ValueError(f"Images of {x.shape[1]} x {x.shape[2]} are too small for this "
+                       f"network: it needs at least {side} x {side} pixels.")
+
   def forward_to(self, x: jax.Array, stage: str) -> jax.Array:
     """The prefix: runs the stem through ``stage`` (inclusive), returns its output."""
     end = self.stage_index(stage)
+    self.check_input(x)
     x = x.astype(self.dtype)
     for name in self.stage_names[: end + 1]:
       x = self._stage(name)(x)

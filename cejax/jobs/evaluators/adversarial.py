@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cejax import attacks, defenses, masks
-from cejax.estimands import activate
 from cejax.jobs.evaluators.common import Context, Inputs, Model, confidence, field
 from cejax.jobs.evaluators.maps import expected_ce, latent_effects
 
@@ -106,7 +105,8 @@ class UnderAttack:
     features: ``(n, len(CE_FEATURES))`` CE features.
     effects: ``(n, cells**2)`` per-mask expected CE of the grid (stored as float16).
     confidence: ``(n,)`` maximum probability.
-    squeeze: ``(n,)`` L1 change of the probabilities under feature squeezing.
+    squeeze: ``(n,)`` feature squeezing's score (the largest L1 change of the
+      probabilities over its squeezers).
     adversarial: ``(n, h, w, c)`` adversarial pixels (memory only).
   """
 
@@ -127,7 +127,7 @@ class AttacksEvaluator:
 
   def __init__(self, context: Context):
     model, s, space = context.model, context.settings, context.space
-    self._model, self._space = model, space
+    self._model, self._space, self._settings = model, space, s
     self._attacks = jax.jit(lambda p, y, k: run_attacks(
         model, p, y, space=space, key=k, names=s.attacks, epsilons=s.epsilons,
         steps=s.attack_steps))
@@ -135,12 +135,12 @@ class AttacksEvaluator:
                                                       grid_cells=context.masks.grid_cells))
 
   def _squeeze(self, logits, pixels):
-    """Feature squeezing (Xu et al., 2018): how far the prediction moves when the
-    input is squeezed (4-bit depth, then a 2x2 median)."""
-    model = self._model
-    squeezed = defenses.median_smoothing(defenses.bit_depth(pixels, bits=4))
-    moved = activate(model.logits_fn(self._space.normalize(squeezed)), model.activation)
-    return jnp.abs(activate(logits, model.activation) - moved).sum(-1)
+    """Feature squeezing's score (Xu et al., 2018; ``defenses.squeeze_score``)."""
+    del logits
+    s = self._settings
+    return defenses.squeeze_score(self._model.logits_fn, pixels, space=self._space,
+                                  activation=self._model.activation, bits=s.squeeze_bits,
+                                  median=s.squeeze_median)
 
   def evaluate(self, inputs: Inputs, earlier, *, key) -> UnderAttack:
     del earlier

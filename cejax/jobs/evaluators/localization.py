@@ -1,10 +1,14 @@
 """Localization and faithfulness of each map, and the model-randomisation sanity check.
 
 Localization (images with a box): the standard pointing game (Zhang et al.'s
-tolerance scaled to the image, first maximum), mass in box and IoU at half the map's
-range; faithfulness (every image): Petsiuk et al.'s deletion/insertion AUCs for the
-substrates of ``metrics.CURVES``. Sanity (Adebayo et al.): Spearman rank correlation
-between the maps of the trained and a re-initialised model.
+tolerance scaled to the image, first maximum), mass in box, IoU at half the map's
+range, and the chest X-ray field's metrics (``cejax.cxr_metrics``): Wang et al.'s
+T(IoBB), CheXlocalize's Otsu IoU and hit rate; faithfulness (every image): Petsiuk et
+al.'s deletion/insertion AUCs for the substrates of ``metrics.CURVES``, of the
+predicted class as theirs are (of the map's target, the boxed finding, for multi-label
+models), ``analysis.deletion_step`` pixels a step (0: one image row, theirs). Sanity
+(Adebayo et al.): Spearman rank correlation between the maps of the trained and a
+re-initialised model.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import metrics
+from cejax import cxr_metrics, metrics
 from cejax.jobs.evaluators.common import Context, Inputs, field
 from cejax.jobs.evaluators.maps import compute_maps
 
@@ -32,13 +36,17 @@ class Localization:
   pointing: dict[str, Any] = field()
   mass: dict[str, Any] = field()
   iou: dict[str, Any] = field()
+  iobb: dict[str, Any] = field()
+  otsu_iou: dict[str, Any] = field()
+  hit: dict[str, Any] = field()
   curves: dict[str, dict[str, Any]] = field()
 
 
-def localization(logits_fn, images, maps, boxes, targets, *, activation, steps,
+def localization(logits_fn, images, maps, boxes, targets, *, activation, step,
                  batch_size) -> Localization:
-  """The scores of every map in ``maps`` (``{method: (n, h, w)}``)."""
-  curves = {name: metrics.deletion_insertion(logits_fn, images, m, targets, steps=steps,
+  """The scores of every map in ``maps`` (``{method: (n, h, w)}``); ``targets`` are the
+  classes deletion and insertion track."""
+  curves = {name: metrics.deletion_insertion(logits_fn, images, m, targets, step=step,
                                              activation=activation, batch_size=batch_size)
             for name, m in maps.items()}
   return Localization(
@@ -46,6 +54,9 @@ def localization(logits_fn, images, maps, boxes, targets, *, activation, steps,
                 for n, m in maps.items()},
       mass={n: metrics.mass_in_box(m, boxes) for n, m in maps.items()},
       iou={n: metrics.iou(m, boxes) for n, m in maps.items()},
+      iobb={n: cxr_metrics.best_iobb(m, boxes) for n, m in maps.items()},
+      otsu_iou={n: cxr_metrics.otsu_iou(m, boxes) for n, m in maps.items()},
+      hit={n: cxr_metrics.hit(m, boxes) for n, m in maps.items()},
       curves={c: {n: curves[n][c] for n in maps} for c in metrics.CURVES})
 
 
@@ -58,13 +69,17 @@ class LocalizationEvaluator:
 
   def __init__(self, context: Context):
     model, s = context.model, context.settings
+    self._activation = model.activation
     self._score = jax.jit(lambda x, m, b, t: localization(
-        model.logits_fn, x, m, b, t, activation=model.activation, steps=s.deletion_steps,
-        batch_size=s.batch_size))
+        model.logits_fn, x, m, b, t, activation=model.activation,
+        step=s.deletion_step or None, batch_size=s.batch_size))
 
   def evaluate(self, inputs: Inputs, earlier, *, key) -> Localization:
     del key
-    return self._score(inputs.images, earlier["maps"].maps, inputs.box, inputs.target)
+    # Petsiuk et al. track the predicted class (a multi-label model: the map's finding).
+    tracked = (jnp.argmax(inputs.logits, -1) if self._activation == "softmax"
+               else inputs.target)
+    return self._score(inputs.images, earlier["maps"].maps, inputs.box, tracked)
 
   def summarize(self, results, inputs: Inputs) -> dict[str, Any]:
     """Means with 95% bootstrap intervals: localization over boxed images, deletion
@@ -74,13 +89,18 @@ class LocalizationEvaluator:
     table = {}
     for m in loc.pointing:
       row = {metric: metrics.bootstrap_interval(getattr(loc, metric)[m][boxed])
-             for metric in ("pointing", "mass", "iou")}
+             for metric in ("pointing", "mass", "iou", "otsu_iou", "hit")}
       row.update({c: metrics.bootstrap_interval(loc.curves[c][m]) for c in metrics.CURVES})
       ious = loc.iou[m][boxed]
       row["t_iou"] = np.asarray(metrics.localization_accuracy(ious)).tolist() \
           if len(ious) else []
+      iobb = np.asarray(loc.iobb[m][boxed], np.float64)
+      iobb = iobb[np.isfinite(iobb)]
+      row["t_iobb"] = [float((iobb > t).mean()) if len(iobb) else float("nan")
+                       for t in cxr_metrics.WANG_LEVELS]
       table[m] = row
     return {"methods": table, "iou_thresholds": list(metrics.IOU_THRESHOLDS),
+            "iobb_levels": list(cxr_metrics.WANG_LEVELS),
             "pointing_tolerance_px": metrics.pointing_tolerance(inputs.box.shape[1:3])}
 
 

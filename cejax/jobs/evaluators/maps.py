@@ -13,9 +13,10 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from cejax import effects, latent, masks, saliency
+from cejax import effects, latent, masks, metrics, saliency
 from cejax.jobs.common import mask_sources, sliding_geometry
 from cejax.jobs.evaluators.common import Context, Inputs, Model, field
 
@@ -28,9 +29,13 @@ MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
 @dataclasses.dataclass(frozen=True)
 class Maps:
   """``maps[method]``: ``(n, h, w)`` attribution maps, larger = more important (stored
-  as float16; the other evaluators of a chunk see float32)."""
+  as float16; the other evaluators of a chunk see float32). ``completeness_gap``: for
+  integrated gradients, ``|sum of attributions - (logit_t(x) - logit_t(0))|`` relative
+  to ``|logit_t(x) - logit_t(0)|`` per image (the quadrature's error; empty without IG).
+  """
 
   maps: dict[str, Any] = field(dtype=np.float16)
+  completeness_gap: dict[str, Any] = field()
 
 
 def check_methods(methods) -> tuple[str, ...]:
@@ -109,7 +114,8 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
                                                                 key=k2, **noise),
       "rise": lambda: saliency.rise(logits_fn, images, targets, key=k3,
                                     num_masks=mask_spec.rise_masks,
-                                    cells=mask_spec.rise_cells, **chunked),
+                                    cells=mask_spec.rise_cells, p=mask_spec.rise_p,
+                                    **chunked),
       "occlusion": lambda: saliency.occlusion(logits_fn, images, targets, window=window,
                                               stride=stride, **chunked),
   }
@@ -131,10 +137,27 @@ class MapsEvaluator:
         context.model, x, t, key=k, settings=settings, mask_spec=context.masks,
         methods=methods))
 
+    logits_fn = context.model.logits_fn
+
+    def gap(images, targets, ig):
+      picked = lambda z: jnp.take_along_axis(z, targets[:, None], 1)[:, 0]  # noqa: E731
+      rise = picked(logits_fn(images)) - picked(logits_fn(jnp.zeros_like(images)))
+      return jnp.abs(ig.sum((1, 2)) - rise) / jnp.maximum(jnp.abs(rise), 1e-12)
+
+    self._gap = jax.jit(gap)
+
   def evaluate(self, inputs: Inputs, earlier, *, key) -> Maps:
     del earlier
-    return Maps(maps=self._compute(inputs.images, inputs.target, key))
+    maps = self._compute(inputs.images, inputs.target, key)
+    gaps = ({"integrated_gradients": self._gap(inputs.images, inputs.target,
+                                               maps["integrated_gradients"])}
+            if "integrated_gradients" in maps else {})
+    return Maps(maps=maps, completeness_gap=gaps)
 
   def summarize(self, results, inputs: Inputs) -> dict[str, Any]:
-    del results, inputs
-    return {}
+    """IG's completeness gap: mean with a 95 % bootstrap interval, and the median."""
+    del inputs
+    gaps = results[self.name].completeness_gap
+    return {"methods": {m: {"completeness_gap": metrics.bootstrap_interval(g),
+                            "completeness_gap_median": float(np.median(g))}
+                        for m, g in gaps.items()}}

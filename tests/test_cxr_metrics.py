@@ -1,0 +1,89 @@
+"""The chest X-ray field's localization metrics against their references: Wang et al.'s
+boxes around connected regions (scipy.ndimage.label, find_objects), CheXlocalize's Otsu
+segmentation (skimage.filters.threshold_otsu on the uint8 map) and hit rate."""
+
+import jax
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from cejax import cxr_metrics
+
+RNG = np.random.default_rng(0)
+EIGHT = np.ones((3, 3), int)  # 8-connected regions
+
+
+def _maps(n=6, h=24, w=20):
+  """Blobs of different sizes and heights on noise, so regions and thresholds vary."""
+  yy, xx = np.mgrid[0:h, 0:w]
+  maps = RNG.normal(0, 0.3, (n, h, w))
+  for m in maps:
+    for _ in range(3):
+      cy, cx, s = RNG.uniform(0, h), RNG.uniform(0, w), RNG.uniform(1.5, 4)
+      m += RNG.uniform(1, 4) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+  gt = np.zeros((n, h, w), bool)
+  for g in gt:
+    r0, c0 = RNG.integers(0, h - 6), RNG.integers(0, w - 6)
+    g[r0:r0 + RNG.integers(3, 8), c0:c0 + RNG.integers(3, 8)] = True
+  return maps.astype(np.float32), gt
+
+
+def _uint8(m):  # CheXlocalize's normalisation, in numpy
+  m = m - m.min()
+  return np.uint8(255 * m / m.max())
+
+
+def test_boxes_around_regions_equal_scipy():
+  maps, _ = _maps()
+  for m in maps:
+    binary = _uint8(m) >= 180
+    labels, count = scipy.ndimage.label(binary, structure=EIGHT)
+    want = sorted((s[0].start, s[1].start, s[0].stop - 1, s[1].stop - 1)
+                  for s in scipy.ndimage.find_objects(labels))
+    boxes = np.asarray(cxr_metrics.region_boxes(jax.numpy.asarray(binary)))
+    got = sorted(tuple(int(v) for v in b) for b in boxes if b[0] <= b[2])
+    assert got == want and count == len(want) > 0
+
+
+def test_t_iobb_is_wang_et_als_detected_box_rule():
+  maps, gt = _maps()
+  want = []
+  for m, g in zip(maps, gt, strict=True):
+    best = 0.0
+    for t in (60, 180):
+      labels, _ = scipy.ndimage.label(_uint8(m) >= t, structure=EIGHT)
+      for s in scipy.ndimage.find_objects(labels):
+        best = max(best, g[s].sum() / g[s].size)  # intersection over the detected box
+    want.append(best)
+  np.testing.assert_allclose(cxr_metrics.best_iobb(maps, gt), want, rtol=1e-6)
+  got = cxr_metrics.t_iobb(maps, gt, levels=(0.1, 0.25, 0.5))
+  for level, hits in got.items():
+    np.testing.assert_array_equal(hits, (np.array(want) > level).astype(np.float32))
+  flat = cxr_metrics.best_iobb(np.ones((1, 8, 8)), np.ones((1, 8, 8), bool))
+  assert np.isnan(flat[0])
+
+
+def test_otsu_threshold_equals_scikit_image():
+  skimage_filters = pytest.importorskip("skimage.filters")
+  maps, _ = _maps(n=8)
+  for m in maps:
+    u8 = _uint8(m)
+    assert u8.min() == 0 and u8.max() == 255
+    assert float(cxr_metrics.otsu_threshold(jax.numpy.asarray(u8))) == float(
+        skimage_filters.threshold_otsu(u8))
+
+
+def test_otsu_iou_and_hit_rate_are_chexlocalizes():
+  skimage_filters = pytest.importorskip("skimage.filters")
+  maps, gt = _maps()
+  want_iou, want_hit = [], []
+  for m, g in zip(maps, gt, strict=True):
+    u8 = _uint8(m)
+    region = u8 > skimage_filters.threshold_otsu(u8)
+    want_iou.append((region & g).sum() / (region | g).sum())
+    x, y = np.unravel_index(np.argmax(m), m.shape)  # their hit rate: argmax in the mask
+    want_hit.append(float(g[x, y]))
+  np.testing.assert_allclose(cxr_metrics.otsu_iou(maps, gt), want_iou, rtol=1e-6)
+  np.testing.assert_array_equal(cxr_metrics.hit(maps, gt), want_hit)
+  assert 0 < np.mean(want_hit) < 1 and 0 < np.mean(want_iou) < 1  # the cases differ
+  assert np.isnan(cxr_metrics.otsu_iou(np.zeros((1, 8, 8)), np.ones((1, 8, 8), bool))[0])

@@ -1,0 +1,21 @@
+"""The README's science tables are the output of benchmarks/science_tables.py on the
+committed evaluation record the README names (no number typed by hand)."""
+
+import json
+import re
+import sys
+
+from conftest import ROOT
+
+
+def test_readme_tables_equal_the_committed_records_output():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import science_tables
+
+  readme = (ROOT / "README.md").read_text()
+  found = re.search(r"<!-- science-tables: python benchmarks/science_tables\.py "
+                    r"(benchmarks/results_science_[\w-]+\.json) -->\n(.*?)"
+                    r"<!-- /science-tables -->", readme, re.S)
+  assert found, "README.md has no science-tables markers naming a record"
+  record = json.loads((ROOT / found.group(1)).read_text())
+  assert found.group(2) == science_tables.tables(record)
