@@ -11,12 +11,18 @@ so a killed run resumes where it stopped. This file only parses flags; the logic
 ``cejax.analysis.analyze``.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cejax.jobs import common
+from cejax.jobs import config as config_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "A training workdir (or one written by cejax.jobs.convert).")
+flags.DEFINE_string("workdir", None,
+                    "A training workdir (or one written by cejax.jobs.convert).")
 flags.DEFINE_string("out", "", "Output directory; default WORKDIR/analysis.")
 flags.DEFINE_bool("fresh", False, "Discard per-image results of an earlier analysis.")
 flags.DEFINE_integer("num_workers", 1, "Processes sharing this analysis (e.g. one per CPU "
@@ -27,6 +33,7 @@ flags.DEFINE_integer("worker", 0, "This process's index in [0, num_workers): it 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@common.user_errors_exit
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -35,7 +42,8 @@ def main(argv):
 
   path = analysis.analyze(FLAGS.config, FLAGS.workdir, out=FLAGS.out or None,
                           fresh=FLAGS.fresh, worker=FLAGS.worker,
-                          num_workers=FLAGS.num_workers)
+                          num_workers=FLAGS.num_workers,
+                          explicit_data=config_lib.explicit_keys(sys.argv, "data"))
   if path is None:
     print(f"Worker {FLAGS.worker} done; other workers' chunks are still missing (the "
           "last worker to finish writes the report).")
@@ -44,4 +52,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  config_lib.check_argv(sys.argv)  # a mistyped --config.x.y: a clear message, no traceback
   app.run(main)

@@ -54,7 +54,7 @@ def main():
   from flax import nnx
 
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-  from cejax import effects, masks, sharding
+  from cejax import effects, interventions, latent, masks, sharding
   from cejax.jobs import checkpoint
   from cejax.models import densenet
 
@@ -79,7 +79,7 @@ def main():
       num = args.rise
     else:
       mask_set = masks.to_array(masks.sliding_windows(shape=(size, size), window=size // 8,
-                                            stride=size // 8))
+                                                      stride=size // 8))
       mask_set = jnp.concatenate([mask_set] * (-(-args.num_masks // len(mask_set))))
       mask_set = mask_set[: args.num_masks]
       num = args.num_masks
@@ -117,7 +117,9 @@ def main():
       inter = latent.latent_interventions(
           channels=np.arange(num) % width, values=[0.0])
       for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        fn = jax.jit(lambda im: effects.causal_effect(latent.forward(prefix, suffix), im, inter, batch_size=batch_size).effects)
+        forward = latent.forward(prefix, suffix)
+        fn = jax.jit(lambda im: effects.causal_effect(  # noqa: B023 (called in the loop)
+            forward, im, inter, batch_size=batch_size).effects)
         t0 = time.perf_counter()
         compiled = fn.lower(image).compile()
         compile_s = time.perf_counter() - t0

@@ -240,8 +240,14 @@ def main(argv=None) -> dict:
 
   for mode in ("bf16", "exact", "tf32"):
     logits_fn = nets["bfloat16" if mode == "bf16" else "float32"][1]
-    auto = rec.attempt(["cejax", mode, "auto_batch"], lambda f=logits_fn: throughput.
-                       auto_batch_size(f, image.shape, budget_bytes=cfg["memory_gb"] * 2**30,
+
+    def usage(batch, f=logits_fn, m=mode):  # the program timed below, compiled at a batch
+      program = jax.jit(lambda x: effects.causal_effect(
+          f, x, sources["sliding"], batch_size=batch, precision=m).effects)
+      return throughput.compiled_bytes(program.lower(image).compile())
+
+    auto = rec.attempt(["cejax", mode, "auto_batch"], lambda u=usage: throughput.
+                       auto_batch_size(u, budget_bytes=cfg["memory_gb"] * 2**30,
                                        limit=sources["sliding"].num), need_s=20)
     candidates = sorted({b for b in (*cfg["batches"], auto) if b})
     results = {}

@@ -94,14 +94,20 @@ def launch(layout, *, devices, procs, workdir, out, config):
       raise RuntimeError(text[-3000:])
     summaries += [json.loads(line[8:]) for line in text.splitlines()
                   if line.startswith("SUMMARY ")]
-  rate = sum(s["masks_per_s"] for s in summaries)
+  # Steady state: each process's rate over its chunks after the first (which pays for
+  # compilation); GFLOP/s from the FLOPs of the path that ran (the job's count).
+  rate = sum(s["steady_masks_per_s"] for s in summaries)
+  flops = summaries[0]["flops_per_mask"]["grid"]["flops"]
   return {"layout": layout, "devices_per_process": devices, "processes": procs,
           "images": config.sweep.num_images, "masks_per_s": rate,
-          "gflops_per_s": sum(s.get("gflops_per_s", 0.0) for s in summaries),
+          "masks_per_s_with_compilation": sum(s["masks_per_s"] for s in summaries),
+          "gflops_per_s": rate * flops / 1e9,
           "peak_gflops_per_s": [s.get("peak_gflops_per_s") for s in summaries],
-          "fraction_of_peak": [s.get("fraction_of_peak") for s in summaries],
+          "fraction_of_peak": [s["steady_masks_per_s"] * flops / (s["peak_gflops_per_s"] * 1e9)
+                               for s in summaries],
           "seconds": max(s["seconds"] for s in summaries),
-          "forward_gflops": summaries[0]["forward_flops"] / 1e9}
+          "forward_gflops": flops / 1e9,
+          "flops_counted_by": summaries[0]["flops_per_mask"]["grid"]["counted_by"]}
 
 
 def main():

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cejax import attacks, effects, incremental, masks, saliency, sharding
-from cejax.jobs import sweep, training
+from cejax.jobs import sweep_plan, training
 from cejax.models import densenet
 
 PLATFORMS = ("cuda", "tpu")
@@ -79,9 +79,9 @@ def test_the_sweeps_per_image_program_lowers(tiny):
   from cejax.jobs import common
 
   sources = common.mask_sources(spec, (SIZE, SIZE), key=jax.random.key(0))
-  forward_of, _ = sweep.forwards(logits_fn, model, (SIZE, SIZE, 1), settings, sources,
+  forward_of, _ = sweep_plan.forwards(logits_fn, model, (SIZE, SIZE, 1), settings, sources,
                                  platform="cpu")
-  stacked = sweep.StackedEstimand(("expected", "probability"), all_targets=True)
+  stacked = sweep_plan.StackedEstimand(("expected", "probability"), all_targets=True)
 
   def program(x):  # what image_results runs per family and intervention
     return {f: effects.ce_map(effects.causal_effect(
@@ -129,7 +129,7 @@ def test_the_sweep_chooses_a_path_per_platform_and_the_user_can_force_either(tin
 
   def paths(path, platform):
     settings = ml_collections.ConfigDict(dict(path=path))
-    chosen, why = sweep.forwards(logits_fn, model, (SIZE, SIZE, 1), settings, sources,
+    chosen, why = sweep_plan.forwards(logits_fn, model, (SIZE, SIZE, 1), settings, sources,
                                  platform=platform)
     assert (chosen["grid"] is logits_fn) == (why["grid"]["path"] == "full")
     return {f: why[f]["path"] for f in why}, why
@@ -138,7 +138,7 @@ def test_the_sweep_chooses_a_path_per_platform_and_the_user_can_force_either(tin
   for platform in ("gpu", "tpu"):
     got, why = paths("auto", platform)
     assert got == {"grid": "full", "rise": "full"}
-    assert why["grid"]["why"] == sweep.AUTO_PATH[platform][1]
+    assert why["grid"]["why"] == sweep_plan.AUTO_PATH[platform][1]
   assert paths("incremental", "gpu")[0] == {"grid": "incremental", "rise": "full"}
   assert "RISE masks are not local" in paths("incremental", "gpu")[1]["rise"]["why"]
   assert paths("full", "cpu")[0] == {"grid": "full", "rise": "full"}

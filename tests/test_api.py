@@ -62,5 +62,5 @@ def test_unknown_config_keys_name_the_closest_valid_key():
   with pytest.raises(ValueError, match=r"Did you mean config\.train\.learning_rate\?"):
     training.validate_config(typo)
   extra = smoke.get_config()
-  extra.model.overrides.growth_rate = 8  # constructor arguments are free-form
+  extra.model.overrides.growth_rate = 8  # a declared DenseNet constructor argument
   config.check_keys(extra, config.base_config())

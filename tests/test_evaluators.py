@@ -40,8 +40,8 @@ def test_record_settings_refuses_other_settings_and_fresh_discards(tmp_path):
   (out / "chunks" / "0000.npz").write_bytes(b"x")
   common.record_settings(out, {"rise_masks": 64, "seed": 0})  # same settings: resume
   assert (out / "chunks" / "0000.npz").exists()
-  with pytest.raises(ValueError, match=r"different settings \(\['rise_masks'\]\); pass "
-                                       "--fresh"):
+  with pytest.raises(ValueError, match=r"different settings \(\['rise_masks'\]\): "
+                                       "rise_masks: 64 there, 32 now. Pass --fresh"):
     common.record_settings(out, {"rise_masks": 32, "seed": 0})
   assert json.loads((out / "settings.json").read_text())["rise_masks"] == 64
   with pytest.raises(ValueError, match="--fresh with several workers"):
@@ -192,22 +192,25 @@ def test_killed_and_split_runs_resume_to_the_uninterrupted_results(setup, tmp_pa
   chosen_classes = evaluators.select(("maps", "localization"))
   chosen = analysis.build(chosen_classes, context)
   indices = analysis.image_list(dataset, "test", 5)  # 3 chunks, the last one padded
-  kw = dict(model=model, space=space, settings=s, indices=indices, key=jax.random.key(0))
-  whole = analysis.run_chunks(chosen, dataset, out_dir=tmp_path / "whole", **kw)
+  kw = dict(model=model, space=space, settings=s, indices=indices, key=jax.random.key(0),
+            identity="run-a")
+  whole, computed = analysis.run_chunks(chosen, dataset, out_dir=tmp_path / "whole", **kw)
+  assert computed == 3
   failing = _Failing()
   with pytest.raises(KeyboardInterrupt):
     analysis.run_chunks(chosen + [failing], dataset, out_dir=tmp_path / "killed", **kw)
   assert [p.name for p in (tmp_path / "killed" / "chunks").iterdir()] == ["0000.npz"]
   kept = (tmp_path / "killed" / "chunks" / "0000.npz").stat().st_mtime_ns
   # The rest is finished by two workers; each computes only its own chunks.
-  mine = analysis.run_chunks(chosen, dataset, out_dir=tmp_path / "killed", worker=1,
-                             num_workers=2, **kw)
-  assert [p.exists() for p in mine] == [True, True, False]
+  mine, computed = analysis.run_chunks(chosen, dataset, out_dir=tmp_path / "killed",
+                                       worker=1, num_workers=2, **kw)
+  assert [p.exists() for p in mine] == [True, True, False] and computed == 1
   analysis.run_chunks(chosen, dataset, out_dir=tmp_path / "killed", worker=0,
                       num_workers=2, **kw)
   assert (tmp_path / "killed" / "chunks" / "0000.npz").stat().st_mtime_ns == kept
   want_inputs, want = analysis.load_results(whole, chosen_classes)
-  got_inputs, got = analysis.load_results(mine, chosen_classes)
+  got_inputs, got = analysis.load_results(mine, chosen_classes, indices=indices,
+                                          chunk_size=2, identity="run-a")
   jax.tree.map(np.testing.assert_array_equal, (got_inputs, got), (want_inputs, want))
   assert isinstance(got["localization"], evaluators.Localization)
   np.testing.assert_array_equal(got_inputs.index, np.arange(5))

@@ -15,7 +15,7 @@ from flax import nnx
 from cejax import effects, incremental, interventions, masks
 from cejax.estimands import ESTIMANDS
 from cejax.incremental import AxisOp, Plan
-from cejax.jobs import sweep
+from cejax.jobs import sweep_plan
 from cejax.models import densenet
 
 
@@ -97,7 +97,7 @@ def test_region_arithmetic_equals_brute_force_activation_differences(box):
 
 def _all_estimands(activation):
   names = tuple(ESTIMANDS)
-  return sweep.StackedEstimand(names, all_targets=True), names
+  return sweep_plan.StackedEstimand(names, all_targets=True), names
 
 
 def test_effects_equal_the_full_forward_sweep():

@@ -113,7 +113,8 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path, data_dir, train
   config.model.preset = "densenet121"
   before = (workdir / "run.json").read_text()
   steps = checkpoint.Checkpointer(workdir).manager.all_steps()
-  with pytest.raises(ValueError, match="different model.*preset"):
+  with pytest.raises(ValueError, match="another model or other data "
+                     r"\(preset: 'tiny' there, 'densenet121' now\)"):
     training.train_and_evaluate(config, workdir)
   assert (workdir / "run.json").read_text() == before
   assert checkpoint.Checkpointer(workdir).manager.all_steps() == steps

@@ -3,16 +3,19 @@ resumable, then a summary and a report.
 
 Images are processed in chunks of ``analysis.chunk_size``; the evaluators' per-image
 results of a chunk (``cejax.jobs.evaluators``) are written atomically to
-``<out>/chunks/NNNN.npz`` (``evaluators.store``), so a killed run resumes where it
-stopped, and several processes can share the chunks (``worker``/``num_workers``).
-``<out>/settings.json`` records what the chunks were computed with; a run with other
-settings is refused instead of mixing results. ``summarize`` turns the chunks into
+``<out>/chunks/NNNN.npz`` (``common.save_chunk``: with the chunk's number, image ids,
+run and checksum), so a killed run resumes where it stopped, and several processes can
+share the chunks (``worker``/``num_workers``). ``<out>/settings.json`` records the run
+(``common.run_record``: settings, masks, data, weights, compute, code); a run with
+anything else is refused instead of mixing results, and a damaged or foreign chunk is
+recomputed. ``summarize`` turns the chunks into
 ``metrics.json``; ``cejax.report`` draws them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ from cejax import precision
 from cejax.jobs import checkpoint, common, evaluators, report
 from cejax.jobs import config as config_lib
 from cejax.jobs.evaluators import common as ev_common
+
+_log = logging.getLogger(__name__)
 
 
 def image_list(dataset, split: str, num: int) -> list[tuple[str, int]]:
@@ -59,15 +64,25 @@ def evaluate_chunk(chosen, inputs: ev_common.Inputs, *, key,
   return results
 
 
+def chunk_ids(indices: Sequence[tuple[str, int]], positions) -> list[str]:
+  """The image ids (``"split/index"``) of the images at ``positions`` of ``indices``."""
+  return [f"{indices[i][0]}/{indices[i][1]}" for i in positions]
+
+
 def run_chunks(chosen, dataset, *, model: ev_common.Model, space, out_dir: Path, settings,
-               indices: Sequence[tuple[str, int]], key, progress=None, worker: int = 0,
-               num_workers: int = 1) -> list[Path]:
+               indices: Sequence[tuple[str, int]], key, identity: str, progress=None,
+               worker: int = 0, num_workers: int = 1) -> tuple[list[Path], int]:
   """Analyzes ``indices`` (``(split, index)`` pairs, see ``image_list``) chunk by chunk,
-  skipping chunks already on disk. Results are numbered by position in ``indices``;
-  chunk ``c`` uses the key ``fold_in(key, c)``.
+  keeping chunks already on disk that prove to be this run's (``common.check_chunk``:
+  readable, checksum, chunk number, image ids, ``identity``) and recomputing, with a
+  warning naming the file, any other. Results are numbered by position in
+  ``indices``; chunk ``c`` uses the key ``fold_in(key, c)``.
 
   With ``num_workers > 1`` this process computes only chunks ``c`` with ``c %
-  num_workers == worker``; the paths of all chunks are returned either way.
+  num_workers == worker``.
+
+  Returns:
+    The paths of all chunks (every worker's), and how many this call computed.
   """
   if not 0 <= worker < num_workers:
     raise ValueError(f"worker must be in [0, {num_workers}), got {worker}.")
@@ -75,25 +90,49 @@ def run_chunks(chosen, dataset, *, model: ev_common.Model, space, out_dir: Path,
   chunk_dir.mkdir(parents=True, exist_ok=True)
   size = settings.chunk_size
   paths = [chunk_dir / f"{c:04d}.npz" for c in common.chunks(len(indices), size)]
+  computed = 0
   for c, positions in common.chunks(len(indices), size, worker=worker,
-                             num_workers=num_workers).items():
+                                    num_workers=num_workers).items():
     path, idx = paths[c], np.asarray(positions)
-    if not path.exists():
+    ids = chunk_ids(indices, positions)
+    why = (common.check_chunk(path, chunk=c, ids=ids, identity=identity)
+           if path.exists() else "missing")
+    if why is not None:
+      if why != "missing":
+        _log.warning("Recomputing chunk %d: %s.", c, why)
       # Pad the last chunk by repeating images, so every chunk has one compiled shape.
       batch = _batch(dataset, [indices[i] for i in np.resize(idx, size)])
       inputs = ev_common.prepare_inputs(model, batch, space=space,
                                         index=np.resize(idx, size))
       results = evaluate_chunk(chosen, inputs, key=jax.random.fold_in(key, c),
                                progress=progress)
-      common.save_tree(path, {name: ev_common.to_stored(ev_common.take(r, len(idx)))
-                             for name, r in results.items() if r is not None})
+      common.save_chunk(path, {name: ev_common.to_stored(ev_common.take(r, len(idx)))
+                               for name, r in results.items() if r is not None},
+                        chunk=c, ids=ids, identity=identity)
+      computed += 1
     if progress is not None:
       progress.update(len(idx))
-  return paths
+  return paths, computed
 
 
-def load_results(paths, evaluator_classes) -> tuple[ev_common.Inputs, dict[str, Any]]:
-  """All chunks' results, concatenated: ``(inputs, {evaluator name: result})``."""
+def load_results(paths, evaluator_classes, *, indices=None, chunk_size=None,
+                 identity=None) -> tuple[ev_common.Inputs, dict[str, Any]]:
+  """All chunks' results, concatenated: ``(inputs, {evaluator name: result})``.
+
+  With ``indices``, ``chunk_size`` and ``identity`` (what ``run_chunks`` was given),
+  every chunk is verified first (``common.check_chunk``).
+
+  Raises:
+    ValueError: a chunk that is damaged or not this run's, naming the file.
+  """
+  if identity is not None:
+    plan = common.chunks(len(indices), chunk_size)
+    for path in paths:
+      c = int(Path(path).stem)
+      why = common.check_chunk(path, chunk=c, ids=chunk_ids(indices, plan[c]),
+                               identity=identity)
+      if why is not None:
+        raise ValueError(f"{why}; rerun the analysis to recompute it.")
   parts = [common.load_tree(p) for p in paths]
   tree = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
   inputs = ev_common.from_stored(ev_common.Inputs, tree["inputs"])
@@ -123,9 +162,27 @@ def summarize(chosen, inputs: ev_common.Inputs,
   return summary
 
 
+def check_settings(settings) -> None:
+  """Raises ``ValueError`` naming a bad ``config.analysis`` count or precision."""
+  for key in ("num_images", "chunk_size"):
+    value = settings[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.analysis.{key} must be an integer >= 1, got {value!r}.")
+  try:
+    precision.check(settings.precision)
+  except ValueError as e:
+    raise ValueError(f"config.analysis.precision: {e}") from None
+
+
 def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
-            worker: int = 0, num_workers: int = 1, progress: bool = True) -> Path | None:
+            worker: int = 0, num_workers: int = 1, progress: bool = True,
+            explicit_data: Collection[str] | None = None) -> Path | None:
   """Runs the analysis of ``config.analysis`` on the model in ``workdir``.
+
+  Every setting is validated, the data settings are taken from the trained run
+  (``common.resolve_data``) and the evaluators are built before anything is written;
+  ``<out>/settings.json`` then records the run (``common.run_record``) and a resume
+  with anything else is refused, naming each difference.
 
   Args:
     config: a full cejax config (checked against ``config.base_config()``).
@@ -134,10 +191,13 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
     fresh: discard per-image results of an earlier analysis first.
     worker, num_workers: this process computes chunks ``c % num_workers == worker``.
     progress: show a progress bar.
+    explicit_data: the ``config.data`` keys the user set (the command line's); the
+      others are taken from the trained run (``common.resolve_data``).
 
   Returns:
     The report's path, or ``None`` if chunks of other workers are still missing (the
-    worker that finds every chunk done writes the report).
+    worker that finds every chunk done writes the report). A run that computed nothing
+    leaves an existing report as it is.
   """
   from tqdm import tqdm
 
@@ -147,24 +207,27 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
     raise ValueError("The config has no 'analysis' section; see cejax/jobs/config.py.")
   config_lib.check_keys(config, config_lib.base_config())
   settings = config.analysis
-  try:
-    precision.check(settings.precision)
-  except ValueError as e:
-    raise ValueError(f"config.analysis.precision: {e}") from None
+  check_settings(settings)
+  common.check_mask_spec(config.masks)
   chosen_classes = evaluators.select(settings.evaluators)
   out = Path(out or Path(workdir) / "analysis")
   dtype = precision.compute_dtype(settings.precision)
   graphdef, params, stats, run = checkpoint.load_model(workdir, compute_dtype=dtype)
-  dataset = pipeline.load_dataset(config.data)
+  data = common.resolve_data(config.data, run.get("data"),
+                             base=config_lib.base_config().data,
+                             allow_other=config.data.other_than_trained,
+                             explicit=explicit_data)
+  dataset = pipeline.load_dataset(data)
   if dataset.num_classes != run["num_classes"] or dataset.channels != run["in_channels"]:
     raise ValueError(
         f"The data set ({dataset.num_classes} classes, {dataset.channels} channels) does not "
         f"match the model in {workdir} ({run['num_classes']} classes, "
         f"{run['in_channels']} channels).")
-  recorded = dict(settings.to_dict(), masks=config.masks.to_dict(), data=config.data.name,
-                  step=run["step"],
-                  workdir=str(Path(workdir).resolve()))
-  common.record_settings(out, recorded, fresh=fresh, num_workers=num_workers)
+  indices = image_list(dataset, settings.split, settings.num_images)
+  if not indices:
+    raise ValueError(f"Split {settings.split!r} of {data.name} has no images.")
+  shape = dataset.batch(indices[0][0], [indices[0][1]])["image"].shape[1:3]
+  common.check_mask_spec(config.masks, shape)
 
   model = ev_common.make_model(graphdef, params, stats, run,
                                latent_stage=settings.latent_stage)
@@ -173,17 +236,29 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   space = ev_common.pixel_space(dataset.normalization)
   chosen = build(chosen_classes, ev_common.Context(
       model=model, settings=settings, space=space, masks=config.masks, random_model=rand))
-  indices = image_list(dataset, settings.split, settings.num_images)
+  record = common.run_record(
+      job=settings.to_dict(), masks=config.masks.to_dict(), data=data, dataset=dataset,
+      weights=common.weights_fingerprint(params, stats), step=run["step"],
+      compute={"precision": settings.precision, "compute_dtype": dtype,
+               "batch_size": settings.batch_size})
+  common.record_settings(out, record, fresh=fresh, num_workers=num_workers)
+  identity = common.identity_of(record)
   mine = common.chunks(len(indices), settings.chunk_size, worker=worker,
                        num_workers=num_workers)
   with tqdm(total=sum(map(len, mine.values())), unit="image", desc=f"analyze (worker {worker})",
             disable=not progress) as bar, precision.policy(settings.precision):
-    paths = run_chunks(chosen, dataset, model=model, space=space, out_dir=out,
-                       settings=settings, indices=indices, key=jax.random.key(settings.seed),
-                       progress=bar, worker=worker, num_workers=num_workers)
+    paths, computed = run_chunks(
+        chosen, dataset, model=model, space=space, out_dir=out, settings=settings,
+        indices=indices, key=jax.random.key(settings.seed), identity=identity, progress=bar,
+        worker=worker, num_workers=num_workers)
   if not all(p.exists() for p in paths):
     return None
-  inputs, results = load_results(paths, chosen_classes)
+  if not computed and (out / "metrics.json").exists():
+    _log.warning("Every chunk was already done; %s is left as it was.", out / "metrics.json")
+    return out / "report.html"
+  inputs, results = load_results(paths, chosen_classes, indices=indices,
+                                 chunk_size=settings.chunk_size, identity=identity)
   summary = summarize(chosen, inputs, results)
-  return report.write_report(out, inputs, results, summary, settings=recorded,
+  return report.write_report(out, inputs, results, summary,
+                             settings=dict(settings.to_dict(), data=data.name),
                              class_names=dataset.class_names, run=run)

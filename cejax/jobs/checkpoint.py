@@ -28,8 +28,10 @@ from cejax.jobs.common import write_json_atomic
 from cejax.models import densenet
 
 RUN_FILE = "run.json"
-# Fields of run.json that must agree between a config and an existing workdir.
-_MODEL_FIELDS = ("preset", "num_classes", "in_channels", "dtype", "overrides")
+# Fields of run.json that must agree between a config and an existing workdir: the
+# model, and every data setting that decides the images (a resume on other data would
+# train on a mix, and test_metrics.json would score the old model on the new data).
+_RUN_FIELDS = ("preset", "num_classes", "in_channels", "dtype", "overrides", "data")
 
 
 def build_model(run: dict[str, Any], *, seed: int = 0) -> densenet.DenseNet:
@@ -48,14 +50,32 @@ def check_or_write_run(workdir: Path, run: dict[str, Any]) -> None:
   path = Path(workdir) / RUN_FILE
   if path.exists():
     old = json.loads(path.read_text())
-    diff = {k: (old.get(k), run.get(k)) for k in _MODEL_FIELDS if old.get(k) != run.get(k)}
+    diff = {}
+    for k in _RUN_FIELDS:
+      a, b = old.get(k), run.get(k)
+      if isinstance(a, dict) and isinstance(b, dict):
+        diff.update({f"{k}.{f}": (a.get(f), b.get(f)) for f in sorted(set(a) | set(b))
+                     if a.get(f) != b.get(f)})
+      elif a != b:
+        diff[k] = (a, b)
     if diff:
+      named = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
       raise ValueError(
-          f"Workdir {workdir} holds a checkpoint of a different model; mismatched "
-          f"fields (workdir, config): {diff}. Use a new --workdir; nothing was "
-          "overwritten.")
+          f"Workdir {workdir} holds a run of another model or other data ({named}). "
+          "Use a new --workdir, or --fresh to start this one over; nothing was "
+          "changed.")
     return
   write_json_atomic(path, run)
+
+
+def start_over(workdir: Path) -> None:
+  """Deletes a workdir's run (checkpoints, metrics, run.json) so it can be trained anew."""
+  import shutil
+
+  workdir = Path(workdir)
+  shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+  for name in (RUN_FILE, "metrics.jsonl", "test_metrics.json"):
+    (workdir / name).unlink(missing_ok=True)
 
 
 def read_run(workdir: Path) -> dict[str, Any]:

@@ -9,17 +9,24 @@
   are the array names), so any numpy user can read it with ``np.load``.
 - ``mask_sources``: the mask families of ``config.masks``, the one mask specification
   of the analysis and the sweep.
+- A run's identity (``data_identity``, ``weights_fingerprint``, ``code_version``,
+  ``resolve_data``): what decides the results, recorded at the start and checked on
+  resume; chunks that prove themselves (``save_chunk``/``check_chunk``: index, image
+  ids, run and a checksum in the file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,30 @@ import numpy as np
 
 from cejax import masks
 
+_log = logging.getLogger(__name__)
+
 MASK_FAMILIES = ("grid", "sliding", "rise")
+
+
+def user_errors_exit(main):
+  """Wraps a command-line ``main``: a ``ValueError``, ``OSError`` (``FileNotFoundError``
+  too) or ``FloatingPointError`` (the jobs' errors about settings, files, disks and a
+  diverged loss, each naming what is wrong) ends the program with its message and
+  status 2, not a traceback. ``CEJAX_TRACEBACK=1`` shows the traceback too."""
+  import functools
+  import sys
+
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except (ValueError, OSError, FloatingPointError) as e:  # FileNotFoundError: OSError
+      if os.environ.get("CEJAX_TRACEBACK"):
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  return wrapped
 
 
 def chunks(num_images: int, chunk_size: int, *, worker: int = 0,
@@ -40,14 +70,48 @@ def chunks(num_images: int, chunk_size: int, *, worker: int = 0,
           for c, start in enumerate(starts) if c % num_workers == worker}
 
 
-def write_json_atomic(path: Path, obj) -> None:
-  """``obj`` as indented JSON at ``path``, written to a temporary file and renamed."""
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+  """``data`` at ``path``: written to a temporary file beside it, given the mode a plain
+  ``open`` would (0666 less the umask; ``mkstemp`` makes 0600), then renamed. A failed
+  write (a full disk) removes the temporary file and names ``path``."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except OSError as e:
+    Path(tmp).unlink(missing_ok=True)
+    raise OSError(e.errno, f"Could not write {path}: {e.strerror or e} (nothing was "
+                  "replaced; free space or choose another --out)") from e
+
+
+def write_json_atomic(path: Path, obj) -> None:
+  """``obj`` as indented JSON at ``path``, atomically (``_write_atomic``)."""
+  _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+  """``text`` at ``path``, atomically (``_write_atomic``)."""
+  _write_atomic(path, text.encode())
+
+
+def append_json_line(path: Path, obj) -> None:
+  """Appends ``obj`` as one JSON line to ``path`` (a log of runs: nothing is rewritten)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    f.write(json.dumps(obj, sort_keys=True) + "\n")
 
 
 def record_settings(out_dir: Path, settings: Mapping[str, Any], *, fresh: bool = False,
@@ -69,15 +133,20 @@ def record_settings(out_dir: Path, settings: Mapping[str, Any], *, fresh: bool =
   if fresh:
     shutil.rmtree(out_dir / "chunks", ignore_errors=True)
   settings_file = out_dir / "settings.json"
-  if settings_file.exists() and (out_dir / "chunks").exists():
+  chunk_dir = out_dir / "chunks"
+  # A start that failed before computing anything leaves no chunk and blocks nothing.
+  if settings_file.exists() and chunk_dir.is_dir() and any(chunk_dir.iterdir()):
     old = json.loads(settings_file.read_text())
     if old != settings:
       old, new = _flat(old), _flat(settings)
       diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-      raise ValueError(f"{out_dir} holds results of different settings ({diff}); pass "
-                       "--fresh to discard them or --out for a new directory.")
+      values = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
+      raise ValueError(f"{out_dir} holds results of different settings ({diff}): "
+                       f"{values}. Pass --fresh to discard them or --out for a new "
+                       "directory.")
   out_dir.mkdir(parents=True, exist_ok=True)
-  write_json_atomic(settings_file, settings)
+  if not settings_file.exists() or json.loads(settings_file.read_text()) != settings:
+    write_json_atomic(settings_file, settings)
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -139,34 +208,193 @@ def _index(tree, leaves: dict[str, np.ndarray]):
   return name
 
 
-def save_tree(path: Path, tree: Mapping[str, Any]) -> None:
-  """Writes ``tree`` (nested dicts with array leaves) to ``path`` atomically."""
-  path = Path(path)
+def save_tree(path: Path, tree: Mapping[str, Any], *, meta: Mapping[str, Any] | None = None
+              ) -> None:
+  """Writes ``tree`` (nested dicts with array leaves) to ``path`` atomically, with a
+  checksum of its content (and ``meta``, JSON) that ``load_tree`` verifies."""
   leaves: dict[str, np.ndarray] = {}
-  structure = _index(tree, leaves)
+  structure = json.dumps(_index(tree, leaves))
+  meta = dict(meta or {}, checksum=_checksum(structure, leaves))
   buf = io.BytesIO()
-  np.savez_compressed(buf, structure=np.asarray(json.dumps(structure)), **leaves)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "wb") as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, path)
+  np.savez_compressed(buf, structure=np.asarray(structure), meta=np.asarray(json.dumps(meta)),
+                      **leaves)
+  _write_atomic(path, buf.getvalue())
 
 
-def load_tree(path: Path) -> dict[str, Any]:
-  """The nested dict written by ``save_tree``.
+def load_tree(path: Path, *, with_meta: bool = False):
+  """The nested dict written by ``save_tree`` (and its ``meta`` with ``with_meta``).
 
   Raises:
-    ValueError: the file is not one ``save_tree`` wrote (or is corrupt).
+    ValueError: the file is unreadable, not one ``save_tree`` wrote, or its content
+      does not match its checksum (damaged).
   """
   try:
     with np.load(path) as data:
-      structure = json.loads(str(data["structure"]))
-      arrays = {k: data[k] for k in data.files if k != "structure"}
+      structure = str(data["structure"])
+      arrays = {k: data[k] for k in data.files if k not in ("structure", "meta")}
+      meta = json.loads(str(data["meta"])) if "meta" in data.files else None
   except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path} is not a readable cejax results file ({e}); delete it to "
                      "recompute it.") from e
+  if meta is not None and meta.get("checksum") != _checksum(structure, arrays):
+    raise ValueError(f"{path} does not match its checksum (damaged); delete it to "
+                     "recompute it.")
 
   def build(node):
     return {k: build(v) for k, v in node.items()} if isinstance(node, dict) else arrays[node]
 
-  return build(structure)
+  tree = build(json.loads(structure))
+  return (tree, meta) if with_meta else tree
+
+
+# --- a run's identity ------------------------------------------------------------------
+
+# The data settings that change the images (or which images): a resume, an analysis or
+# a sweep must see the same ones. Where the data live (data_dir, manual_dir) does not.
+DATA_IDENTITY = ("name", "image_size", "crop_size", "channels", "mean", "std", "seed",
+                 "num_train", "num_validation", "num_test", "max_boxes", "image_key",
+                 "label_key")
+
+
+def data_identity(data) -> dict[str, Any]:
+  """The settings of ``config.data`` that decide the images (``DATA_IDENTITY``)."""
+  return json.loads(json.dumps({k: data[k] for k in DATA_IDENTITY if k in data}))
+
+
+def weights_fingerprint(*trees) -> str:
+  """A short hash of the weights (every leaf's bytes, in order)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(trees):
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def code_version() -> dict[str, str]:
+  """cejax's version, and the checkout's commit when it is one (git is asked once)."""
+  import cejax
+
+  version = {"cejax": getattr(cejax, "__version__", "unknown")}
+  root = Path(cejax.__file__).resolve().parents[1]
+  if (root / ".git").exists():
+    try:
+      commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+      version["commit"] = commit or "unknown"
+    except (OSError, subprocess.SubprocessError):
+      version["commit"] = "unknown"
+  return version
+
+
+def run_record(*, job: Mapping[str, Any], masks, data, dataset, weights: str, step: int,
+               compute: Mapping[str, Any]) -> dict[str, Any]:
+  """What a job's results depend on, as recorded in ``settings.json`` and checked on
+  resume: the job's own section (``job``), the mask specification, every data setting
+  that decides the images (``data_identity``) with each split's size (what the data
+  directory holds), the weights' fingerprint and step, the resolved compute settings
+  (``compute``: precision, dtype, batch, paths) and the code version."""
+  splits = {name: dataset.num_examples(name) for name in sorted(dataset.sources)}
+  return json.loads(json.dumps({
+      "job": dict(job), "masks": dict(masks), "data": dict(data_identity(data),
+                                                          split_sizes=splits),
+      "model": {"weights": weights, "step": int(step)}, "compute": dict(compute),
+      "code": code_version()}))
+
+
+def identity_of(record: Mapping[str, Any]) -> str:
+  """A short hash of a run record: each chunk carries it, so a chunk of another run
+  (another directory's, or an older run's in this one) is recognised."""
+  return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_data(data, trained: Mapping[str, Any] | str | None, *, base,
+                 allow_other: bool, explicit: Collection[str] | None = None):
+  """``data`` for a job on a trained run: the run's data settings (``trained``, run.json's
+  ``data``), except those the user set explicitly (``explicit``); an explicit setting
+  other than the run's is refused unless ``allow_other``
+  (``config.data.other_than_trained``).
+
+  Args:
+    data: the job's ``config.data``.
+    trained: the run's record of its data settings (``data_identity``); a name (older
+      run.json files) or None (a converted checkpoint) takes ``data`` as it is.
+    base: the default data section (``config.base_config().data``).
+    allow_other: let explicit settings differ from the run's.
+    explicit: the keys the user set (the command line's ``--config.data.KEY``); None:
+      every key whose value differs from ``base`` (a config built in Python).
+
+  Returns:
+    A copy of ``data`` with the run's settings filled in.
+
+  Raises:
+    ValueError: naming each refused setting, the run's value and the config's.
+  """
+  data = data.copy_and_resolve_references()
+  if isinstance(trained, str):  # run.json of older versions: the data set's name only
+    trained = {"name": trained}
+  if not trained:  # a converted checkpoint: no data settings recorded
+    return data
+
+  def plain(value):
+    return json.loads(json.dumps(value))
+
+  clash, taken = {}, []
+  for key in DATA_IDENTITY:
+    if key not in trained or key not in data:
+      continue
+    ours, theirs = plain(data[key]), trained[key]
+    if ours == theirs:
+      continue
+    chosen = (key in explicit) if explicit is not None else ours != plain(base[key])
+    if not chosen:
+      taken.append(f"data.{key}={theirs!r} (the config says {ours!r})")
+      with data.unlocked():
+        data[key] = type(data[key])(theirs) if isinstance(data[key], tuple) else theirs
+    elif not allow_other:
+      clash[key] = (theirs, ours)
+  if clash:
+    lines = "; ".join(f"data.{k}: trained with {a!r}, the config says {b!r}"
+                      for k, (a, b) in clash.items())
+    raise ValueError(f"The model was trained on other data ({lines}). Leave these "
+                     "settings out to take the run's, or pass "
+                     "--config.data.other_than_trained=True to evaluate on other data.")
+  if taken:
+    _log.warning("Data settings taken from the trained run: %s.", ", ".join(taken))
+  return data
+
+
+# --- chunks that prove themselves -------------------------------------------------------
+
+def _checksum(structure: str, leaves: Mapping[str, np.ndarray]) -> str:
+  digest = hashlib.sha256(structure.encode())
+  for name in sorted(leaves):
+    digest.update(name.encode())
+    digest.update(np.ascontiguousarray(leaves[name]).tobytes())
+  return digest.hexdigest()
+
+
+def save_chunk(path: Path, tree: Mapping[str, Any], *, chunk: int, ids: list[str],
+               identity: str) -> None:
+  """``tree`` as chunk ``chunk`` of the run ``identity``, holding images ``ids``: a tree
+  file (``save_tree``) whose ``meta`` records the three and a checksum of the content."""
+  save_tree(path, tree, meta={"chunk": int(chunk), "ids": [str(i) for i in ids],
+                              "identity": identity})
+
+
+def check_chunk(path: Path, *, chunk: int, ids: list[str], identity: str) -> str | None:
+  """Why the chunk file at ``path`` is not chunk ``chunk`` of run ``identity`` holding
+  ``ids``, or None when it is (readable, checksum, chunk, ids, run all as expected)."""
+  try:
+    meta = load_tree(path, with_meta=True)[1]
+  except ValueError as e:
+    return str(e)
+  if meta is None:
+    return f"{path} records no chunk metadata (an older or foreign file)"
+  expected = {"chunk": int(chunk), "ids": [str(i) for i in ids], "identity": identity}
+  def shown(key, value):
+    return f"{value[:2]}... ({len(value)} ids)" if key == "ids" and value else value
+
+  for key, want in expected.items():
+    if meta.get(key) != want:
+      return (f"{path} holds {key} {shown(key, meta.get(key))} where this run expects "
+              f"{shown(key, want)}")
+  return None

@@ -37,6 +37,43 @@ MOVED_KEYS = {
 }
 
 
+def model_overrides(config) -> dict:
+  """``config.model.overrides`` that are set (None: the preset's own value)."""
+  overrides = config.model.get("overrides", {}) or {}
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(overrides).items()
+          if v is not None}
+
+
+def explicit_keys(argv, section: str) -> set[str]:
+  """The keys of ``config.<section>`` a command line sets (``--config.section.KEY=``)."""
+  prefix = f"--config.{section}."
+  return {arg[len(prefix):].split("=", 1)[0].split(".")[0] for arg in argv[1:]
+          if arg.startswith(prefix)}
+
+
+def check_argv(argv, base=None) -> None:
+  """Checks the ``--config.a.b=...`` overrides of a command line against the schema
+  before any flag is parsed: an unknown key exits with the same message a config file
+  gets ("Did you mean ..."), not a traceback from inside the flag parser."""
+  import sys
+
+  base = base_config() if base is None else base
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    keys = arg[len("--config."):].split("=", 1)[0].split(".")
+    node, path = base, "config"
+    for key in keys:
+      if f"{path}.{key}" in MOVED_KEYS or key not in node:
+        try:
+          check_keys({key: None}, node, path=path)
+        except ValueError as e:
+          sys.exit(f"{e} (command line: {arg})")
+      node, path = node[key], f"{path}.{key}"
+      if not _is_section(node):
+        break
+
+
 def check_keys(config, base, *, path: str = "config") -> None:
   """Raises ``ValueError`` for a key of ``config`` that ``base`` does not declare.
 
@@ -47,12 +84,16 @@ def check_keys(config, base, *, path: str = "config") -> None:
     if f"{path}.{key}" in MOVED_KEYS:
       raise ValueError(f"{path}.{key} is now {MOVED_KEYS[f'{path}.{key}']}.")
     if key not in base:
-      close = difflib.get_close_matches(key, list(base.keys()), n=1)
-      hint = f" Did you mean {path}.{close[0]}?" if close else ""
+      # The closest key of this section, or of the keys that moved from it.
+      moved = {k.rsplit(".", 1)[1]: v for k, v in MOVED_KEYS.items()
+               if k.rsplit(".", 1)[0] == path}
+      close = difflib.get_close_matches(key, [*base.keys(), *moved], n=1)
+      hint = ("" if not close else f" Did you mean {path}.{close[0]}?" if close[0] in base
+              else f" Did you mean {path}.{close[0]}? It is now {moved[close[0]]}.")
       raise ValueError(f"Unknown config key {path}.{key}.{hint} Valid keys of {path}: "
                        f"{sorted(base.keys())}.")
     value, declared = config[key], base[key]
-    if _is_section(declared) and _is_section(value) and key != "overrides":
+    if _is_section(declared) and _is_section(value):
       check_keys(value, declared, path=f"{path}.{key}")
 
 
@@ -77,11 +118,20 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.manual_dir = ""
   config.data.image_key = "image"  # feature names, for any prepared TFDS data set
   config.data.label_key = "label"
+  # The analysis and the sweep take the data settings a run was trained with from its
+  # run.json; True lets them evaluate it on data set up otherwise (a deliberate choice).
+  config.data.other_than_trained = False
 
   config.model = ml_collections.ConfigDict()
   config.model.preset = "tiny"
   config.model.dtype = "float32"
-  config.model.overrides = ml_collections.ConfigDict()  # DenseNet constructor arguments
+  # DenseNet constructor arguments that replace the preset's (None: the preset's own),
+  # each settable on the command line (--config.model.overrides.growth_rate=8).
+  config.model.overrides = ml_collections.ConfigDict({
+      name: ml_collections.config_dict.placeholder(kind) for name, kind in (
+          ("growth_rate", int), ("block_config", tuple), ("num_init_features", int),
+          ("bn_size", int), ("compression", float), ("stem_kernel", int),
+          ("stem_stride", int), ("stem_pool", bool))})
 
   config.train = ml_collections.ConfigDict()
   config.train.seed = 0
@@ -163,7 +213,7 @@ def base_config() -> ml_collections.ConfigDict:
   # network in bfloat16, weights float32); errors of each in benchmarks/RESULTS.md.
   config.sweep.precision = "exact"
   # Which forward each mask family takes: "auto" (the rule per platform in
-  # cejax.jobs.sweep.AUTO_PATH: incremental recompute where it applies on CPUs, full
+  # cejax.jobs.sweep_plan.AUTO_PATH: incremental recompute where it applies on CPUs, full
   # forward passes on GPUs and TPUs), or "incremental" / "full" for every family.
   config.sweep.path = "auto"
   return config

@@ -172,13 +172,15 @@ def metrics_table(summary) -> str:
     sanity = _fmt(row["sanity_spearman"]) if "sanity_spearman" in row else "—"
     rows.append(f"<tr><th>{html.escape(TITLES.get(m, m))}</th>{cells}"
                 + "".join(f"<td>{v}</td>" for v in lists) + f"<td>{sanity}</td></tr>")
+  if not rows:
+    return "<p>No localization results: the run's evaluators do not include it.</p>"
   head = ("<tr><th>method</th><th>pointing game &uarr;</th><th>hit rate &uarr;</th>"
           "<th>mass in box &uarr;</th><th>IoU at half range &uarr;</th>"
           "<th>Otsu mIoU (CheXlocalize) &uarr;</th><th>deletion AUC, zero fill &darr;</th>"
           "<th>deletion AUC, blur fill &darr;</th><th>insertion AUC, from blur &uarr;</th>"
           "<th>T(IoBB) at " + ", ".join(str(t) for t in summary.get("iobb_levels", ()))
           + " (Wang et al.)</th><th>T(IoU) at "
-          + ", ".join(str(t) for t in summary["iou_thresholds"])
+          + ", ".join(str(t) for t in summary.get("iou_thresholds", ()))
           + "</th><th>rank corr. with random model &darr;</th></tr>")
   return f"<table>{head}{''.join(rows)}</table>"
 
@@ -254,33 +256,30 @@ def write_report(out_dir: Path, inputs, results, summary, *, settings: dict[str,
     settings, class_names, run: shown in the report.
   """
   out_dir = Path(out_dir)
-  from cejax.jobs.common import write_json_atomic
+  from cejax.jobs.common import write_json_atomic, write_text_atomic
 
-  write_json_atomic(out_dir / "metrics.json", summary)
-  with open(out_dir / "localization.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["method", "metric", "mean", "ci_low", "ci_high"])
-    for m, row in summary["methods"].items():
-      for metric, v in row.items():
-        if metric in ("t_iou", "t_iobb"):
-          continue
-        w.writerow([m, metric, *(v if isinstance(v, (list, tuple)) else (v, "", ""))])
-  with open(out_dir / "detection.csv", "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["attack", "detector", "auroc", "auroc_ci_low", "auroc_ci_high",
-                "tpr_at_5fpr", "n_train", "n_test"])
-    for attack, dets in summary["detection"].items():
-      for name, d in dets.items():
-        lo, hi = d.get("auroc_ci", (float("nan"), float("nan")))
-        w.writerow([attack, name, d["auroc"], lo, hi, d["tpr_at_5fpr"], d["n_train"],
-                    d["n_test"]])
-  with open(out_dir / "per_image.csv", "w", newline="") as f:
-    columns = _per_image_columns(results)
-    w = csv.writer(f)
-    w.writerow(["index", "has_box", "correct"] + list(columns))
-    for i in range(len(inputs.index)):
-      w.writerow([int(inputs.index[i]), bool(inputs.has_box[i]), float(inputs.correct[i])]
-                 + [float(v[i]) for v in columns.values()])
+  loc, det, per = (io.StringIO(newline="") for _ in range(3))
+  w = csv.writer(loc)
+  w.writerow(["method", "metric", "mean", "ci_low", "ci_high"])
+  for m, row in summary["methods"].items():
+    for metric, v in row.items():
+      if metric in ("t_iou", "t_iobb"):
+        continue
+      w.writerow([m, metric, *(v if isinstance(v, (list, tuple)) else (v, "", ""))])
+  w = csv.writer(det)
+  w.writerow(["attack", "detector", "auroc", "auroc_ci_low", "auroc_ci_high",
+              "tpr_at_5fpr", "n_train", "n_test"])
+  for attack, dets in summary["detection"].items():
+    for name, d in dets.items():
+      lo, hi = d.get("auroc_ci", (float("nan"), float("nan")))
+      w.writerow([attack, name, d["auroc"], lo, hi, d["tpr_at_5fpr"], d["n_train"],
+                  d["n_test"]])
+  columns = _per_image_columns(results)
+  w = csv.writer(per)
+  w.writerow(["index", "has_box", "correct"] + list(columns))
+  for i in range(len(inputs.index)):
+    w.writerow([int(inputs.index[i]), bool(inputs.has_box[i]), float(inputs.correct[i])]
+               + [float(v[i]) for v in columns.values()])
   sections = [
       f"<h1>cejax analysis: {html.escape(run.get('preset', ''))} on "
       f"{html.escape(str(settings.get('data', '')))}</h1>",
@@ -345,8 +344,11 @@ def write_report(out_dir: Path, inputs, results, summary, *, settings: dict[str,
   ]
   page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cejax report</title>"
           f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
+  # Every file atomically, the summary last: metrics.json present means the report is.
+  for name, table in (("localization.csv", loc), ("detection.csv", det),
+                      ("per_image.csv", per)):
+    write_text_atomic(out_dir / name, table.getvalue())
   path = out_dir / "report.html"
-  tmp = path.with_suffix(".html.tmp")
-  tmp.write_text(page)
-  tmp.replace(path)
+  write_text_atomic(path, page)
+  write_json_atomic(out_dir / "metrics.json", summary)
   return path

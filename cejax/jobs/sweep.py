@@ -17,22 +17,30 @@ masks are sharded over its local devices (``sharding.mask_mesh(jax.local_devices
 ``jax.shard_map``). A mask's effect does not depend on which device or process
 computes it, so the maps are bit-identical whatever the device and process count.
 
-Output (``<out>``, default ``<workdir>/sweep``): ``settings.json`` and one
-``chunks/NNNNN.npz`` per chunk, written atomically (``jobs.common.save_tree``: the arrays
-plus a JSON structure, readable with numpy alone): ``ids`` (``"split/index"``) and
-``maps[family][intervention][estimand]`` of shape ``(n, h, w)`` (``(n, h, w, k)`` for
-``targets="all"``), and ``effects`` likewise ``(n, m[, k])`` with ``save_effects``.
-Chunks are named by chunk, not by process, so a killed run resumes where it stopped
-with any number of processes; settings that differ from the recorded ones are refused
-unless ``--fresh``. ``load(out)`` reads the results back by image id.
+Output (``<out>``, default ``<workdir>/sweep``): ``settings.json``, the run's record
+(``jobs.common.run_record``: the sweep's settings, the masks, every data setting that
+decides the images, the weights' fingerprint, the resolved batch, precision and paths,
+the code version), and one ``chunks/NNNNN.npz`` per chunk, written atomically
+(``jobs.common.save_chunk``: the arrays plus a JSON structure, readable with numpy
+alone, and a record of the chunk's number, image ids, run and checksum): ``ids``
+(``"split/index"``) and ``maps[family][intervention][estimand]`` of shape ``(n, h, w)``
+(``(n, h, w, k)`` for ``targets="all"``), and ``effects`` likewise ``(n, m[, k])`` with
+``save_effects``. Chunks are named by chunk, not by process, so a killed run resumes
+where it stopped with any number of processes; a resume verifies every chunk on disk
+and recomputes a damaged or foreign one (with a warning naming it); settings that differ
+from the recorded ones are refused, naming each, unless ``--fresh``. Data settings come
+from the trained run's ``run.json`` (``jobs.common.resolve_data``). Each process that
+computed anything appends its throughput to ``throughput-pN.jsonl``. ``load(out)``
+reads the results back by image id, verifying every chunk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -42,246 +50,178 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from cejax import effects, incremental, interventions, precision, sharding
-from cejax.estimands import ESTIMANDS, activate
+from cejax import precision, sharding
 from cejax.jobs import checkpoint, common, throughput
 from cejax.jobs import config as config_lib
+from cejax.jobs.sweep_plan import (
+  check_settings,
+  flops_per_mask,
+  forwards,
+  image_results,
+  mask_sources,
+  resolve_batch,
+)
 
-FAMILIES = common.MASK_FAMILIES
-SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
-TARGETS = ("predicted", "all")
-PATHS = ("auto", "incremental", "full")
-# The forward a family takes under path="auto", per platform, and why. CPUs: measured
-# (benchmarks/RESULTS.md, DenseNet-121, 10 x 10 grid, 2 cores: 1.56x the full forward at
-# 224 px, 2.50x at 448). GPUs and TPUs: declared until measured there (benchmarks/
-# gpu_run.py measures both paths): a batched full forward keeps the matrix units busy,
-# while the incremental walk runs many small patch products at per-mask offsets.
-AUTO_PATH = {
-    "cpu": ("incremental", "measured faster on CPUs"),
-    "gpu": ("full", "declared for GPUs: batched full passes keep the tensor cores busy"),
-    "tpu": ("full", "declared for TPUs: batched full passes keep the matrix units busy"),
-}
-
+_log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
-class StackedEstimand:
-  """Several estimands from one forward pass, as one ``Estimand`` (``(b, V)``).
+class _Job:
+  """A sweep resolved and validated before anything is written."""
 
-  With ``all_targets`` the target estimands (``probability``, ``logit``) are given for
-  every class (``k`` columns each, like ``per_class``); ``expected`` and ``kl`` take
-  one column, ``per_class`` ``k``.
-  """
-
-  names: tuple[str, ...]
-  all_targets: bool = False
-
-  def __call__(self, clean_logits, do_logits, do_probs, target, activation):
-    cols = []
-    for name in self.names:
-      if self.all_targets and name == "probability":
-        v = do_probs - activate(clean_logits, activation)
-      elif self.all_targets and name == "logit":
-        v = do_logits - clean_logits
-      else:
-        v = ESTIMANDS[name](clean_logits, do_logits, do_probs, target, activation)
-      cols.append(v if v.ndim == do_logits.ndim else v[..., None])
-    return jnp.concatenate(cols, -1)
-
-  def widths(self, num_classes: int) -> list[int]:
-    """Columns per estimand, in ``names`` order."""
-    per = {"expected": 1, "kl": 1, "per_class": num_classes}
-    many = num_classes if self.all_targets else 1
-    return [per.get(n, many) for n in self.names]
+  out: Path
+  record: dict[str, Any]
+  settings: Any  # config.sweep with batch_size resolved
+  dataset: Any
+  num_images: int
+  sources: dict[str, Any]
+  forward_of: dict[str, Any]
+  paths: dict[str, dict[str, str]]
+  flops: dict[str, dict[str, Any]]
+  activation: str
 
 
-def check_settings(s) -> None:
-  """Raises ``ValueError`` naming the bad ``sweep`` key and the valid values."""
-  for key, got, valid in (("families", s.families, FAMILIES),
-                          ("interventions", s.interventions, SWEEP_INTERVENTIONS),
-                          ("estimands", s.estimands, ESTIMANDS)):
-    bad = [g for g in got if g not in valid]
-    if bad or not got:
-      raise ValueError(f"config.sweep.{key} has {bad or 'nothing'}; valid are {valid}.")
-  if s.targets not in TARGETS:
-    raise ValueError(f"config.sweep.targets is {s.targets!r}; valid are {TARGETS}.")
-  if s.batch_size != "auto" and (not isinstance(s.batch_size, int) or s.batch_size < 1):
-    raise ValueError(f"config.sweep.batch_size must be a positive int or 'auto', got "
-                     f"{s.batch_size!r}.")
-  try:
-    precision.check(s.precision)
-  except ValueError as e:
-    raise ValueError(f"config.sweep.precision: {e}") from None
-  if s.path not in PATHS:
-    raise ValueError(f"config.sweep.path is {s.path!r}; valid are {PATHS}.")
-  if s.chunk_size < 1:
-    raise ValueError(f"config.sweep.chunk_size must be >= 1, got {s.chunk_size}.")
+def _read_record(out: Path) -> dict[str, Any] | None:
+  path = out / "settings.json"
+  return json.loads(path.read_text()) if path.exists() else None
 
 
-def mask_sources(config, shape) -> dict[str, Any]:
-  """The mask sources of ``config.sweep.families`` for images of ``shape`` (sizes from
-  ``config.masks``; ``config.sweep.seed`` draws the RISE masks)."""
-  return common.mask_sources(config.masks, shape, key=jax.random.key(config.sweep.seed),
-                             families=config.sweep.families)
-
-
-def _interventions(s):
-  return {"zero": "zero", "mean": "mean", "blur": interventions.Blur(sigma=s.blur_sigma)}
-
-
-def forwards(logits_fn, model, image_shape, settings, sources, *, platform: str
-             ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
-  """Per family, the forward the sweep runs, and ``{"path", "why"}``: under
-  ``settings.path="auto"`` the rule of ``AUTO_PATH`` for ``platform``, else the path
-  the config forces; incremental recompute (``incremental.forward(model)``) only where
-  ``incremental.plan`` says it applies, full forward passes of ``logits_fn`` otherwise."""
-  if settings.path == "auto":
-    want, why = AUTO_PATH.get(platform, ("full", f"no rule for platform {platform!r}"))
-  else:
-    want, why = settings.path, f"config.sweep.path={settings.path!r}"
-  chosen, paths = {}, {}
-  for family, source in sources.items():
-    decision = incremental.plan(model, image_shape, source) if want != "full" else None
-    if decision is not None and decision.applies:
-      chosen[family] = incremental.forward(model)
-      paths[family] = {"path": "incremental", "why": why}
-    else:
-      chosen[family] = logits_fn
-      paths[family] = {"path": "full", "why": why if decision is None else
-                       f"incremental does not apply: {decision.reason}"}
-  return chosen, paths
-
-
-def image_results(forward_of, image, *, settings, sources, activation, num_classes,
-                  mesh=None) -> dict[str, Any]:
-  """One image's maps (and effects): ``{"maps": {family: {intervention: {estimand:
-  array}}}, "effects": ...}``; family ``f`` is computed with the forward
-  ``forward_of[f]`` (``forwards``)."""
-  s = settings
-  stacked = StackedEstimand(tuple(s.estimands), all_targets=s.targets == "all")
-  widths = stacked.widths(num_classes)
-  fills = _interventions(s)
-
-  def by_estimand(values):  # (..., V) -> {estimand: (...) or (..., k)}
-    parts = np.split(np.asarray(values), np.cumsum(widths)[:-1], axis=-1)
-    return {e: p[..., 0] if w == 1 else p
-            for e, p, w in zip(stacked.names, parts, widths, strict=True)}
-
-  maps, raw = {}, {}
-  for family, source in sources.items():
-    maps[family], raw[family] = {}, {}
-    for name in s.interventions:
-      res = effects.causal_effect(forward_of[family], image, source,
-                                  intervention=fills[name], estimand=stacked,
-                                  batch_size=s.batch_size, activation=activation, mesh=mesh)
-      # On the host first: the map is then one program on one device whatever the mesh
-      # (a replicated input would make it an SPMD program with another reduction order).
-      per_mask = np.asarray(res.effects)
-      maps[family][name] = by_estimand(
-          effects.ce_map(per_mask, source, batch_size=s.batch_size))  # from (h, w, V)
-      if s.save_effects:
-        raw[family][name] = by_estimand(per_mask)
-  return {"maps": maps, "effects": raw} if s.save_effects else {"maps": maps}
-
-
-def model_fingerprint(params, stats) -> str:
-  """A short hash of the weights (a workdir's results are tied to one model)."""
-  digest = hashlib.sha256()
-  for leaf in jax.tree.leaves((params, stats)):
-    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  return digest.hexdigest()[:16]
-
-
-def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
-        devices=None, progress: bool = True) -> dict[str, Any]:
-  """Runs the sweep of ``config.sweep`` on the model in ``workdir`` (this process's
-  share of the chunks). Returns this process's throughput summary (also written to
-  ``<out>/throughput-pN.json``)."""
-  from tqdm import tqdm
-
+def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
+  """Validates every setting, loads the model and data, builds the masks, picks the
+  paths and resolves ``batch_size="auto"``: a start that fails here writes nothing."""
   from cejax.data import pipeline
 
   config_lib.check_keys(config, config_lib.base_config())
   s = config.sweep
   check_settings(s)
   common.check_mask_spec(config.masks)
-  out = Path(out or Path(workdir) / "sweep")
   graphdef, params, stats, run_info = checkpoint.load_model(
       workdir, compute_dtype=precision.compute_dtype(s.precision))
-  logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
-  model = nnx.merge(graphdef, params, stats)
-  dataset = pipeline.load_dataset(config.data)
+  data = common.resolve_data(config.data, run_info.get("data"),
+                             base=config_lib.base_config().data,
+                             allow_other=config.data.other_than_trained,
+                             explicit=explicit_data)
+  dataset = pipeline.load_dataset(data)
   if dataset.num_classes != run_info["num_classes"]:
     raise ValueError(f"The data set has {dataset.num_classes} classes but the model in "
                      f"{workdir} has {run_info['num_classes']}.")
-  recorded = dict(s.to_dict(), masks=config.masks.to_dict(), data=config.data.name,
-                  image_size=config.data.image_size,
-                  model=model_fingerprint(params, stats), step=run_info["step"])
-  process, processes = jax.process_index(), jax.process_count()
-  common.record_settings(out, recorded, fresh=fresh, num_workers=processes)
-  devices = list(jax.local_devices() if devices is None else devices)
-  mesh = sharding.mask_mesh(devices) if len(devices) > 1 else None
   count = dataset.num_examples(s.split)
-  num = count if s.num_images <= 0 else min(s.num_images, count)
+  if count == 0:
+    raise ValueError(f"Split {s.split!r} of {data.name} has no images.")
+  num = count if s.num_images == 0 else min(s.num_images, count)
+  image = jnp.asarray(dataset.batch(s.split, [0])["image"][0])
+  common.check_mask_spec(config.masks, image.shape[:2])
+  sources = mask_sources(config, image.shape[:2])
+  model = nnx.merge(graphdef, params, stats)
+  logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
+  forward_of, paths = forwards(logits_fn, model, image.shape, s, sources,
+                               platform=devices[0].platform)
+  activation = checkpoint.activation_of(run_info)
+  batch = resolve_batch(forward_of, image, sources, settings=s, activation=activation,
+                        num_devices=len(devices), recorded=_read_record(out))
+  record = common.run_record(
+      job=s.to_dict(), masks=config.masks.to_dict(), data=data, dataset=dataset,
+      weights=common.weights_fingerprint(params, stats), step=run_info["step"],
+      compute={"precision": s.precision, "compute_dtype": precision.compute_dtype(
+          s.precision), "batch_size": batch, "paths": paths})
+  return _Job(out=out, record=record,
+              settings=ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch)),
+              dataset=dataset, num_images=num, sources=sources, forward_of=forward_of,
+              paths=paths, flops=flops_per_mask(logits_fn, model, image, sources, paths),
+              activation=activation)
+
+
+def _chunk_ids(split: str, positions) -> list[str]:
+  return [f"{split}/{i}" for i in positions]
+
+
+def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
+        devices=None, progress: bool = True,
+        explicit_data: Collection[str] | None = None) -> dict[str, Any]:
+  """Runs the sweep of ``config.sweep`` on the model in ``workdir`` (this process's
+  share of the chunks).
+
+  Everything is validated and resolved before anything is written (``_prepare``);
+  chunks already on disk are verified (``common.check_chunk``) and kept, and a damaged
+  or foreign one is recomputed with a warning naming it. The data settings are the
+  trained run's, except those in ``explicit_data`` (the command line's ``config.data``
+  keys; None: those that differ from the defaults), see ``common.resolve_data``.
+
+  Returns:
+    This process's throughput summary, also appended to ``<out>/throughput-pN.jsonl``
+    when the run computed anything (a resume that finds every chunk done leaves the
+    records of the runs that did alone).
+  """
+  from tqdm import tqdm
+
+  devices = list(jax.local_devices() if devices is None else devices)
+  out = Path(out or Path(workdir) / "sweep")
+  job = _prepare(config, Path(workdir), out, devices, explicit_data)
+  s = job.settings
+  process, processes = jax.process_index(), jax.process_count()
+  common.record_settings(out, job.record, fresh=fresh, num_workers=processes)
+  identity = common.identity_of(job.record)
+  mesh = sharding.mask_mesh(devices) if len(devices) > 1 else None
   chunk_dir = out / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
-  mine = common.chunks(num, s.chunk_size, worker=process, num_workers=processes)
-  activation = checkpoint.activation_of(run_info)
-  sources = paths = forward_of = None
-  done_masks, t_start, t_steady, steady_masks = 0, time.perf_counter(), None, 0
+  mine = common.chunks(job.num_images, s.chunk_size, worker=process, num_workers=processes)
+  masks_per_image = len(s.interventions) * sum(src.num for src in job.sources.values())
+  flops_per_image = len(s.interventions) * sum(
+      src.num * job.flops[f]["flops"] for f, src in job.sources.items())
+  done_masks = done_flops = 0
+  computed, recomputed, first_chunk_s, first_masks = 0, [], None, 0
   bar = tqdm(total=sum(map(len, mine.values())), unit="image",
              desc=f"sweep (process {process})", position=process, disable=not progress)
-  flops = None
+  t_start = time.perf_counter()
   for c, positions in mine.items():
-    path = chunk_dir / f"{c:05d}.npz"
-    idx = list(positions)
+    path, idx = chunk_dir / f"{c:05d}.npz", list(positions)
+    ids = _chunk_ids(s.split, idx)
     if path.exists():
-      bar.update(len(idx))
-      continue
+      why = common.check_chunk(path, chunk=c, ids=ids, identity=identity)
+      if why is None:
+        bar.update(len(idx))
+        continue
+      _log.warning("Recomputing chunk %d: %s.", c, why)
+      recomputed.append(path.name)
     try:
-      images = dataset.batch(s.split, idx)["image"]
+      images = job.dataset.batch(s.split, idx)["image"]
     except Exception as e:  # a corrupt record: name it, lose nothing already written
       raise ValueError(f"Could not read images {idx[0]}..{idx[-1]} of split {s.split!r} "
                        f"({type(e).__name__}: {e}).") from e
-    if sources is None:
-      sources = mask_sources(config, images.shape[1:3])
-      forward_of, paths = forwards(logits_fn, model, images.shape[1:], s, sources,
-                                   platform=devices[0].platform)
-      flops = throughput.forward_flops(logits_fn, jnp.asarray(images[0]))
-      if s.batch_size == "auto":
-        batch = throughput.auto_batch_size(logits_fn, images.shape[1:],
-                                budget_bytes=s.memory_budget_gb * 2**30,
-                                limit=max(m.num for m in sources.values()))
-        s = ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch))
     with precision.policy(s.precision):
-      per_image = [image_results(forward_of, jnp.asarray(x), settings=s, sources=sources,
-                                 activation=activation, num_classes=dataset.num_classes,
-                                 mesh=mesh) for x in images]
+      per_image = [image_results(job.forward_of, jnp.asarray(x), settings=s,
+                                 sources=job.sources, activation=job.activation,
+                                 num_classes=job.dataset.num_classes, mesh=mesh)
+                   for x in images]
     tree = jax.tree.map(lambda *a: np.stack(a), *per_image)
-    tree["ids"] = np.asarray([f"{s.split}/{i}" for i in idx])
-    common.save_tree(path, tree)
-    n_masks = len(idx) * len(s.interventions) * sum(src.num for src in sources.values())
-    done_masks += n_masks
-    if t_steady is None:  # the first chunk pays for compilation
-      t_steady = time.perf_counter()
-    else:
-      steady_masks += n_masks
+    tree["ids"] = np.asarray(ids)
+    common.save_chunk(path, tree, chunk=c, ids=ids, identity=identity)
+    computed += 1
+    done_masks += len(idx) * masks_per_image
+    done_flops += len(idx) * flops_per_image
+    if first_chunk_s is None:  # the first chunk also pays for compilation
+      first_chunk_s, first_masks = time.perf_counter() - t_start, done_masks
     bar.update(len(idx))
+    # The rate the summary reports: every mask this process computed, over its time.
     bar.set_postfix(masks_per_s=f"{done_masks / (time.perf_counter() - t_start):.1f}")
   bar.close()
   elapsed = time.perf_counter() - t_start
-  steady = time.perf_counter() - t_steady if t_steady is not None else 0.0
-  rate = steady_masks / steady if steady_masks else (done_masks / elapsed if elapsed else 0.)
-  summary = {"process": process, "processes": processes, "devices": len(devices),
-             "batch_size": s.batch_size, "precision": s.precision,
-             "device_kind": devices[0].device_kind, "images": num, "chunks": len(mine),
-             "masks_computed": done_masks, "seconds": elapsed,
-             "masks_per_s": rate, "forward_flops": flops,
-             "paths": paths if sources is not None else None}
-  if flops and done_masks:
+  summary = {
+      "identity": identity, "process": process, "processes": processes,
+      "devices": len(devices), "device_kind": devices[0].device_kind,
+      "batch_size": s.batch_size, "precision": s.precision, "paths": job.paths,
+      "images": job.num_images, "chunks": len(mine), "chunks_computed": computed,
+      "chunks_recomputed": recomputed, "masks_computed": done_masks, "seconds": elapsed,
+      "masks_per_s": done_masks / elapsed if done_masks else 0.0,
+      # Without the first chunk (compilation): the steady rate, with two chunks or more.
+      "steady_masks_per_s": ((done_masks - first_masks) / (elapsed - first_chunk_s)
+                             if computed > 1 else None),
+      "flops_per_mask": job.flops,
+      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  if done_masks:
     peak = throughput.matmul_peak(devices)
-    summary.update(gflops_per_s=rate * flops / 1e9, peak_gflops_per_s=peak / 1e9,
-                   fraction_of_peak=rate * flops / peak)
-  common.write_json_atomic(out / f"throughput-p{process}.json", summary)
+    summary.update(gflops_per_s=done_flops / elapsed / 1e9, peak_gflops_per_s=peak / 1e9,
+                   fraction_of_peak=done_flops / elapsed / peak)
+    common.append_json_line(out / f"throughput-p{process}.jsonl", summary)
   return summary
 
 
@@ -308,28 +248,59 @@ class SweepResults:
 def load(out: Path) -> SweepResults:
   """The results of a sweep directory (all chunks written so far, in image order).
 
+  Every chunk is verified against the directory's ``settings.json``: its checksum, its
+  chunk number (the file name's), the image ids the chunk plan assigns it, and the run
+  it belongs to.
+
   Raises:
-    ValueError: no sweep there, or a corrupt chunk (naming the file).
+    ValueError: no sweep there, or a chunk that is damaged or not this run's (naming
+      the file and what is wrong).
   """
   out = Path(out)
-  if not (out / "settings.json").exists():
+  record = _read_record(out)
+  if record is None:
     raise ValueError(f"{out} holds no sweep (no settings.json).")
+  if "job" not in record:
+    raise ValueError(f"{out}/settings.json was written by an older cejax; rerun the sweep "
+                     "with --fresh.")
+  job = record["job"]
+  count = record["data"]["split_sizes"][job["split"]]
+  num = count if job["num_images"] == 0 else min(job["num_images"], count)
+  plan = common.chunks(num, job["chunk_size"])
+  identity = common.identity_of(record)
   paths = sorted((out / "chunks").glob("*.npz"))
   if not paths:
     raise ValueError(f"{out} holds no finished chunks yet.")
-  parts = [common.load_tree(p) for p in paths]
+  parts = []
+  for path in paths:
+    c = int(path.stem) if path.stem.isdigit() else -1
+    if c not in plan:
+      raise ValueError(f"{path} is not a chunk of this sweep (its chunks are "
+                       f"00000..{len(plan) - 1:05d}.npz).")
+    why = common.check_chunk(path, chunk=c, ids=_chunk_ids(job["split"], plan[c]),
+                             identity=identity)
+    if why is not None:
+      raise ValueError(f"{why}; delete it (or rerun the sweep, which recomputes it).")
+    parts.append(common.load_tree(path))
   tree = jax.tree.map(lambda *a: np.concatenate(a), *parts)
   return SweepResults(ids=[str(i) for i in tree["ids"]], maps=tree["maps"],
-                      effects=tree.get("effects"),
-                      settings=json.loads((out / "settings.json").read_text()))
+                      effects=tree.get("effects"), settings=record)
 
 
 def main(argv=None) -> None:
+  import sys
+
   from absl import app, flags, logging
   from ml_collections import config_flags
 
+  argv_ = sys.argv if argv is None else argv
+  config_lib.check_argv(argv_)
   flags_ = flags.FLAGS
-  config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
+  keys = ", ".join(f"{k} ({v!r})" for k, v in config_lib.base_config().sweep.items())
+  config_flags.DEFINE_config_file(
+      "config", None, "Run config file; any field can be set as --config.section.key=VALUE. "
+      f"The sweep's keys (config.sweep) and defaults: {keys}. Mask sizes: config.masks; "
+      "every key: cejax/jobs/config.py.", lock_config=True)
   flags.DEFINE_string("workdir", None, "A training workdir (or one from cejax.jobs.convert).")
   flags.DEFINE_string("out", "", "Output directory; default WORKDIR/sweep.")
   flags.DEFINE_bool("fresh", False, "Discard the chunks of an earlier sweep.")
@@ -341,6 +312,7 @@ def main(argv=None) -> None:
   flags.DEFINE_integer("process_id", -1, "This process's index (explicit coordinator).")
   flags.mark_flags_as_required(["config", "workdir"])
 
+  @common.user_errors_exit
   def _main(args):
     if len(args) > 1:
       raise app.UsageError(f"Unexpected arguments: {args[1:]}")
@@ -355,9 +327,15 @@ def main(argv=None) -> None:
                                  num_processes=flags_.num_processes,
                                  process_id=flags_.process_id)
     elif flags_.distributed:
-      jax.distributed.initialize()
+      try:
+        jax.distributed.initialize()
+      except (ValueError, RuntimeError) as e:
+        raise app.UsageError(
+            f"--distributed found no cluster to join ({e}). JAX detects TPU pods, SLURM "
+            "and Open MPI by themselves; elsewhere pass --coordinator_address=HOST:PORT "
+            "--num_processes=N --process_id=I instead.") from None
     summary = run(flags_.config, Path(flags_.workdir), out=flags_.out or None,
-                  fresh=flags_.fresh)
+                  fresh=flags_.fresh, explicit_data=config_lib.explicit_keys(argv_, "data"))
     print(json.dumps(summary, indent=2))
 
   app.run(_main, argv=argv)
@@ -367,6 +345,4 @@ if __name__ == "__main__":
   main()
 
 
-__all__ = ["AUTO_PATH", "FAMILIES", "PATHS", "StackedEstimand", "SweepResults",
-           "check_settings", "forwards", "image_results", "load", "main", "mask_sources",
-           "model_fingerprint", "run"]
+__all__ = ["SweepResults", "load", "main", "run"]

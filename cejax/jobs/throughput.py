@@ -1,10 +1,12 @@
 """Throughput helpers of the sweep job: the largest batch that fits a memory budget (from
-the compiled executable's memory analysis), XLA's FLOP count of a forward pass, and a
+the compiled program's memory analysis), FLOP counts of the forward a sweep runs, and a
 measured matmul peak to compare with."""
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,37 +14,45 @@ import jax.numpy as jnp
 from cejax import sharding
 
 
-def auto_batch_size(logits_fn, image_shape, *, budget_bytes: float, probe: int = 8,
-                    limit: int = 4096) -> int:
-  """The largest batch of masks whose forward pass fits ``budget_bytes``.
+def compiled_bytes(compiled) -> int:
+  """Device memory of a compiled program: temporaries, arguments and outputs."""
+  m = compiled.memory_analysis()
+  return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
 
-  Read off the compiled executable's memory analysis, not found by trial: the
-  forward pass is compiled (not run) at ``probe`` and ``2 * probe`` images; its
-  memory (temporaries, arguments, outputs) is linear in the batch, so two points give
-  the bytes per mask and the fixed part.
+
+def auto_batch_size(usage: Callable[[int], int], *, budget_bytes: float, limit: int,
+                    probe: int = 8) -> int:
+  """The largest batch, at most ``limit``, whose program fits ``budget_bytes``.
+
+  Read off compiled programs' memory analysis, not found by trial: ``usage(batch)``
+  compiles (does not run) the program at a batch and returns its bytes
+  (``compiled_bytes``). Memory is linear in the batch, so two points, ``probe`` and
+  ``2 * probe`` (smaller when ``limit`` is), give the bytes per item and the fixed part.
 
   Raises:
-    ValueError: not even one mask fits.
+    ValueError: not even one item fits.
   """
-  def usage(batch):
-    shape = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
-    m = jax.jit(logits_fn).lower(shape).compile().memory_analysis()
-    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-
-  small, large = usage(probe), usage(2 * probe)
-  per_mask = (large - small) / probe
-  fixed = small - per_mask * probe
-  if per_mask <= 0:
+  if limit < 1:
+    raise ValueError(f"limit must be >= 1, got {limit}.")
+  probe = max(1, min(probe, limit // 2))
+  small = usage(probe)
+  large = usage(2 * probe) if 2 * probe <= limit else small
+  per_item = (large - small) / probe
+  fixed = small - per_item * probe
+  if per_item <= 0:  # nothing grows with the batch (or only one point)
+    if small > budget_bytes:
+      raise ValueError(f"A batch of {probe} needs {small:.3g} bytes but the budget "
+                       f"(config.sweep.memory_budget_gb) is {budget_bytes:.3g} bytes.")
     return limit
-  fits = int((budget_bytes - fixed) // per_mask)
+  fits = math.floor((budget_bytes - fixed) / per_item)
   if fits < 1:
-    raise ValueError(f"One mask needs {fixed + per_mask:.3g} bytes but the budget "
+    raise ValueError(f"One item needs {fixed + per_item:.3g} bytes but the budget "
                      f"(config.sweep.memory_budget_gb) is {budget_bytes:.3g} bytes.")
   return min(fits, limit)
 
 
 def forward_flops(logits_fn, image) -> float:
-  """XLA's cost analysis of one forward pass of one image (FLOPs)."""
+  """XLA's cost analysis of one full forward pass of one image (FLOPs)."""
   cost = jax.jit(logits_fn).lower(image[None]).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return float(cost.get("flops", float("nan")))
@@ -65,4 +75,4 @@ def _timed(fn) -> float:
   return time.perf_counter() - t0
 
 
-__all__ = ["auto_batch_size", "forward_flops", "matmul_peak"]
+__all__ = ["auto_batch_size", "compiled_bytes", "forward_flops", "matmul_peak"]

@@ -136,14 +136,15 @@ def run_description(config, dataset: data.Dataset) -> dict[str, Any]:
       "num_classes": dataset.num_classes,
       "in_channels": config.data.channels,
       "dtype": config.model.dtype,
-      "overrides": dict(config.model.get("overrides", {}) or {}),
+      "overrides": config_lib.model_overrides(config),
       "class_names": list(dataset.class_names),
       "multi_label": dataset.multi_label,
       "mean": dataset.normalization.mean.tolist(),
       "std": dataset.normalization.std.tolist(),
       "image_size": config.data.crop_size or config.data.image_size,
       "best_metric": config.train.best_metric,
-      "data": config.data.name,
+      # Every data setting that decides the images: jobs on this run take them from here.
+      "data": common.data_identity(config.data),
   }
 
 
@@ -197,7 +198,7 @@ def _truncate_jsonl(path: Path, *, max_step: int) -> None:
   tmp.replace(path)
 
 
-def train_and_evaluate(config, workdir, *, devices=None,
+def train_and_evaluate(config, workdir, *, devices=None, fresh: bool = False,
                        step_hook: Callable[[int], None] | None = None) -> dict:
   """Trains per ``config``, checkpointing to and resuming from ``workdir``.
 
@@ -205,6 +206,7 @@ def train_and_evaluate(config, workdir, *, devices=None,
     config: a run config (see ``configs/``).
     workdir: where run.json, checkpoints and metrics.jsonl go.
     devices: devices of the data-parallel mesh (default: all).
+    fresh: start the workdir over (its checkpoints, metrics and run.json are deleted).
     step_hook: called with each completed step number (tests use it to kill a run).
 
   Returns:
@@ -213,8 +215,12 @@ def train_and_evaluate(config, workdir, *, devices=None,
 
   Raises:
     FloatingPointError: the training loss became NaN or infinite.
+    ValueError: a bad config, or a workdir that holds a run of another model or other
+      data (nothing is changed; ``fresh`` starts it over).
   """
   validate_config(config)
+  if fresh:
+    checkpoint.start_over(workdir)
   # Every program the run compiles is traced under the precision policy (exact: float32
   # products on every backend; cejax.precision).
   with precision.policy(config.train.precision):

@@ -1,0 +1,217 @@
+"""What a sweep computes for each image, and how: the ``config.sweep`` checks, the mask
+families, the forward each family takes (incremental or full, per platform), all
+estimands and targets as one stacked estimand, the batch (``"auto"`` resolved on the
+program that runs) and the FLOPs of one masked forward pass. ``cejax.jobs.sweep`` runs
+these over a data set."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cejax import effects, incremental, interventions, precision
+from cejax.estimands import ESTIMANDS, activate
+from cejax.jobs import common, throughput
+
+FAMILIES = common.MASK_FAMILIES
+SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
+TARGETS = ("predicted", "all")
+PATHS = ("auto", "incremental", "full")
+# The forward a family takes under path="auto", per platform, and why. CPUs: measured
+# (benchmarks/RESULTS.md, DenseNet-121, 10 x 10 grid, 2 cores: 1.56x the full forward at
+# 224 px, 2.50x at 448). GPUs and TPUs: declared until measured there (benchmarks/
+# gpu_run.py measures both paths): a batched full forward keeps the matrix units busy,
+# while the incremental walk runs many small patch products at per-mask offsets.
+AUTO_PATH = {
+    "cpu": ("incremental", "measured faster on CPUs"),
+    "gpu": ("full", "declared for GPUs: batched full passes keep the tensor cores busy"),
+    "tpu": ("full", "declared for TPUs: batched full passes keep the matrix units busy"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StackedEstimand:
+  """Several estimands from one forward pass, as one ``Estimand`` (``(b, V)``).
+
+  With ``all_targets`` the target estimands (``probability``, ``logit``) are given for
+  every class (``k`` columns each, like ``per_class``); ``expected`` and ``kl`` take
+  one column, ``per_class`` ``k``.
+  """
+
+  names: tuple[str, ...]
+  all_targets: bool = False
+
+  def __call__(self, clean_logits, do_logits, do_probs, target, activation):
+    cols = []
+    for name in self.names:
+      if self.all_targets and name == "probability":
+        v = do_probs - activate(clean_logits, activation)
+      elif self.all_targets and name == "logit":
+        v = do_logits - clean_logits
+      else:
+        v = ESTIMANDS[name](clean_logits, do_logits, do_probs, target, activation)
+      cols.append(v if v.ndim == do_logits.ndim else v[..., None])
+    return jnp.concatenate(cols, -1)
+
+  def widths(self, num_classes: int) -> list[int]:
+    """Columns per estimand, in ``names`` order."""
+    per = {"expected": 1, "kl": 1, "per_class": num_classes}
+    many = num_classes if self.all_targets else 1
+    return [per.get(n, many) for n in self.names]
+
+
+def check_settings(s) -> None:
+  """Raises ``ValueError`` naming the bad ``sweep`` key and the valid values."""
+  for key, got, valid in (("families", s.families, FAMILIES),
+                          ("interventions", s.interventions, SWEEP_INTERVENTIONS),
+                          ("estimands", s.estimands, ESTIMANDS)):
+    bad = [g for g in got if g not in valid]
+    if bad or not got:
+      raise ValueError(f"config.sweep.{key} has {bad or 'nothing'}; valid are {valid}.")
+  if s.targets not in TARGETS:
+    raise ValueError(f"config.sweep.targets is {s.targets!r}; valid are {TARGETS}.")
+  if s.batch_size != "auto" and (not isinstance(s.batch_size, int) or s.batch_size < 1):
+    raise ValueError(f"config.sweep.batch_size must be a positive int or 'auto', got "
+                     f"{s.batch_size!r}.")
+  try:
+    precision.check(s.precision)
+  except ValueError as e:
+    raise ValueError(f"config.sweep.precision: {e}") from None
+  if s.path not in PATHS:
+    raise ValueError(f"config.sweep.path is {s.path!r}; valid are {PATHS}.")
+  if not isinstance(s.chunk_size, int) or s.chunk_size < 1:
+    raise ValueError(f"config.sweep.chunk_size must be an integer >= 1, got "
+                     f"{s.chunk_size!r}.")
+  if not isinstance(s.num_images, int) or s.num_images < 0:
+    raise ValueError(f"config.sweep.num_images must be an integer >= 0 (0: the whole "
+                     f"split), got {s.num_images!r}.")
+
+
+def mask_sources(config, shape) -> dict[str, Any]:
+  """The mask sources of ``config.sweep.families`` for images of ``shape`` (sizes from
+  ``config.masks``; ``config.sweep.seed`` draws the RISE masks)."""
+  return common.mask_sources(config.masks, shape, key=jax.random.key(config.sweep.seed),
+                             families=config.sweep.families)
+
+
+def _interventions(s):
+  return {"zero": "zero", "mean": "mean", "blur": interventions.Blur(sigma=s.blur_sigma)}
+
+
+def forwards(logits_fn, model, image_shape, settings, sources, *, platform: str
+             ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+  """Per family, the forward the sweep runs, and ``{"path", "why"}``: under
+  ``settings.path="auto"`` the rule of ``AUTO_PATH`` for ``platform``, else the path
+  the config forces; incremental recompute (``incremental.forward(model)``) only where
+  ``incremental.plan`` says it applies, full forward passes of ``logits_fn`` otherwise."""
+  if settings.path == "auto":
+    want, why = AUTO_PATH.get(platform, ("full", f"no rule for platform {platform!r}"))
+  else:
+    want, why = settings.path, f"config.sweep.path={settings.path!r}"
+  chosen, paths = {}, {}
+  for family, source in sources.items():
+    decision = incremental.plan(model, image_shape, source) if want != "full" else None
+    if decision is not None and decision.applies:
+      chosen[family] = incremental.forward(model)
+      paths[family] = {"path": "incremental", "why": why}
+    else:
+      chosen[family] = logits_fn
+      paths[family] = {"path": "full", "why": why if decision is None else
+                       f"incremental does not apply: {decision.reason}"}
+  return chosen, paths
+
+
+def image_results(forward_of, image, *, settings, sources, activation, num_classes,
+                  mesh=None) -> dict[str, Any]:
+  """One image's maps (and effects): ``{"maps": {family: {intervention: {estimand:
+  array}}}, "effects": ...}``; family ``f`` is computed with the forward
+  ``forward_of[f]`` (``forwards``)."""
+  s = settings
+  stacked = StackedEstimand(tuple(s.estimands), all_targets=s.targets == "all")
+  widths = stacked.widths(num_classes)
+  fills = _interventions(s)
+
+  def by_estimand(values):  # (..., V) -> {estimand: (...) or (..., k)}
+    parts = np.split(np.asarray(values), np.cumsum(widths)[:-1], axis=-1)
+    return {e: p[..., 0] if w == 1 else p
+            for e, p, w in zip(stacked.names, parts, widths, strict=True)}
+
+  maps, raw = {}, {}
+  for family, source in sources.items():
+    maps[family], raw[family] = {}, {}
+    for name in s.interventions:
+      res = effects.causal_effect(forward_of[family], image, source,
+                                  intervention=fills[name], estimand=stacked,
+                                  batch_size=s.batch_size, activation=activation, mesh=mesh)
+      # On the host first: the map is then one program on one device whatever the mesh
+      # (a replicated input would make it an SPMD program with another reduction order).
+      per_mask = np.asarray(res.effects)
+      maps[family][name] = by_estimand(
+          effects.ce_map(per_mask, source, batch_size=s.batch_size))  # from (h, w, V)
+      if s.save_effects:
+        raw[family][name] = by_estimand(per_mask)
+  return {"maps": maps, "effects": raw} if s.save_effects else {"maps": maps}
+
+
+def batch_usage(forward, image, source, *, settings, activation) -> Callable[[int], int]:
+  """``usage(batch)``: the bytes of the per-image program the sweep runs for ``source``
+  (``effects.causal_effect`` with the sweep's stacked estimand and first intervention)
+  compiled at that batch (per device: each device runs the same loop over its share)."""
+  stacked = StackedEstimand(tuple(settings.estimands), all_targets=settings.targets == "all")
+  fill = _interventions(settings)[settings.interventions[0]]
+
+  def usage(batch: int) -> int:
+    program = jax.jit(lambda x: effects.causal_effect(
+        forward, x, source, intervention=fill, estimand=stacked, batch_size=batch,
+        activation=activation).effects)
+    with precision.policy(settings.precision):
+      return throughput.compiled_bytes(program.lower(image).compile())
+
+  return usage
+
+
+def resolve_batch(forward_of, image, sources, *, settings, activation, num_devices: int,
+                  recorded: Mapping[str, Any] | None = None) -> int:
+  """``config.sweep.batch_size``, with ``"auto"`` resolved per device: the largest batch
+  whose program fits ``memory_budget_gb`` for every family (``batch_usage``), at most
+  ``ceil(masks / devices)`` (a larger batch only runs padding). An output directory that
+  already holds chunks keeps the batch it resolved (``recorded``: its settings), since
+  the maps' summation order depends on it."""
+  if settings.batch_size != "auto":
+    return int(settings.batch_size)
+  if recorded and recorded.get("job", {}).get("batch_size") == "auto":
+    return int(recorded["compute"]["batch_size"])
+  limit = math.ceil(max(src.num for src in sources.values()) / num_devices)
+  return min(throughput.auto_batch_size(
+      batch_usage(forward_of[f], image, src, settings=settings, activation=activation),
+      budget_bytes=settings.memory_budget_gb * 2**30, limit=limit)
+      for f, src in sources.items())
+
+
+def flops_per_mask(logits_fn, model, image, sources, paths) -> dict[str, dict[str, Any]]:
+  """Per family, the FLOPs of one masked forward pass on the path that runs:
+  ``2 x`` the incremental plan's multiply-accumulates (convolutions and 1x1 products)
+  on the incremental path, XLA's cost analysis of the full forward pass otherwise."""
+  full = None
+  out = {}
+  for family, source in sources.items():
+    if paths[family]["path"] == "incremental":
+      decision = incremental.plan(model, image.shape, source)
+      out[family] = {"flops": 2.0 * decision.macs_incremental,
+                     "counted_by": "2 x the incremental plan's multiply-accumulates"}
+    else:
+      if full is None:
+        full = throughput.forward_flops(logits_fn, image)
+      out[family] = {"flops": full, "counted_by": "XLA cost analysis of the full forward"}
+  return out
+
+
+__all__ = ["AUTO_PATH", "FAMILIES", "PATHS", "StackedEstimand", "batch_usage",
+           "check_settings", "flops_per_mask", "forwards", "image_results", "mask_sources",
+           "resolve_batch"]
