@@ -86,10 +86,11 @@ def tables(record: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def make_record(metrics_path: str, *, command: str, config: str) -> dict:
-  """A record: the run's metrics.json and how it was made."""
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+def make_record(metrics_path: str, *, command: str, config: str, commit: str = "") -> dict:
+  """A record: the run's metrics.json and how it was made (``commit``: the code the run
+  used; default this checkout's HEAD)."""
+  commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True).stdout.strip()
   with open(metrics_path) as f:
     metrics = json.load(f)
   return {"record": {"command": command, "config": config, "commit": commit,
@@ -105,11 +106,13 @@ def main() -> None:
   parser.add_argument("--from", dest="source", help="... from this metrics.json")
   parser.add_argument("--command", default="", help="the command that made the run")
   parser.add_argument("--config", default="configs/synthetic_eval.py")
+  parser.add_argument("--commit", default="", help="the commit the run used (default HEAD)")
   args = parser.parse_args()
   if args.make:
-    record = make_record(args.source, command=args.command, config=args.config)
+    record = make_record(args.source, command=args.command, config=args.config,
+                         commit=args.commit)
     with open(args.make, "w") as f:
-      json.dump(record, f, indent=1, sort_keys=True)
+      json.dump(record, f, sort_keys=True)
     return
   with open(args.record) as f:
     print(tables(json.load(f)), end="")

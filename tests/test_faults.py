@@ -275,3 +275,17 @@ def test_command_line_mistakes_end_in_one_clear_message(tmp_path):
   assert config_lib.explicit_keys(["x", "--config.data.seed=1", "--config.data.mean",
                                    "(0.2,)", "--config.sweep.seed=3"], "data") == {"seed",
                                                                                   "mean"}
+
+
+def test_an_older_run_json_is_checked_for_what_it_records(tmp_path, caplog):
+  from cejax.jobs import checkpoint
+
+  run = {"preset": "tiny", "num_classes": 5, "in_channels": 1, "dtype": "float32",
+         "overrides": {}}
+  (tmp_path / "run.json").write_text(json.dumps(dict(run, data="synthetic")))
+  with caplog.at_level("WARNING"):
+    checkpoint.check_or_write_run(tmp_path, dict(run, data={"name": "synthetic", "seed": 0}))
+  assert "records only the data set's name" in caplog.text
+  with pytest.raises(ValueError, match="data: 'synthetic' there, 'chestxray14' now"):
+    checkpoint.check_or_write_run(tmp_path, dict(run, data={"name": "chestxray14"}))
+  assert json.loads((tmp_path / "run.json").read_text())["data"] == "synthetic"

@@ -6,7 +6,7 @@ results of a chunk (``cejax.jobs.evaluators``) are written atomically to
 ``<out>/chunks/NNNN.npz`` (``common.save_chunk``: with the chunk's number, image ids,
 run and checksum), so a killed run resumes where it stopped, and several processes can
 share the chunks (``worker``/``num_workers``). ``<out>/settings.json`` records the run
-(``common.run_record``: settings, masks, data, weights, compute, code); a run with
+(``run_identity.run_record``: settings, masks, data, weights, compute, code); a run with
 anything else is refused instead of mixing results, and a damaged or foreign chunk is
 recomputed. ``summarize`` turns the chunks into
 ``metrics.json``; ``cejax.report`` draws them.
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from cejax import precision
-from cejax.jobs import checkpoint, common, evaluators, report
+from cejax.jobs import checkpoint, common, evaluators, report, run_identity
 from cejax.jobs import config as config_lib
 from cejax.jobs.evaluators import common as ev_common
 
@@ -180,8 +180,8 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   """Runs the analysis of ``config.analysis`` on the model in ``workdir``.
 
   Every setting is validated, the data settings are taken from the trained run
-  (``common.resolve_data``) and the evaluators are built before anything is written;
-  ``<out>/settings.json`` then records the run (``common.run_record``) and a resume
+  (``run_identity.resolve_data``) and the evaluators are built before anything is written;
+  ``<out>/settings.json`` then records the run (``run_identity.run_record``) and a resume
   with anything else is refused, naming each difference.
 
   Args:
@@ -192,7 +192,7 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
     worker, num_workers: this process computes chunks ``c % num_workers == worker``.
     progress: show a progress bar.
     explicit_data: the ``config.data`` keys the user set (the command line's); the
-      others are taken from the trained run (``common.resolve_data``).
+      others are taken from the trained run (``run_identity.resolve_data``).
 
   Returns:
     The report's path, or ``None`` if chunks of other workers are still missing (the
@@ -213,7 +213,7 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   out = Path(out or Path(workdir) / "analysis")
   dtype = precision.compute_dtype(settings.precision)
   graphdef, params, stats, run = checkpoint.load_model(workdir, compute_dtype=dtype)
-  data = common.resolve_data(config.data, run.get("data"),
+  data = run_identity.resolve_data(config.data, run.get("data"),
                              base=config_lib.base_config().data,
                              allow_other=config.data.other_than_trained,
                              explicit=explicit_data)
@@ -236,13 +236,13 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   space = ev_common.pixel_space(dataset.normalization)
   chosen = build(chosen_classes, ev_common.Context(
       model=model, settings=settings, space=space, masks=config.masks, random_model=rand))
-  record = common.run_record(
+  record = run_identity.run_record(
       job=settings.to_dict(), masks=config.masks.to_dict(), data=data, dataset=dataset,
-      weights=common.weights_fingerprint(params, stats), step=run["step"],
+      weights=run_identity.weights_fingerprint(params, stats), step=run["step"],
       compute={"precision": settings.precision, "compute_dtype": dtype,
                "batch_size": settings.batch_size})
   common.record_settings(out, record, fresh=fresh, num_workers=num_workers)
-  identity = common.identity_of(record)
+  identity = run_identity.identity_of(record)
   mine = common.chunks(len(indices), settings.chunk_size, worker=worker,
                        num_workers=num_workers)
   with tqdm(total=sum(map(len, mine.values())), unit="image", desc=f"analyze (worker {worker})",

@@ -13,6 +13,7 @@ a killed run never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from cejax.jobs.common import write_json_atomic
 from cejax.models import densenet
+
+_log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 # Fields of run.json that must agree between a config and an existing workdir: the
@@ -53,6 +56,11 @@ def check_or_write_run(workdir: Path, run: dict[str, Any]) -> None:
     diff = {}
     for k in _RUN_FIELDS:
       a, b = old.get(k), run.get(k)
+      if k == "data" and isinstance(a, str) and isinstance(b, dict):
+        # An older run.json records the data set's name only: check what it has.
+        _log.warning("%s records only the data set's name (written by an older cejax); "
+                     "its other data settings cannot be checked.", path)
+        a, b = a, b.get("name")
       if isinstance(a, dict) and isinstance(b, dict):
         diff.update({f"{k}.{f}": (a.get(f), b.get(f)) for f in sorted(set(a) | set(b))
                      if a.get(f) != b.get(f)})

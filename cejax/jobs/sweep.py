@@ -18,7 +18,7 @@ masks are sharded over its local devices (``sharding.mask_mesh(jax.local_devices
 computes it, so the maps are bit-identical whatever the device and process count.
 
 Output (``<out>``, default ``<workdir>/sweep``): ``settings.json``, the run's record
-(``jobs.common.run_record``: the sweep's settings, the masks, every data setting that
+(``jobs.run_identity.run_record``: the sweep's settings, the masks, every data setting that
 decides the images, the weights' fingerprint, the resolved batch, precision and paths,
 the code version), and one ``chunks/NNNNN.npz`` per chunk, written atomically
 (``jobs.common.save_chunk``: the arrays plus a JSON structure, readable with numpy
@@ -29,7 +29,7 @@ alone, and a record of the chunk's number, image ids, run and checksum): ``ids``
 where it stopped with any number of processes; a resume verifies every chunk on disk
 and recomputes a damaged or foreign one (with a warning naming it); settings that differ
 from the recorded ones are refused, naming each, unless ``--fresh``. Data settings come
-from the trained run's ``run.json`` (``jobs.common.resolve_data``). Each process that
+from the trained run's ``run.json`` (``jobs.run_identity.resolve_data``). Each process that
 computed anything appends its throughput to ``throughput-pN.jsonl``. ``load(out)``
 reads the results back by image id, verifying every chunk.
 """
@@ -51,16 +51,9 @@ import numpy as np
 from flax import nnx
 
 from cejax import precision, sharding
-from cejax.jobs import checkpoint, common, throughput
+from cejax._deprecation import deprecated_names
+from cejax.jobs import checkpoint, common, run_identity, sweep_plan, throughput
 from cejax.jobs import config as config_lib
-from cejax.jobs.sweep_plan import (
-  check_settings,
-  flops_per_mask,
-  forwards,
-  image_results,
-  mask_sources,
-  resolve_batch,
-)
 
 _log = logging.getLogger(__name__)
 
@@ -92,11 +85,11 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
 
   config_lib.check_keys(config, config_lib.base_config())
   s = config.sweep
-  check_settings(s)
+  sweep_plan.check_settings(s)
   common.check_mask_spec(config.masks)
   graphdef, params, stats, run_info = checkpoint.load_model(
       workdir, compute_dtype=precision.compute_dtype(s.precision))
-  data = common.resolve_data(config.data, run_info.get("data"),
+  data = run_identity.resolve_data(config.data, run_info.get("data"),
                              base=config_lib.base_config().data,
                              allow_other=config.data.other_than_trained,
                              explicit=explicit_data)
@@ -110,24 +103,25 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
   num = count if s.num_images == 0 else min(s.num_images, count)
   image = jnp.asarray(dataset.batch(s.split, [0])["image"][0])
   common.check_mask_spec(config.masks, image.shape[:2])
-  sources = mask_sources(config, image.shape[:2])
+  sources = sweep_plan.mask_sources(config, image.shape[:2])
   model = nnx.merge(graphdef, params, stats)
   logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
-  forward_of, paths = forwards(logits_fn, model, image.shape, s, sources,
-                               platform=devices[0].platform)
+  forward_of, paths = sweep_plan.forwards(logits_fn, model, image.shape, s, sources,
+                                          platform=devices[0].platform)
   activation = checkpoint.activation_of(run_info)
-  batch = resolve_batch(forward_of, image, sources, settings=s, activation=activation,
-                        num_devices=len(devices), recorded=_read_record(out))
-  record = common.run_record(
+  batch = sweep_plan.resolve_batch(forward_of, image, sources, settings=s,
+                                   activation=activation, num_devices=len(devices),
+                                   recorded=_read_record(out))
+  record = run_identity.run_record(
       job=s.to_dict(), masks=config.masks.to_dict(), data=data, dataset=dataset,
-      weights=common.weights_fingerprint(params, stats), step=run_info["step"],
+      weights=run_identity.weights_fingerprint(params, stats), step=run_info["step"],
       compute={"precision": s.precision, "compute_dtype": precision.compute_dtype(
           s.precision), "batch_size": batch, "paths": paths})
   return _Job(out=out, record=record,
               settings=ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch)),
               dataset=dataset, num_images=num, sources=sources, forward_of=forward_of,
-              paths=paths, flops=flops_per_mask(logits_fn, model, image, sources, paths),
-              activation=activation)
+              paths=paths, activation=activation,
+              flops=sweep_plan.flops_per_mask(logits_fn, model, image, sources, paths))
 
 
 def _chunk_ids(split: str, positions) -> list[str]:
@@ -144,7 +138,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   chunks already on disk are verified (``common.check_chunk``) and kept, and a damaged
   or foreign one is recomputed with a warning naming it. The data settings are the
   trained run's, except those in ``explicit_data`` (the command line's ``config.data``
-  keys; None: those that differ from the defaults), see ``common.resolve_data``.
+  keys; None: those that differ from the defaults), see ``run_identity.resolve_data``.
 
   Returns:
     This process's throughput summary, also appended to ``<out>/throughput-pN.jsonl``
@@ -159,7 +153,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   s = job.settings
   process, processes = jax.process_index(), jax.process_count()
   common.record_settings(out, job.record, fresh=fresh, num_workers=processes)
-  identity = common.identity_of(job.record)
+  identity = run_identity.identity_of(job.record)
   mesh = sharding.mask_mesh(devices) if len(devices) > 1 else None
   chunk_dir = out / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +182,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
       raise ValueError(f"Could not read images {idx[0]}..{idx[-1]} of split {s.split!r} "
                        f"({type(e).__name__}: {e}).") from e
     with precision.policy(s.precision):
-      per_image = [image_results(job.forward_of, jnp.asarray(x), settings=s,
+      per_image = [sweep_plan.image_results(job.forward_of, jnp.asarray(x), settings=s,
                                  sources=job.sources, activation=job.activation,
                                  num_classes=job.dataset.num_classes, mesh=mesh)
                    for x in images]
@@ -267,7 +261,7 @@ def load(out: Path) -> SweepResults:
   count = record["data"]["split_sizes"][job["split"]]
   num = count if job["num_images"] == 0 else min(job["num_images"], count)
   plan = common.chunks(num, job["chunk_size"])
-  identity = common.identity_of(record)
+  identity = run_identity.identity_of(record)
   paths = sorted((out / "chunks").glob("*.npz"))
   if not paths:
     raise ValueError(f"{out} holds no finished chunks yet.")
@@ -288,6 +282,7 @@ def load(out: Path) -> SweepResults:
 
 
 def main(argv=None) -> None:
+  import os
   import sys
 
   from absl import app, flags, logging
@@ -310,6 +305,9 @@ def main(argv=None) -> None:
                       "JAX does not detect (with --num_processes and --process_id).")
   flags.DEFINE_integer("num_processes", 0, "Processes in all (explicit coordinator).")
   flags.DEFINE_integer("process_id", -1, "This process's index (explicit coordinator).")
+  flags.DEFINE_integer("cpu_devices", 0, "CPU devices of this process (XLA:CPU runs each "
+                       "convolution on one thread); 0: one per core it may run on, unless "
+                       "XLA_FLAGS sets a device count. Ignored by GPU and TPU runs.")
   flags.mark_flags_as_required(["config", "workdir"])
 
   @common.user_errors_exit
@@ -317,6 +315,9 @@ def main(argv=None) -> None:
     if len(args) > 1:
       raise app.UsageError(f"Unexpected arguments: {args[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+    if "device_count" not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts
+      jax.config.update("jax_num_cpu_devices",
+                        flags_.cpu_devices or len(os.sched_getaffinity(0)))
     if flags_.coordinator_address:
       if flags_.num_processes < 1 or not 0 <= flags_.process_id < flags_.num_processes:
         raise app.UsageError("--coordinator_address needs --num_processes >= 1 and "
@@ -344,5 +345,11 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
   main()
 
+
+# Names that moved to cejax.jobs.sweep_plan, served here with a warning for one release.
+__getattr__ = deprecated_names(__name__, {
+    name: (f"cejax.jobs.sweep_plan.{name}", getattr(sweep_plan, name))
+    for name in ("AUTO_PATH", "FAMILIES", "PATHS", "StackedEstimand", "check_settings",
+                 "forwards", "image_results", "mask_sources")})
 
 __all__ = ["SweepResults", "load", "main", "run"]

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from cejax import data, metrics, precision
 from cejax.estimands import check_activation
-from cejax.jobs import checkpoint, common
+from cejax.jobs import checkpoint, common, run_identity
 from cejax.jobs import config as config_lib
 from cejax.models import densenet
 
@@ -144,7 +144,7 @@ def run_description(config, dataset: data.Dataset) -> dict[str, Any]:
       "image_size": config.data.crop_size or config.data.image_size,
       "best_metric": config.train.best_metric,
       # Every data setting that decides the images: jobs on this run take them from here.
-      "data": common.data_identity(config.data),
+      "data": run_identity.data_identity(config.data),
   }
 
 
