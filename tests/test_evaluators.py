@@ -261,3 +261,31 @@ def test_ce_rise_map_is_the_coverage_weighted_mean_effect(setup):
   e = np.asarray(effects.causal_effect(model.logits_fn, inputs.images[0], dense).effects)
   want = -(e[:, None, None] * dense).sum(0) / dense.sum(0)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_optimised_mask_methods_are_the_library_calls(setup):
+  """The analysis' optimised-mask maps: the sum over areas of extremal perturbations and
+  of CE-optimal masks (expected CE, zero fill), and meaningful perturbations' map."""
+  from cejax import extremal, meaningful
+  config, model, _, _ = setup
+  s = config.analysis.copy_and_resolve_references()
+  s.extremal_areas, s.extremal_iterations, s.meaningful_iterations = (0.1, 0.3), 4, 3
+  s.extremal_step, s.extremal_sigma = 2, 6.0
+  inputs = _inputs(setup, n=2)
+  key = jax.random.key(5)
+  got = evaluators.compute_maps(model, inputs.images, inputs.target, key=key, settings=s,
+                                mask_spec=config.masks,
+                                methods=("extremal_perturbation", "ce_optimal",
+                                         "meaningful_perturbation"))
+  kw = dict(areas=(0.1, 0.3), iterations=4, step=2, sigma=6.0, batch_size=2)
+  ep = extremal.extremal_perturbation(model.logits_fn, inputs.images, inputs.target, **kw)
+  np.testing.assert_allclose(got["extremal_perturbation"], ep.masks.sum(1), atol=1e-5)
+  ce = extremal.ce_optimal_mask(model.logits_fn, inputs.images, inputs.target, **kw)
+  np.testing.assert_allclose(got["ce_optimal"], ce.masks.sum(1), atol=1e-5)
+  k4 = jax.random.split(jax.random.fold_in(key, 1), 4)[3]
+  mp = meaningful.meaningful_perturbation(model.logits_fn, inputs.images, inputs.target,
+                                          key=k4, iterations=3)
+  np.testing.assert_allclose(got["meaningful_perturbation"], mp, atol=1e-5)
+  s.extremal_areas = (0.0,)
+  with pytest.raises(ValueError, match="extremal_areas"):
+    analysis.check_settings(s)

@@ -182,6 +182,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.analysis.noise_samples = 50  # SmoothGrad and Smooth Grad-CAM++ (Smilkov: ~50)
   config.analysis.noise_level = 0.15  # noise std / image range (Smilkov: 10-20 %)
   config.analysis.ig_steps = 50  # Gauss-Legendre nodes (Captum's default)
+  # Optimised masks (methods "extremal_perturbation", "ce_optimal"; cejax.extremal):
+  # TorchRay's benchmark areas and iterations, its mask step and smoothing at 224 px
+  # (scale them with the image: 2 and 6.0 at 64 px).
+  config.analysis.extremal_areas = (0.025, 0.05, 0.1, 0.2)
+  config.analysis.extremal_iterations = 800
+  config.analysis.extremal_step = 7
+  config.analysis.extremal_sigma = 21.0
+  config.analysis.meaningful_iterations = 500  # Fong and Vedaldi's deletion game
   config.analysis.deletion_step = 0  # pixels per deletion step; 0: one image row (Petsiuk)
   config.analysis.attacks = ("fgsm", "bim", "pgd")
   config.analysis.epsilons = (2 / 255, 8 / 255)

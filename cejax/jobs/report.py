@@ -26,6 +26,8 @@ TITLES = {
     "integrated_gradients": "Integrated Grad.", "cam": "CAM", "grad_cam": "Grad-CAM",
     "grad_cam_pp": "Grad-CAM++", "smooth_grad_cam_pp": "Smooth Grad-CAM++",
     "rise": "RISE", "occlusion": "occlusion (= CE, target probability)",
+    "extremal_perturbation": "extremal perturbations", "ce_optimal": "CE-optimal masks",
+    "meaningful_perturbation": "meaningful perturbations",
 }
 
 

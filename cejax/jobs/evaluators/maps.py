@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import effects, latent, masks, metrics, saliency
+from cejax import effects, extremal, latent, masks, meaningful, metrics, saliency
 from cejax.jobs.common import mask_sources, sliding_geometry
 from cejax.jobs.evaluators.common import Context, Inputs, Model, field
 
 MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
                "gradient_x_input", "smoothgrad", "integrated_gradients", "cam", "grad_cam",
-               "grad_cam_pp", "smooth_grad_cam_pp", "rise", "occlusion")
+               "grad_cam_pp", "smooth_grad_cam_pp", "rise", "occlusion",
+               "extremal_perturbation", "ce_optimal", "meaningful_perturbation")
 
 
 @jax.tree_util.register_dataclass
@@ -94,9 +95,12 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
     return per_image(one)
 
   f, fc, logits_fn = model.features_fn, model.classify_fn, model.logits_fn
-  k1, k2, k3 = jax.random.split(jax.random.fold_in(key, 1), 3)
+  k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, 1), 4)
   noise = dict(num_samples=settings.noise_samples, sigma=settings.noise_level)
   chunked = dict(batch_size=settings.batch_size, activation=model.activation)
+  optimised = dict(areas=tuple(settings.extremal_areas),
+                   iterations=settings.extremal_iterations, step=settings.extremal_step,
+                   sigma=settings.extremal_sigma, batch_size=len(images))
   methods_fns = {
       "ce_sliding": lambda: ce_map("ce_sliding"),
       "ce_grid": lambda: ce_map("ce_grid"),
@@ -118,6 +122,15 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
                                     **chunked),
       "occlusion": lambda: saliency.occlusion(logits_fn, images, targets, window=window,
                                               stride=stride, **chunked),
+      # Optimised masks: the sum of each image's masks over the areas (TorchRay's map).
+      "extremal_perturbation": lambda: extremal.saliency(extremal.extremal_perturbation(
+          logits_fn, images, targets, **optimised)),
+      "ce_optimal": lambda: extremal.saliency(extremal.ce_optimal_mask(
+          logits_fn, images, targets, estimand="expected", intervention="zero",
+          activation=model.activation, **optimised)),
+      "meaningful_perturbation": lambda: meaningful.meaningful_perturbation(
+          logits_fn, images, targets, key=k4, iterations=settings.meaningful_iterations,
+          activation=model.activation),
   }
   return {name: methods_fns[name]() for name in MAP_METHODS if name in methods}
 
