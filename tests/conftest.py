@@ -27,6 +27,28 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+
+@pytest.hookimpl(trylast=True)  # after the tmpdir plugin has set up its factory
+def pytest_configure(config):
+  """JAX's persistent compilation cache, one per test run, shared by the xdist workers
+  and the subprocesses they start: many tests (and train, resume and CLI runs) compile
+  the same programs again. A cache entry is the same executable (its key covers the
+  program, XLA flags, devices and JAX version); compile_count.py counts a hit as the
+  compilation it replaces. Set before any test module compiles: JAX decides on its
+  first compilation whether a process uses the cache. CEJAX_TEST_XLA_CACHE=0: off."""
+  if os.environ.get("CEJAX_TEST_XLA_CACHE", "1") == "0":
+    return
+  base = config._tmp_path_factory.getbasetemp()
+  if hasattr(config, "workerinput"):  # an xdist worker: basetemp is <run dir>/popen-gwN
+    base = base.parent
+  path = str(base / "xla_cache")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  # Most programs here compile in well under JAX's default threshold of 1 s.
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # configs/ is a plain directory of modules
 SHARED_DATA = ROOT.parent / "shared" / "data"
