@@ -14,7 +14,7 @@ import numpy as np
 
 from cejax import estimands, interventions
 from cejax._compile import jit
-from cejax.extremal import DELETE, Schedule, _objective, _run
+from cejax.extremal import DELETE, Schedule, objective_of, optimise_in_chunks
 from cejax.smooth_masks import area_reference, geometry
 from cejax.types import Images, LogitsFn
 
@@ -132,7 +132,7 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
 
 
 def _prepare_optimised(a):
-  objective = _objective(dict(a, perturbation=a["intervention"], reward=a["estimand"],
+  objective = objective_of(dict(a, perturbation=a["intervention"], reward=a["estimand"],
                               num_levels=8, max_blur=20.0))
   return dict(a, objective=objective)
 
@@ -145,7 +145,7 @@ def _optimised_masks(logits_fn, images, targets, zeros, *, intervention, estiman
   del intervention, estimand, activation
   g = geometry(images.shape[1:3], step=step, sigma=sigma)
   schedule = Schedule(int(iterations), 0.01, 0.9, 0.9, 300.0, 1.0035, bool(jitter))
-  masks, _, _ = _run(logits_fn, images, targets, zeros, g=g, objective=objective,
+  masks, _, _ = optimise_in_chunks(logits_fn, images, targets, zeros, g=g, objective=objective,
                      schedule=schedule, variant=DELETE, batch_size=batch_size, mesh=mesh)
   return masks
 

@@ -189,7 +189,7 @@ class ExtremalResult(NamedTuple):
   area_term: jax.Array
 
 
-def _check_common(a):
+def check_inputs(a):
   images = jnp.asarray(a["images"])
   if images.ndim != 4:
     raise ValueError(f"images must be (n, h, w, c), got shape {images.shape}.")
@@ -209,7 +209,7 @@ def _check_common(a):
   return images, targets
 
 
-def _objective(a) -> Objective:
+def objective_of(a) -> Objective:
   perturbation = a["perturbation"]
   if not (isinstance(perturbation, str) and perturbation in PYRAMIDS):
     perturbation = interventions.resolve(perturbation)
@@ -227,16 +227,16 @@ def _objective(a) -> Objective:
 
 
 def _prepare(a):
-  images, targets = _check_common(a)
+  images, targets = check_inputs(a)
   g = geometry(images.shape[1:3], step=a["step"], sigma=a["sigma"])
   areas = tuple(float(x) for x in np.atleast_1d(np.asarray(a["areas"], np.float64)))
   zeros = area_reference(g.shape_out[0] * g.shape_out[1], areas)
   return dict(a, images=images, targets=targets.astype(jnp.int32), areas=areas,
-              mask_geometry=g, zeros=jnp.asarray(zeros), objective=_objective(a))
+              mask_geometry=g, zeros=jnp.asarray(zeros), objective=objective_of(a))
 
 
-def _run(logits_fn, images, targets, zeros, *, g, objective, schedule, variant, batch_size,
-         mesh, init=None):
+def optimise_in_chunks(logits_fn, images, targets, zeros, *, g, objective, schedule,
+                       variant, batch_size, mesh, init=None):
   """``_optimise`` over chunks of ``batch_size`` images (sharded with ``mesh``)."""
   n = images.shape[0]
   if init is None:
@@ -296,7 +296,7 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
   if init is not None:
     init = jnp.broadcast_to(jnp.asarray(init, jnp.float32),
                             (n, num_areas, *mask_geometry.shape_in))
-  masks, reward_, area = _run(logits_fn, images, targets, zeros, g=mask_geometry,
+  masks, reward_, area = optimise_in_chunks(logits_fn, images, targets, zeros, g=mask_geometry,
                               objective=objective, schedule=schedule, variant=variant,
                               batch_size=batch_size, mesh=mesh, init=init)
   return ExtremalResult(masks, reward_, area)

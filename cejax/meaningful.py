@@ -11,7 +11,7 @@ import optax
 
 from cejax import estimands, sharding
 from cejax._compile import jit
-from cejax.extremal import DELETE, _check_common
+from cejax.extremal import DELETE, check_inputs
 from cejax.smooth_masks import blur_pyramid
 from cejax.types import Images, LogitsFn, Maps, PRNGKey, Targets
 
@@ -29,7 +29,7 @@ def total_variation(masks, *, beta: float = 3.0):
 
 
 def _check_meaningful(a):
-  images, targets = _check_common(dict(a, variant=DELETE))
+  images, targets = check_inputs(dict(a, variant=DELETE))
   if int(a["mask_size"]) < 2:
     raise ValueError(f"mask_size must be at least 2, got {a['mask_size']}.")
   return dict(a, images=images, targets=targets.astype(jnp.int32))
