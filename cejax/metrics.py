@@ -203,6 +203,7 @@ def average_ranks(x):
   return (below + up_to + 1).astype(jnp.float32) / 2
 
 
+@jax.jit  # one program, not a compilation per eager op
 def spearman(a: Maps, b: Maps) -> Float[Array, " n"]:
   """Spearman rank correlation between paired maps, ``(n,)`` (flattened per map).
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import abstract_densenet
 from flax import nnx
 from jax import test_util as jtu
 
@@ -17,9 +18,9 @@ from cejax.models import densenet
     ("densenet169", 1000, 14_149_480),
     ("densenet201", 1000, 20_013_928),
 ])
+@pytest.mark.xdist_group("large_presets")
 def test_parameter_counts_match_torchvision(preset, num_classes, expected):
-  model = nnx.eval_shape(lambda: densenet.create_densenet(
-      preset, num_classes=num_classes, rngs=nnx.Rngs(0)))
+  model = abstract_densenet(preset, num_classes)
   assert densenet.count_params(model) == expected
 
 
@@ -50,10 +51,11 @@ def test_suffix_of_prefix_equals_forward_at_every_stage(tiny):
     np.testing.assert_array_equal(np.asarray(tiny.forward_from(h, stage)), np.asarray(full))
 
 
+@pytest.mark.xdist_group("large_presets")
 def test_densenet121_stages_and_feature_map_shapes():
   """DenseNet-121's stages and their shapes, traced abstractly (no weights, no compute;
   the split's exactness is checked on the tiny preset above, same code)."""
-  abstract = nnx.eval_shape(lambda: densenet.DenseNet121(num_classes=14, rngs=nnx.Rngs(1)))
+  abstract = abstract_densenet("densenet121", 14)
   graphdef, state = nnx.split(abstract)
   assert abstract.stage_names == ("stem", "block1", "transition1", "block2", "transition2",
                                   "block3", "transition3", "block4")

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import abstract_densenet
 from flax import nnx
 
 from cejax import effects, incremental, interventions, masks
@@ -177,11 +178,12 @@ def test_masks_it_cannot_speed_up_are_named_with_the_reason():
     effects.causal_effect(incremental.forward(model), image, rise)
 
 
-@pytest.mark.parametrize("preset", ["densenet121", "densenet201"])  # 169: between them
-def test_plans_for_the_large_presets(preset):
-  # Built abstractly (shapes only): the plan needs the architecture, not the weights.
-  model = nnx.eval_shape(lambda: densenet.create_densenet(preset, num_classes=14,
-                                                          rngs=nnx.Rngs(0)))
+@pytest.mark.xdist_group("large_presets")
+@pytest.mark.parametrize("preset,num_classes", [("densenet121", 14), ("densenet201", 1000)])
+def test_plans_for_the_large_presets(preset, num_classes):
+  # Built abstractly (shapes only): the plan needs the architecture, not the weights
+  # (the models test_densenet counts the parameters of; 169 lies between them).
+  model = abstract_densenet(preset, num_classes)
   decisions = {n: incremental.plan(model, (n, n, 3), masks.grid(shape=(n, n), n=10))
                for n in (224, 448)}
   assert all(d.applies for d in decisions.values())
