@@ -81,16 +81,45 @@ def _bump_weights(g: Geometry) -> np.ndarray:
   return np.stack(out, axis=-1).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=32)
-def _neighbours(g: Geometry) -> np.ndarray:
-  """``(out_h, out_w, side^2)`` flat indices into the zero-padded parameters: channel
-  ``(ky, kx)`` of output pixel ``(y, x)`` is parameter ``(y // step + ky, x // step +
-  kx)`` of the padded grid."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _unfold(padded, g: Geometry):
+  """``(b, out_h, out_w, side^2)``: each output pixel's ``(2 r + 1)^2`` parameters
+  (TorchRay's unfold, nearest upsampling and crop): channel ``(ky, kx)`` of output pixel
+  ``(y, x)`` is parameter ``(y // step + ky, x // step + kx)`` of the padded grid.
+
+  Written as crops of the parameters upsampled once, with a gradient of our own: the
+  gradient of a gather is a scatter-add, which XLA:CPU runs as a serial loop. Ours sums
+  each parameter's ``step x step`` block of each channel, then adds the channels'
+  shifted blocks in a fixed order: the same bits on one device or many. (80 masks at
+  64 px, step 2, forward and backward: 1.0 s as a gather, 0.6 s so; 2-core AMD EPYC.)
+  """
   side = 2 * g.radius + 1
-  width = g.shape_in[1] + 2 * g.padding
-  uy, ux = np.meshgrid(np.arange(g.shape_out[0]), np.arange(g.shape_out[1]), indexing="ij")
-  return np.stack([(uy // g.step + ky) * width + ux // g.step + kx
-                   for ky in range(side) for kx in range(side)], axis=-1).astype(np.int32)
+  s, (oh, ow) = g.step, g.shape_out
+  up = jnp.repeat(jnp.repeat(padded, s, axis=1), s, axis=2)
+  return jnp.stack([up[:, ky * s:ky * s + oh, kx * s:kx * s + ow]
+                    for ky in range(side) for kx in range(side)], axis=-1)
+
+
+def _unfold_fwd(padded, g):
+  return _unfold(padded, g), padded.shape
+
+
+def _unfold_bwd(g, shape, cotangent):
+  side = 2 * g.radius + 1
+  s, (oh, ow) = g.step, g.shape_out
+  bh, bw = -(-oh // s), -(-ow // s)  # parameter rows and columns an output crop spans
+  b = shape[0]
+  padded = jnp.pad(cotangent, ((0, 0), (0, bh * s - oh), (0, bw * s - ow), (0, 0)))
+  blocks = padded.reshape(b, bh, s, bw, s, side * side).sum((2, 4))  # (b, bh, bw, C)
+  grad = jnp.zeros(shape, cotangent.dtype)
+  for c in range(side * side):  # a fixed order of the channels' sums
+    ky, kx = divmod(c, side)
+    grad = grad + jnp.pad(blocks[..., c], ((0, 0), (ky, shape[1] - ky - bh),
+                                           (kx, shape[2] - kx - bw)))
+  return (grad,)
+
+
+_unfold.defvjp(_unfold_fwd, _unfold_bwd)
 
 
 def _clamp01(x):
@@ -109,10 +138,7 @@ def smooth_masks(params, g: Geometry, *, coldness: float = 20.0):
   lead = params.shape[:-2]
   p = params.reshape(-1, *g.shape_in)
   padded = jnp.pad(p, ((0, 0), (g.padding, g.padding), (g.padding, g.padding)))
-  # One gather of each output pixel's (2 r + 1)^2 parameters (TorchRay's unfold, nearest
-  # upsampling and crop): its gradient is one scatter-add, summed in a fixed order, so a
-  # run gives the same bits on one device or many (shifted slices did not).
-  up = padded.reshape(len(p), -1)[:, jnp.asarray(_neighbours(g))]
+  up = _unfold(padded, g)
   bumps = jnp.asarray(_bump_weights(g)) * up
   # Softmax pooling over the neighbours (last axis), written out: jax.nn.softmax's
   # gradient is summed in an order that differs between one device and several.

@@ -81,6 +81,29 @@ def test_pieces_equal_the_reference(pair):
   np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=2e-6)
 
 
+@pytest.mark.parametrize("shape,step,sigma", [((37, 50), 7, 21.0), ((64, 64), 2, 6.0)])
+def test_smooth_mask_gradient_equals_pytorch_autograd(shape, step, sigma):
+  """smooth_masks has a gradient of its own (block sums, not a gather's scatter-add):
+  against PyTorch's autograd through the reference's unfold."""
+  g = smooth_masks.geometry(shape, step=step, sigma=sigma)
+  rng = np.random.default_rng(3)
+  params = rng.uniform(0, 1, (2, *g.shape_in)).astype(np.float32)
+  w_crop = rng.normal(size=(2, *shape)).astype(np.float32)
+  w_full = rng.normal(size=(2, *g.shape_out)).astype(np.float32)
+  tparams = torch.from_numpy(params[:, None]).requires_grad_(True)
+  cropped, full = reference.generate(tparams, shape, step, sigma)
+  ((cropped[:, 0] * torch.from_numpy(w_crop)).sum()
+   + (full[:, 0] * torch.from_numpy(w_full)).sum()).backward()
+  want = tparams.grad[:, 0].numpy()
+
+  def energy(p):
+    c, f = smooth_masks.smooth_masks(p, g)
+    return (c * w_crop).sum() + (f * w_full).sum()
+
+  got = np.asarray(jax.grad(energy)(jnp.asarray(params)))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("variant,perturbation", [("preserve", "blur"), ("delete", "blur"),
                                                   ("dual", "fade")])
 def test_masks_after_k_iterations_equal_the_pytorch_reference(pair, variant, perturbation):
