@@ -224,4 +224,13 @@ def base_config() -> ml_collections.ConfigDict:
   # cejax.jobs.sweep_plan.AUTO_PATH: incremental recompute where it applies on CPUs, full
   # forward passes on GPUs and TPUs), or "incremental" / "full" for every family.
   config.sweep.path = "auto"
+  # Optimised masks per image beside the families (cejax.jobs.sweep_optimised): any of
+  # "extremal", "ce_optimal", "counterfactual"; TorchRay's areas, iterations and mask
+  # step and smoothing at 224 px (scale the last two with the image: 2 and 6.0 at 64 px).
+  config.sweep.optimised = ()
+  config.sweep.extremal_areas = (0.025, 0.05, 0.1, 0.2)
+  config.sweep.extremal_iterations = 800
+  config.sweep.extremal_step = 7
+  config.sweep.extremal_sigma = 21.0
+  config.sweep.counterfactual_bisection = 3  # bisection steps after the area grid
   return config

@@ -18,21 +18,23 @@ masks are sharded over its local devices (``sharding.mask_mesh(jax.local_devices
 computes it, so the maps are bit-identical whatever the device and process count.
 
 Output (``<out>``, default ``<workdir>/sweep``): ``settings.json``, the run's record
-(``jobs.run_identity.run_record``: the sweep's settings, the masks, every data setting that
-decides the images, the weights' fingerprint, the resolved batch, precision and paths,
-the code version), and one ``chunks/NNNNN.npz`` per chunk, written atomically
+(``jobs.run_identity.run_record``: the sweep's settings, the masks, every data setting
+that decides the images, the weights' fingerprint, the resolved batch, precision and
+paths, the code version), and one ``chunks/NNNNN.npz`` per chunk, written atomically
 (``jobs.common.save_chunk``: the arrays plus a JSON structure, readable with numpy
 alone, and a record of the chunk's number, image ids, run and checksum): ``ids``
 (``"split/index"``) and ``maps[family][intervention][estimand]`` of shape ``(n, h, w)``
 (``(n, h, w, k)`` for ``targets="all"``), and ``effects`` likewise ``(n, m[, k])`` with
-``save_effects``. Chunks are named by chunk, not by process, so a killed run resumes
-where it stopped with any number of processes; a resume verifies every chunk on disk
-and recomputes a damaged or foreign one (with a warning naming it); settings that differ
-from the recorded ones are refused, naming each, unless ``--fresh``. Data settings come
-from the trained run's ``run.json`` (``jobs.run_identity.resolve_data``). Each process that
-computed anything appends its throughput to ``throughput-pN.jsonl``. ``load(out)``
-reads the results back by image id, verifying every chunk.
-"""
+``save_effects``, and with ``config.sweep.optimised`` the optimised masks of the chunk's
+images (``optimised``: extremal perturbations, CE-optimal masks, minimal counterfactual
+regions; ``jobs.sweep_optimised``). Chunks are named by chunk, not by process, so a
+killed run resumes where it stopped with any number of processes; a resume verifies
+every chunk on disk and recomputes a damaged or foreign one (with a warning naming it);
+settings that differ from the recorded ones are refused, naming each, unless
+``--fresh``. Data settings come from the trained run's ``run.json``
+(``jobs.run_identity.resolve_data``). Each process that computed anything appends its
+throughput to ``throughput-pN.jsonl``. ``load(out)`` reads the results back by image id,
+verifying every chunk."""
 
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from flax import nnx
 
 from cejax import precision, sharding
 from cejax._deprecation import deprecated_names
-from cejax.jobs import checkpoint, common, run_identity, sweep_plan, throughput
+from cejax.jobs import checkpoint, common, run_identity, sweep_optimised, sweep_plan, throughput
 from cejax.jobs import config as config_lib
 
 _log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class _Job:
   paths: dict[str, dict[str, str]]
   flops: dict[str, dict[str, Any]]
   activation: str
+  logits_fn: Any  # the full forward (the optimised masks' network)
 
 
 def _read_record(out: Path) -> dict[str, Any] | None:
@@ -120,7 +123,7 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
   return _Job(out=out, record=record,
               settings=ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch)),
               dataset=dataset, num_images=num, sources=sources, forward_of=forward_of,
-              paths=paths, activation=activation,
+              paths=paths, activation=activation, logits_fn=logits_fn,
               flops=sweep_plan.flops_per_mask(logits_fn, model, image, sources, paths))
 
 
@@ -162,7 +165,9 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   flops_per_image = len(s.interventions) * sum(
       src.num * job.flops[f]["flops"] for f, src in job.sources.items())
   done_masks = done_flops = 0
+  optimised_s = 0.0  # time in the optimised masks, apart from the families' rate
   computed, recomputed, first_chunk_s, first_masks = 0, [], None, 0
+  computed_images, first_optimised_s = 0, 0.0
   bar = tqdm(total=sum(map(len, mine.values())), unit="image",
              desc=f"sweep (process {process})", position=process, disable=not progress)
   t_start = time.perf_counter()
@@ -187,16 +192,27 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
                                  num_classes=job.dataset.num_classes, mesh=mesh)
                    for x in images]
     tree = jax.tree.map(lambda *a: np.stack(a), *per_image)
+    if s.optimised:
+      t_optimised = time.perf_counter()
+      with precision.policy(s.precision):
+        tree["optimised"] = sweep_optimised.chunk_results(
+            job.logits_fn, images, settings=s, fills=sweep_plan.interventions_of(s),
+            activation=job.activation, mesh=mesh)
+      optimised_s += time.perf_counter() - t_optimised
     tree["ids"] = np.asarray(ids)
     common.save_chunk(path, tree, chunk=c, ids=ids, identity=identity)
     computed += 1
     done_masks += len(idx) * masks_per_image
     done_flops += len(idx) * flops_per_image
+    computed_images += len(idx)
     if first_chunk_s is None:  # the first chunk also pays for compilation
       first_chunk_s, first_masks = time.perf_counter() - t_start, done_masks
+      first_optimised_s = optimised_s
     bar.update(len(idx))
-    # The rate the summary reports: every mask this process computed, over its time.
-    bar.set_postfix(masks_per_s=f"{done_masks / (time.perf_counter() - t_start):.1f}")
+    # The rate the summary reports: every mask this process computed, over its time
+    # (less the optimised masks').
+    family_s = time.perf_counter() - t_start - optimised_s
+    bar.set_postfix(masks_per_s=f"{done_masks / family_s:.1f}")
   bar.close()
   elapsed = time.perf_counter() - t_start
   summary = {
@@ -205,16 +221,22 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
       "batch_size": s.batch_size, "precision": s.precision, "paths": job.paths,
       "images": job.num_images, "chunks": len(mine), "chunks_computed": computed,
       "chunks_recomputed": recomputed, "masks_computed": done_masks, "seconds": elapsed,
-      "masks_per_s": done_masks / elapsed if done_masks else 0.0,
+      # The families' rate leaves out the optimised masks' time (reported apart).
+      "masks_per_s": done_masks / (elapsed - optimised_s) if done_masks else 0.0,
+      "optimised": list(s.optimised), "optimised_seconds": optimised_s,
+      "optimised_images_per_s": (computed_images / optimised_s if optimised_s else None),
       # Without the first chunk (compilation): the steady rate, with two chunks or more.
-      "steady_masks_per_s": ((done_masks - first_masks) / (elapsed - first_chunk_s)
-                             if computed > 1 else None),
+      "steady_masks_per_s": ((done_masks - first_masks)
+                             / (elapsed - first_chunk_s - (optimised_s - first_optimised_s))
+                             if computed > 1 and done_masks else None),
       "flops_per_mask": job.flops,
       "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   if done_masks:
+    family_s = elapsed - optimised_s
     peak = throughput.matmul_peak(devices)
-    summary.update(gflops_per_s=done_flops / elapsed / 1e9, peak_gflops_per_s=peak / 1e9,
-                   fraction_of_peak=done_flops / elapsed / peak)
+    summary.update(gflops_per_s=done_flops / family_s / 1e9, peak_gflops_per_s=peak / 1e9,
+                   fraction_of_peak=done_flops / family_s / peak)
+  if computed:
     common.append_json_line(out / f"throughput-p{process}.jsonl", summary)
   return summary
 
@@ -228,6 +250,7 @@ class SweepResults:
   maps: dict[str, Any]
   effects: dict[str, Any] | None
   settings: dict[str, Any]
+  optimised: dict[str, Any] | None = None  # cejax.jobs.sweep_optimised.chunk_results
 
   def by_id(self, image_id: str) -> dict[str, Any]:
     """``maps[family][intervention][estimand]`` of one image."""
@@ -278,7 +301,8 @@ def load(out: Path) -> SweepResults:
     parts.append(common.load_tree(path))
   tree = jax.tree.map(lambda *a: np.concatenate(a), *parts)
   return SweepResults(ids=[str(i) for i in tree["ids"]], maps=tree["maps"],
-                      effects=tree.get("effects"), settings=record)
+                      effects=tree.get("effects"), settings=record,
+                      optimised=tree.get("optimised"))
 
 
 def main(argv=None) -> None:

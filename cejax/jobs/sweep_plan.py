@@ -17,7 +17,7 @@ import numpy as np
 
 from cejax import effects, incremental, interventions, precision
 from cejax.estimands import ESTIMANDS, activate
-from cejax.jobs import common, throughput
+from cejax.jobs import common, sweep_optimised, throughput
 
 FAMILIES = common.MASK_FAMILIES
 SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
@@ -72,8 +72,10 @@ def check_settings(s) -> None:
                           ("interventions", s.interventions, SWEEP_INTERVENTIONS),
                           ("estimands", s.estimands, ESTIMANDS)):
     bad = [g for g in got if g not in valid]
-    if bad or not got:
+    # No family is fine when the sweep computes optimised masks only.
+    if bad or not (got or (key == "families" and s.optimised)):
       raise ValueError(f"config.sweep.{key} has {bad or 'nothing'}; valid are {valid}.")
+  sweep_optimised.check_settings(s)
   if s.targets not in TARGETS:
     raise ValueError(f"config.sweep.targets is {s.targets!r}; valid are {TARGETS}.")
   if s.batch_size != "auto" and (not isinstance(s.batch_size, int) or s.batch_size < 1):
@@ -100,7 +102,8 @@ def mask_sources(config, shape) -> dict[str, Any]:
                              families=config.sweep.families)
 
 
-def _interventions(s):
+def interventions_of(s) -> dict[str, Any]:
+  """The sweep's interventions by name (``blur`` with ``config.sweep.blur_sigma``)."""
   return {"zero": "zero", "mean": "mean", "blur": interventions.Blur(sigma=s.blur_sigma)}
 
 
@@ -135,7 +138,7 @@ def image_results(forward_of, image, *, settings, sources, activation, num_class
   s = settings
   stacked = StackedEstimand(tuple(s.estimands), all_targets=s.targets == "all")
   widths = stacked.widths(num_classes)
-  fills = _interventions(s)
+  fills = interventions_of(s)
 
   def by_estimand(values):  # (..., V) -> {estimand: (...) or (..., k)}
     parts = np.split(np.asarray(values), np.cumsum(widths)[:-1], axis=-1)
@@ -164,7 +167,7 @@ def batch_usage(forward, image, source, *, settings, activation) -> Callable[[in
   (``effects.causal_effect`` with the sweep's stacked estimand and first intervention)
   compiled at that batch (per device: each device runs the same loop over its share)."""
   stacked = StackedEstimand(tuple(settings.estimands), all_targets=settings.targets == "all")
-  fill = _interventions(settings)[settings.interventions[0]]
+  fill = interventions_of(settings)[settings.interventions[0]]
 
   def usage(batch: int) -> int:
     program = jax.jit(lambda x: effects.causal_effect(
@@ -177,7 +180,7 @@ def batch_usage(forward, image, source, *, settings, activation) -> Callable[[in
 
 
 def resolve_batch(forward_of, image, sources, *, settings, activation, num_devices: int,
-                  recorded: Mapping[str, Any] | None = None) -> int:
+                  recorded: Mapping[str, Any] | None = None) -> int | None:
   """``config.sweep.batch_size``, with ``"auto"`` resolved per device: the largest batch
   whose program fits ``memory_budget_gb`` for every family (``batch_usage``), at most
   ``ceil(masks / devices)`` (a larger batch only runs padding). An output directory that
@@ -185,6 +188,8 @@ def resolve_batch(forward_of, image, sources, *, settings, activation, num_devic
   the maps' summation order depends on it."""
   if settings.batch_size != "auto":
     return int(settings.batch_size)
+  if not sources:  # optimised masks only: no masked forward pass to size
+    return None
   if recorded and recorded.get("job", {}).get("batch_size") == "auto":
     return int(recorded["compute"]["batch_size"])
   limit = math.ceil(max(src.num for src in sources.values()) / num_devices)
@@ -213,5 +218,6 @@ def flops_per_mask(logits_fn, model, image, sources, paths) -> dict[str, dict[st
 
 
 __all__ = ["AUTO_PATH", "FAMILIES", "PATHS", "StackedEstimand", "batch_usage",
-           "check_settings", "flops_per_mask", "forwards", "image_results", "mask_sources",
+           "check_settings", "flops_per_mask", "forwards", "image_results", "interventions_of",
+           "mask_sources",
            "resolve_batch"]

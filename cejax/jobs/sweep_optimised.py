@@ -1,0 +1,112 @@
+"""Optimised masks in the sweep: per chunk of images, beside the mask families, the
+masks that ``cejax.extremal`` and ``cejax.counterfactual`` optimise by ``jax.grad``.
+
+``config.sweep.optimised`` names any of:
+
+- ``"extremal"``: extremal perturbations (TorchRay's preserve game, simple reward, blur
+  pyramid, flip jitter), one mask per area of ``extremal_areas``;
+- ``"ce_optimal"``: per intervention of ``config.sweep.interventions`` and scalar
+  estimand of ``config.sweep.estimands`` (expected, probability, logit, kl), the region
+  of each area whose intervention has the largest effect (``extremal.ce_optimal_mask``);
+- ``"counterfactual"``: per intervention, the smallest region (areas ``extremal_areas``,
+  refined by ``counterfactual_bisection`` bisection steps) whose intervention changes
+  the predicted class (``counterfactual.minimal_counterfactual``).
+
+All are for the predicted class (``targets="predicted"``), with the chunk's images
+optimised as one batch spread over the devices (``mesh``): the results do not depend on
+the device count (tested in ``tests/test_extremal.py``). They are stored in the chunk
+under ``optimised`` (``masks`` ``(n, K, h, w)`` per area; ``final_reward``: the objective
+of the last iteration, ``(n, K)``; the counterfactual's ``area``, ``mask``,
+``flipped_to``, ``found``), so they get the sweep's record, checksums and resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from cejax import counterfactual, extremal
+
+OPTIMISED = ("extremal", "ce_optimal", "counterfactual")
+# The estimands ce_optimal can maximise: one number per image and mask.
+SCALAR_ESTIMANDS = ("expected", "probability", "logit", "kl")
+
+
+def check_settings(s) -> None:
+  """Raises ``ValueError`` naming the bad ``config.sweep`` key and what is valid."""
+  bad = [m for m in s.optimised if m not in OPTIMISED]
+  if bad:
+    raise ValueError(f"config.sweep.optimised has {bad}; valid are {OPTIMISED}.")
+  if not s.optimised:
+    return
+  if s.targets != "predicted":
+    raise ValueError("config.sweep.optimised masks are for the predicted class; "
+                     f"config.sweep.targets must be 'predicted', got {s.targets!r}.")
+  areas = tuple(s.extremal_areas)
+  if not areas or not all(isinstance(a, (int, float)) and 0 < a <= 1 for a in areas):
+    raise ValueError("config.sweep.extremal_areas must be fractions in (0, 1], got "
+                     f"{areas!r}.")
+  for key in ("extremal_iterations", "extremal_step"):
+    value = s[key]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.sweep.{key} must be an integer >= 1, got {value!r}.")
+  if not isinstance(s.counterfactual_bisection, int) or s.counterfactual_bisection < 0:
+    raise ValueError("config.sweep.counterfactual_bisection must be an integer >= 0, got "
+                     f"{s.counterfactual_bisection!r}.")
+  if not s.extremal_sigma > 0:
+    raise ValueError(f"config.sweep.extremal_sigma must be > 0 (pixels), got "
+                     f"{s.extremal_sigma!r}.")
+  if "ce_optimal" in s.optimised and not scalar_estimands(s):
+    raise ValueError(f"config.sweep.optimised has 'ce_optimal', which maximises one of "
+                     f"{SCALAR_ESTIMANDS}; config.sweep.estimands has none "
+                     f"({tuple(s.estimands)}).")
+
+
+def scalar_estimands(s) -> tuple[str, ...]:
+  """The estimands of ``config.sweep.estimands`` that ``ce_optimal`` optimises."""
+  return tuple(e for e in s.estimands if e in SCALAR_ESTIMANDS)
+
+
+def chunk_results(logits_fn, images, *, settings, fills, activation,
+                  mesh=None) -> dict[str, Any]:
+  """The optimised masks of a chunk of ``images`` ``(n, h, w, c)``: a tree of numpy
+  arrays (module docstring); ``fills`` maps intervention names to interventions."""
+  s = settings
+  images = jnp.asarray(images)
+  targets = jnp.argmax(logits_fn(images), -1)
+  devices = 1 if mesh is None else mesh.size
+  common = dict(areas=tuple(float(a) for a in s.extremal_areas),
+                iterations=s.extremal_iterations, step=s.extremal_step,
+                sigma=float(s.extremal_sigma), batch_size=-(-len(images) // devices),
+                mesh=mesh)
+  out: dict[str, Any] = {"targets": np.asarray(targets)}
+  if "extremal" in s.optimised:
+    res = extremal.extremal_perturbation(logits_fn, images, targets, **common)
+    out["extremal"] = {"masks": np.asarray(res.masks),
+                       "final_reward": np.asarray(res.reward[..., -1])}
+  if "ce_optimal" in s.optimised:
+    out["ce_optimal"] = {}
+    for name in s.interventions:
+      out["ce_optimal"][name] = {}
+      for estimand in scalar_estimands(s):
+        res = extremal.ce_optimal_mask(logits_fn, images, targets, intervention=fills[name],
+                                       estimand=estimand, activation=activation, **common)
+        out["ce_optimal"][name][estimand] = {
+            "masks": np.asarray(res.masks), "final_reward": np.asarray(res.reward[..., -1])}
+  if "counterfactual" in s.optimised:
+    out["counterfactual"] = {}
+    for name in s.interventions:
+      cf = counterfactual.minimal_counterfactual(
+          logits_fn, images, bisection_steps=s.counterfactual_bisection,
+          intervention=fills[name], activation=activation, **common)
+      out["counterfactual"][name] = {"area": np.asarray(cf.area),
+                                     "mask": np.asarray(cf.mask),
+                                     "flipped_to": np.asarray(cf.flipped_to),
+                                     "found": np.asarray(cf.found)}
+  return out
+
+
+__all__ = ["OPTIMISED", "SCALAR_ESTIMANDS", "check_settings", "chunk_results",
+           "scalar_estimands"]
