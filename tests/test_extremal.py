@@ -81,7 +81,7 @@ def test_pieces_equal_the_reference(pair):
   np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=2e-6)
 
 
-@pytest.mark.parametrize("shape,step,sigma", [((37, 50), 7, 21.0), ((64, 64), 2, 6.0)])
+@pytest.mark.parametrize("shape,step,sigma", [((37, 50), 7, 21.0), ((30, 29), 2, 5.0)])
 def test_smooth_mask_gradient_equals_pytorch_autograd(shape, step, sigma):
   """smooth_masks has a gradient of its own (block sums, not a gather's scatter-add):
   against PyTorch's autograd through the reference's unfold."""
