@@ -289,3 +289,26 @@ def test_optimised_mask_methods_are_the_library_calls(setup):
   s.extremal_areas = (0.0,)
   with pytest.raises(ValueError, match="extremal_areas"):
     analysis.check_settings(s)
+
+
+def test_localization_curves_of_stacked_methods_equal_one_call_per_method():
+  """The evaluator scores every method's deletion/insertion curves in one call on the
+  maps stacked along the image axis; each image's curve is computed on its own, so the
+  AUCs are those of one metrics.deletion_insertion call per method, bit for bit."""
+  from cejax import metrics
+  from cejax.jobs.evaluators import localization
+
+  w = jax.random.normal(jax.random.key(0), (12 * 10 * 2, 3))
+  logits_fn = lambda x: jnp.tanh(x.reshape(len(x), -1) @ w) * 3.0  # noqa: E731
+  images = jax.random.uniform(jax.random.key(1), (3, 12, 10, 2))
+  maps = {name: jax.random.uniform(jax.random.key(i), (3, 12, 10))
+          for i, name in enumerate(("a", "b", "c"), start=2)}
+  maps["b"] = jnp.round(maps["b"] * 3)  # ties
+  boxes = jnp.zeros((3, 12, 10), bool).at[:, 2:6, 3:7].set(True)
+  targets = jnp.array([0, 2, 1])
+  got = localization.localization(logits_fn, images, maps, boxes, targets,
+                                  activation="softmax", step=7, batch_size=4)
+  for name, m in maps.items():
+    want = metrics.deletion_insertion(logits_fn, images, m, targets, step=7, batch_size=4)
+    for curve, v in want.items():
+      np.testing.assert_array_equal(got.curves[curve][name], v, err_msg=(name, curve))
