@@ -17,7 +17,11 @@ the same weights in both frameworks):
   the windows), with XLA's FLOPs per forward, achieved TFLOP/s, the fraction of the
   measured peak and the peak device memory; and the incremental path (``exact``);
 - ``torch``: the same sweeps in PyTorch (float32 with TF32 off, eager channels-last with
-  bf16 autocast, and ``torch.compile`` of the latter).
+  bf16 autocast, and ``torch.compile`` of the latter);
+- ``extremal`` (last, if time is left): images/s of extremal perturbations (TorchRay's
+  settings and benchmark areas, 50 iterations) in cejax (``exact``, the areas of all
+  images as one batch) and in the PyTorch reference written from TorchRay's algorithm
+  (``tests/torch_extremal_reference.py``, float32, one image at a time as TorchRay runs).
 
 Each section is time-boxed (``--budget-s``): what does not fit is recorded as skipped,
 and the JSON is rewritten after every measurement, so a run stopped early keeps what
@@ -47,13 +51,13 @@ import numpy as np  # noqa: E402
 FULL = dict(size=224, arch=dict(growth=32, blocks=(6, 12, 24, 16), init=64, bn_size=4),
             grid=10, window=16, stride=4, rise=1000, batches=(64, 256), peak_n=8192,
             exact_masks=8, budget_s=330, memory_gb=60.0, seconds=3.0, repeats=2,
-            compile_backend="inductor")
+            compile_backend="inductor", extremal_images=4, extremal_iterations=50)
 # The smoke run goes through every section once: one timed call each, and torch.compile
 # with the eager backend (dynamo"s path without a C++ compiler).
 SMOKE = dict(size=16, arch=dict(growth=4, blocks=(1,), init=8, bn_size=2),
              grid=4, window=8, stride=8, rise=8, batches=(8,), peak_n=128,
              exact_masks=4, budget_s=600, memory_gb=0.01, seconds=0.0, repeats=1,
-             compile_backend="eager")
+             compile_backend="eager", extremal_images=1, extremal_iterations=2)
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
@@ -307,6 +311,43 @@ def main(argv=None) -> dict:
       batch = min(cfg["batches"][-1], sources[family].num)
       rec.attempt(["torch", variant, family], lambda f=family, b=batch, v=variant:
                   torch_sweep(f, b, v), need_s=60 if variant.startswith("compile") else 30)
+  # Extremal perturbations: cejax (all images' areas as one batch) against the PyTorch
+  # reference one image at a time, the same weights, images and iterations.
+  import torch_extremal_reference as reference
+
+  from cejax import extremal, precision
+
+  areas = (0.025, 0.05, 0.1, 0.2)
+  n_ext, iterations = cfg["extremal_images"], cfg["extremal_iterations"]
+  ext_images = jnp.asarray(rng.normal(0, 1, (n_ext, size, size, 3)), jnp.float32)
+  ext_targets = jnp.argmax(nets["float32"][1](ext_images), -1)
+
+  def extremal_cejax():
+    def run():
+      with precision.policy("exact"):
+        jax.block_until_ready(extremal.extremal_perturbation(
+            nets["float32"][1], ext_images, ext_targets, areas=areas,
+            iterations=iterations, batch_size=n_ext).masks)
+    return timed(run, n_ext, seconds=cfg["seconds"], repeats=cfg["repeats"]) | {
+        "iterations": iterations, "areas": list(areas)}
+
+  def extremal_torch():
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    net_d = torch_network(cfg).to(device)
+    xs = torch.from_numpy(np.asarray(ext_images)).permute(0, 3, 1, 2).to(device)
+
+    def run():
+      with torch.device(device):  # the reference's own tensors on the same device
+        for i in range(n_ext):
+          reference.extremal_perturbation(net_d, xs[i:i + 1], int(ext_targets[i]),
+                                          areas=list(areas), iterations=iterations)
+      if device == "cuda":
+        torch.cuda.synchronize()
+    return timed(run, n_ext, seconds=cfg["seconds"], repeats=cfg["repeats"]) | {
+        "iterations": iterations, "areas": list(areas)}
+
+  rec.attempt(["extremal", "cejax"], extremal_cejax, need_s=60)
+  rec.attempt(["extremal", "torch"], extremal_torch, need_s=30)
   rec.put(["finished"], time.strftime("%Y-%m-%d %H:%M:%S"))
   return rec.data
 

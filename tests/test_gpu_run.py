@@ -28,3 +28,5 @@ def test_gpu_run_smoke_writes_every_section(tmp_path):
   assert set(data["cejax"]["incremental"]) == {"grid", "sliding"}
   for variant in ("bf16", "float32", "compile_bf16"):
     assert set(data["torch"][variant]) == {"grid", "sliding", "rise"}
+  for side in ("cejax", "torch"):
+    assert data["extremal"][side]["per_s"] > 0 and data["extremal"][side]["iterations"] == 2
