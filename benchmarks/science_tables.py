@@ -32,6 +32,10 @@ ROWS = (
     ("gradient_x_input", "gradient x input"),
     ("smoothgrad", "SmoothGrad"),
     ("integrated_gradients", "Integrated Gradients"),
+    # Optimised masks (configs/synthetic_eval_optimised.py), printed when present.
+    ("extremal_perturbation", "extremal perturbations (TorchRay)"),
+    ("ce_optimal", "CE-optimal masks (expected CE, zero fill)"),
+    ("meaningful_perturbation", "meaningful perturbations"),
 )
 ATTACKS = {"fgsm": "FGSM", "bim": "I-FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD"}
 

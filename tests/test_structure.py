@@ -201,3 +201,20 @@ def test_no_file_has_undefined_or_unused_names_and_the_library_is_lint_clean():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", *args],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+
+
+def test_every_config_loads_and_passes_the_jobs_checks():
+  """Each file in configs/ builds a config whose keys the jobs know and whose analysis
+  and sweep settings pass their checks (nothing is run)."""
+  import importlib
+
+  from cejax.jobs import analysis, sweep_plan
+  from cejax.jobs import config as config_lib
+
+  names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+  assert "synthetic_eval_optimised" in names
+  for name in names:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config_lib.check_keys(config, config_lib.base_config())
+    analysis.check_settings(config.analysis)
+    sweep_plan.check_settings(config.sweep)
