@@ -312,3 +312,7 @@ def test_localization_curves_of_stacked_methods_equal_one_call_per_method():
     want = metrics.deletion_insertion(logits_fn, images, m, targets, step=7, batch_size=4)
     for curve, v in want.items():
       np.testing.assert_array_equal(got.curves[curve][name], v, err_msg=(name, curve))
+  # No methods: empty scores, not an error (a config may run the evaluator without maps).
+  empty = localization.localization(logits_fn, images, {}, boxes, targets,
+                                    activation="softmax", step=7, batch_size=4)
+  assert empty.pointing == {} and all(v == {} for v in empty.curves.values())

@@ -12,12 +12,14 @@ masks that ``cejax.extremal`` and ``cejax.counterfactual`` optimise by ``jax.gra
   refined by ``counterfactual_bisection`` bisection steps) whose intervention changes
   the predicted class (``counterfactual.minimal_counterfactual``).
 
-All are for the predicted class (``targets="predicted"``), with the chunk's images
-optimised as one batch spread over the devices (``mesh``): the results do not depend on
-the device count (tested in ``tests/test_extremal.py``). They are stored in the chunk
-under ``optimised`` (``masks`` ``(n, K, h, w)`` per area; ``final_reward``: the objective
-of the last iteration, ``(n, K)``; the counterfactual's ``area``, ``mask``,
-``flipped_to``, ``found``), so they get the sweep's record, checksums and resume.
+All are for the predicted class (``targets="predicted"``, each image's on its own), the
+chunk's images spread over the devices (``mesh``), one image per device at a time with
+its areas as one batch: the results do not depend on the device count (a sharded run
+equals one device bit for bit at the same per-device batch, ``tests/test_extremal.py``).
+They are stored in the chunk under ``optimised`` (``masks`` ``(n, K, h, w)`` per area;
+``final_reward``: the objective of the last iteration, ``(n, K)``; the counterfactual's
+``area``, ``mask``, ``flipped_to``, ``found``), so they get the sweep's record,
+checksums and resume.
 """
 
 from __future__ import annotations
@@ -45,17 +47,20 @@ def check_settings(s) -> None:
     raise ValueError("config.sweep.optimised masks are for the predicted class; "
                      f"config.sweep.targets must be 'predicted', got {s.targets!r}.")
   areas = tuple(s.extremal_areas)
-  if not areas or not all(isinstance(a, (int, float)) and 0 < a <= 1 for a in areas):
+  if not areas or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                          and 0 < a <= 1 for a in areas):
     raise ValueError("config.sweep.extremal_areas must be fractions in (0, 1], got "
                      f"{areas!r}.")
   for key in ("extremal_iterations", "extremal_step"):
     value = s[key]
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.sweep.{key} must be an integer >= 1, got {value!r}.")
-  if not isinstance(s.counterfactual_bisection, int) or s.counterfactual_bisection < 0:
+  bisection = s.counterfactual_bisection
+  if not isinstance(bisection, int) or isinstance(bisection, bool) or bisection < 0:
     raise ValueError("config.sweep.counterfactual_bisection must be an integer >= 0, got "
                      f"{s.counterfactual_bisection!r}.")
-  if not s.extremal_sigma > 0:
+  sigma = s.extremal_sigma
+  if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
     raise ValueError(f"config.sweep.extremal_sigma must be > 0 (pixels), got "
                      f"{s.extremal_sigma!r}.")
   if "ce_optimal" in s.optimised and not scalar_estimands(s):
@@ -75,12 +80,14 @@ def chunk_results(logits_fn, images, *, settings, fills, activation,
   arrays (module docstring); ``fills`` maps intervention names to interventions."""
   s = settings
   images = jnp.asarray(images)
-  targets = jnp.argmax(logits_fn(images), -1)
-  devices = 1 if mesh is None else mesh.size
+  # The predicted class of each image on its own, as the families take it.
+  targets = jnp.stack([jnp.argmax(logits_fn(x[None])[0]) for x in images])
+  # One image per device at a time (its areas as one batch): the network's rounding may
+  # depend on its batch, so a batch that followed the device count would make the masks
+  # depend on it too; with one image they are the same bits on any mesh.
   common = dict(areas=tuple(float(a) for a in s.extremal_areas),
                 iterations=s.extremal_iterations, step=s.extremal_step,
-                sigma=float(s.extremal_sigma), batch_size=-(-len(images) // devices),
-                mesh=mesh)
+                sigma=float(s.extremal_sigma), batch_size=1, mesh=mesh)
   out: dict[str, Any] = {"targets": np.asarray(targets)}
   if "extremal" in s.optimised:
     res = extremal.extremal_perturbation(logits_fn, images, targets, **common)

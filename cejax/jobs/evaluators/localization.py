@@ -51,6 +51,9 @@ def localization(logits_fn, images, maps, boxes, targets, *, activation, step,
   # the per-method calls', and the compiled program holds the network once, not once
   # per method.
   names, n = list(maps), len(images)
+  if not names:
+    return Localization(pointing={}, mass={}, iou={}, iobb={}, otsu_iou={}, hit={},
+                        curves={c: {} for c in metrics.CURVES})
   stacked = metrics.deletion_insertion(
       logits_fn, jnp.tile(images, (len(names), 1, 1, 1)),
       jnp.concatenate([maps[name] for name in names]), jnp.tile(targets, len(names)),
