@@ -90,8 +90,7 @@ def _unfold(padded, g: Geometry):
   Written as crops of the parameters upsampled once, with a gradient of our own: the
   gradient of a gather is a scatter-add, which XLA:CPU runs as a serial loop. Ours sums
   each parameter's ``step x step`` block of each channel, then adds the channels'
-  shifted blocks in a fixed order: the same bits on one device or many. (80 masks at
-  64 px, step 2, forward and backward: 1.0 s as a gather, 0.6 s so; 2-core AMD EPYC.)
+  shifted blocks in a fixed order: the same bits on one device or many.
   """
   side = 2 * g.radius + 1
   s, (oh, ow) = g.step, g.shape_out

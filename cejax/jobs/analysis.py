@@ -164,18 +164,11 @@ def summarize(chosen, inputs: ev_common.Inputs,
 
 def check_settings(settings) -> None:
   """Raises ``ValueError`` naming a bad ``config.analysis`` count or precision."""
-  for key in ("num_images", "chunk_size", "extremal_iterations", "extremal_step",
-              "meaningful_iterations"):
+  for key in ("num_images", "chunk_size", "meaningful_iterations"):
     value = settings[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"config.analysis.{key} must be an integer >= 1, got {value!r}.")
-  areas = tuple(settings.extremal_areas)
-  if not areas or not all(isinstance(a, (int, float)) and 0 < a <= 1 for a in areas):
-    raise ValueError("config.analysis.extremal_areas must be fractions in (0, 1], got "
-                     f"{areas!r}.")
-  if not settings.extremal_sigma > 0:
-    raise ValueError(f"config.analysis.extremal_sigma must be > 0 (pixels), got "
-                     f"{settings.extremal_sigma!r}.")
+  common.check_extremal_settings(settings, "analysis")
   try:
     precision.check(settings.precision)
   except ValueError as e:

@@ -198,6 +198,25 @@ def check_mask_spec(spec, shape=None) -> None:
       raise ValueError(f"config.masks does not fit {tuple(shape)} images: {e}") from e
 
 
+def check_extremal_settings(settings, section: str) -> None:
+  """Raises ``ValueError`` naming a bad ``config.<section>.extremal_*`` key (the
+  optimised masks' areas, iterations, mask step and smoothing; analysis and sweep)."""
+  def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+  areas = tuple(settings.extremal_areas)
+  if not areas or not all(number(a) and 0 < a <= 1 for a in areas):
+    raise ValueError(f"config.{section}.extremal_areas must be fractions in (0, 1], got "
+                     f"{areas!r}.")
+  for key in ("extremal_iterations", "extremal_step"):
+    value = settings[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.{section}.{key} must be an integer >= 1, got {value!r}.")
+  if not (number(settings.extremal_sigma) and settings.extremal_sigma > 0):
+    raise ValueError(f"config.{section}.extremal_sigma must be > 0 (pixels), got "
+                     f"{settings.extremal_sigma!r}.")
+
+
 def _index(tree, leaves: dict[str, np.ndarray]):
   if isinstance(tree, Mapping):
     return {str(k): _index(v, leaves) for k, v in tree.items()}

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cejax import counterfactual, extremal
+from cejax.jobs import common
 
 OPTIMISED = ("extremal", "ce_optimal", "counterfactual")
 # The estimands ce_optimal can maximise: one number per image and mask.
@@ -46,23 +47,11 @@ def check_settings(s) -> None:
   if s.targets != "predicted":
     raise ValueError("config.sweep.optimised masks are for the predicted class; "
                      f"config.sweep.targets must be 'predicted', got {s.targets!r}.")
-  areas = tuple(s.extremal_areas)
-  if not areas or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
-                          and 0 < a <= 1 for a in areas):
-    raise ValueError("config.sweep.extremal_areas must be fractions in (0, 1], got "
-                     f"{areas!r}.")
-  for key in ("extremal_iterations", "extremal_step"):
-    value = s[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"config.sweep.{key} must be an integer >= 1, got {value!r}.")
+  common.check_extremal_settings(s, "sweep")
   bisection = s.counterfactual_bisection
   if not isinstance(bisection, int) or isinstance(bisection, bool) or bisection < 0:
     raise ValueError("config.sweep.counterfactual_bisection must be an integer >= 0, got "
-                     f"{s.counterfactual_bisection!r}.")
-  sigma = s.extremal_sigma
-  if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
-    raise ValueError(f"config.sweep.extremal_sigma must be > 0 (pixels), got "
-                     f"{s.extremal_sigma!r}.")
+                     f"{bisection!r}.")
   if "ce_optimal" in s.optimised and not scalar_estimands(s):
     raise ValueError(f"config.sweep.optimised has 'ce_optimal', which maximises one of "
                      f"{SCALAR_ESTIMANDS}; config.sweep.estimands has none "

@@ -50,16 +50,14 @@ def localization(logits_fn, images, maps, boxes, targets, *, activation, step,
   # the image axis: each image's curve is computed on its own (lax.map), so the AUCs are
   # the per-method calls', and the compiled program holds the network once, not once
   # per method.
-  names, n = list(maps), len(images)
-  if not names:
-    return Localization(pointing={}, mass={}, iou={}, iobb={}, otsu_iou={}, hit={},
-                        curves={c: {} for c in metrics.CURVES})
-  stacked = metrics.deletion_insertion(
-      logits_fn, jnp.tile(images, (len(names), 1, 1, 1)),
-      jnp.concatenate([maps[name] for name in names]), jnp.tile(targets, len(names)),
-      step=step, activation=activation, batch_size=batch_size)
-  curves = {name: {c: v[i * n:(i + 1) * n] for c, v in stacked.items()}
-            for i, name in enumerate(names)}
+  names, n, curves = list(maps), len(images), {}
+  if names:
+    stacked = metrics.deletion_insertion(
+        logits_fn, jnp.tile(images, (len(names), 1, 1, 1)),
+        jnp.concatenate([maps[name] for name in names]), jnp.tile(targets, len(names)),
+        step=step, activation=activation, batch_size=batch_size)
+    curves = {name: {c: v[i * n:(i + 1) * n] for c, v in stacked.items()}
+              for i, name in enumerate(names)}
   return Localization(
       pointing={n: metrics.pointing_game(m, boxes).astype(jnp.float32)
                 for n, m in maps.items()},
