@@ -111,3 +111,36 @@ def test_non_finite_input_stays_in_its_example(tiny):
   out = np.asarray(logits_fn(x))
   assert np.isnan(out[1]).all()
   assert np.isfinite(out[[0, 2]]).all()
+
+
+def test_tracing_construction_and_a_training_step_never_walks_the_trace(monkeypatch):
+  """Flax's Variable.set_value probes getattr(value, "sharding", None); on a tracer JAX
+  0.10's AttributeError message walks every equation traced so far (quadratic tracing,
+  jax-ml/jax#40041). Building the model under nnx.eval_shape and tracing a training
+  step (BatchNorm statistics assigned) must not walk it (cejax.models._tracing); the
+  probe still answers None, and JAX's own message is back afterwards."""
+  from jax._src.interpreters import partial_eval as pe
+
+  walks = []
+  original = pe.JaxprStackFrame.find_progenitors
+  monkeypatch.setattr(pe.JaxprStackFrame, "find_progenitors",
+                      lambda self, t: walks.append(1) or original(self, t))
+  model = nnx.eval_shape(lambda: densenet.DenseNetTiny(num_classes=3, rngs=nnx.Rngs(0)))
+  assert densenet.count_params(model) > 0
+
+  def train_mode_stats(x):
+    m = densenet.DenseNetTiny(num_classes=3, in_channels=1, rngs=nnx.Rngs(0))
+    m(x)
+    return nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+
+  jax.jit(train_mode_stats).trace(jnp.zeros((2, 32, 32, 1)))
+  assert walks == []
+
+  def probe(x):
+    probe.got = getattr(x + 1, "sharding", "absent")
+    with pytest.raises(AttributeError, match="jax.typeof"):  # JAX's own message
+      (x + 1).sharding  # noqa: B018
+    return x
+
+  jax.jit(probe).trace(jnp.zeros(2))
+  assert probe.got == "absent" and walks

@@ -44,6 +44,13 @@ def build_model(run: dict[str, Any], *, seed: int = 0) -> densenet.DenseNet:
       dtype=jnp.dtype(run["dtype"]), rngs=nnx.Rngs(seed), **run.get("overrides", {}))
 
 
+def abstract_model(run: dict[str, Any]) -> densenet.DenseNet:
+  """The model of ``run`` with shapes and dtypes only (``nnx.eval_shape``), for weights
+  that come from elsewhere: initialising them eagerly compiles and runs every
+  initialiser (about 19 s for DenseNet-121 in a fresh process here, against 2.4 s)."""
+  return nnx.eval_shape(lambda: build_model(run))
+
+
 def check_or_write_run(workdir: Path, run: dict[str, Any]) -> None:
   """Writes run.json, or checks that an existing one describes the same model.
 
@@ -184,7 +191,7 @@ def load_model(workdir: Path, *, step: int | str = "best", compute_dtype: str | 
       trained with, ``run["dtype"]``); the weights are float32 either way.
   """
   run = read_run(workdir)
-  model = build_model(run if compute_dtype is None else dict(run, dtype=compute_dtype))
+  model = abstract_model(run if compute_dtype is None else dict(run, dtype=compute_dtype))
   model.eval()
   graphdef, params, batch_stats = _model_variables(model)
   ckpt = Checkpointer(workdir, best_metric=run.get("best_metric"))
@@ -203,8 +210,8 @@ def load_model(workdir: Path, *, step: int | str = "best", compute_dtype: str | 
         partial_restore=True))
   finally:
     ckpt.close()
-  params = jax.tree.map(jnp.asarray, restored["params"])
-  batch_stats = jax.tree.map(jnp.asarray, restored["batch_stats"])
+  # One transfer of the whole tree (jnp.asarray per leaf dispatches a program each).
+  params, batch_stats = jax.device_put((restored["params"], restored["batch_stats"]))
   return graphdef, params, batch_stats, dict(run, step=int(step))
 
 

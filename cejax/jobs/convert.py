@@ -279,7 +279,7 @@ def import_densenet(source, *, trust_pickle: bool = False, dtype=jnp.float32):
   state = canonicalize({k: _to_numpy(v) for k, v in state.items()})
   arch = infer_architecture(state)
   run = dict(arch, dtype=jnp.dtype(dtype).name)
-  model = checkpoint.build_model(run)
+  model = checkpoint.abstract_model(run)
   model.eval()
   graphdef, params, stats = load_into(model, state)
   return graphdef, params, stats, arch

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cejax.models import _tracing
+
 # torchvision's BatchNorm2d defaults: momentum 0.1 (flax counts the other way), eps 1e-5.
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
@@ -163,6 +165,16 @@ class DenseNet(nnx.Module):
       dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
+    # Traced construction (nnx.eval_shape, jit) stays linear in depth: _tracing.
+    with _tracing.short_sharding_errors():
+      self._build(growth_rate=growth_rate, block_config=block_config,
+                  num_init_features=num_init_features, bn_size=bn_size,
+                  compression=compression, in_channels=in_channels,
+                  num_classes=num_classes, stem_kernel=stem_kernel,
+                  stem_stride=stem_stride, stem_pool=stem_pool, dtype=dtype, rngs=rngs)
+
+  def _build(self, *, growth_rate, block_config, num_init_features, bn_size, compression,
+             in_channels, num_classes, stem_kernel, stem_stride, stem_pool, dtype, rngs):
     if not 0.0 < compression <= 1.0:
       raise ValueError(f"compression must be in (0, 1], got {compression}.")
     if not block_config:
@@ -275,7 +287,9 @@ class DenseNet(nnx.Module):
     return self.feature_map(self.forward_to(x, self.stage_names[-1]))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.classify(self.features(x))
+    # A traced training step assigns every BatchNorm's statistics: see _tracing.
+    with _tracing.short_sharding_errors():
+      return self.classify(self.features(x))
 
 
 # torchvision's presets (Huang et al. 2017, table 1).
