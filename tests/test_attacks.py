@@ -329,7 +329,8 @@ def test_feature_squeezing_is_xu_et_als_per_squeezer_maximum():
 def trained(trained_tiny):
   config, workdir = trained_tiny
   graphdef, params, stats, run = checkpoint.load_model(workdir)
-  logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
+  # Jitted: the eager calls below would compile each of the network's operations.
+  logits_fn = jax.jit(checkpoint.make_logits_fn(graphdef, params, stats))
   data = pipeline.load_dataset(config.data)
   batch = data.batch("test", np.arange(64))
   space = attacks.PixelSpace(mean=np.asarray(run["mean"], np.float32),

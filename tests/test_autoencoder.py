@@ -20,8 +20,9 @@ def test_total_variation_closed_form():
 def test_autoencoder_learns_the_stage_and_preserves_predictions(trained_tiny):
   config, workdir = trained_tiny
   g, p, s, run = checkpoint.load_model(workdir)
-  logits_fn = checkpoint.make_logits_fn(g, p, s)
-  prefix, suffix = checkpoint.make_stage_fns(g, p, s, "block2")
+  # Jitted: called eagerly here, the network would compile each of its operations.
+  logits_fn = jax.jit(checkpoint.make_logits_fn(g, p, s))
+  prefix, suffix = map(jax.jit, checkpoint.make_stage_fns(g, p, s, "block2"))
   data = pipeline.load_dataset(config.data)
   batches = [data.batch("train", np.arange(i, i + 64))["image"] for i in range(0, 1024, 64)]
   features = prefix(batches[0][:1]).shape[-1]

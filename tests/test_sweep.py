@@ -286,7 +286,7 @@ def test_optimised_masks_are_the_library_calls_and_changed_settings_are_refused(
   logits_fn, _ = checkpoint.load_logits_fn(workdir)
   data = pipeline.load_dataset(config.data)
   images = np.asarray(data.batch("test", [0, 1])["image"])
-  targets = np.asarray(logits_fn(images)).argmax(-1)
+  targets = np.asarray(jax.jit(logits_fn)(images)).argmax(-1)
   np.testing.assert_array_equal(got.optimised["targets"], targets)
   # One image at a time: the sweep optimises one image per device whatever the chunk
   # (the network's rounding may depend on its batch; a chunk's batch once followed the

@@ -63,22 +63,22 @@ def test_logistic_regression_on_raw_pixels_stays_below_60_percent():
   x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
   k = len(synthetic_gen.CLASS_NAMES)
   params = {"w": jnp.zeros((x_train.shape[1], k)), "b": jnp.zeros(k)}
-  opt = optax.adam(1e-3)
+  opt = optax.adam(5e-3)  # 60 full-batch steps: 75 % of the training set, 28 % of test
 
-  def loss(p):
-    logits = x_train @ p["w"] + p["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y_train).mean() \
+  def loss(p, x, y):
+    logits = x @ p["w"] + p["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() \
         + 1e-3 * jnp.sum(p["w"] ** 2)
 
-  @jax.jit
-  def step(p, s):
-    g = jax.grad(loss)(p)
+  @jax.jit  # the data are arguments, not constants folded into the program
+  def step(p, s, x, y):
+    g = jax.grad(loss)(p, x, y)
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s
 
   state = opt.init(params)
-  for _ in range(300):
-    params, state = step(params, state)
+  for _ in range(60):
+    params, state = step(params, state, x_train, y_train)
   train_acc = float(((x_train @ params["w"] + params["b"]).argmax(1) == y_train).mean())
   test_acc = float(((x_test @ params["w"] + params["b"]).argmax(1) == y_test).mean())
   assert train_acc > 0.5  # the linear model did fit something...

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cejax.models import _tracing
+from cejax.models._tracing import short_sharding_errors
 
 # torchvision's BatchNorm2d defaults: momentum 0.1 (flax counts the other way), eps 1e-5.
 _BN_MOMENTUM = 0.9
@@ -166,7 +166,7 @@ class DenseNet(nnx.Module):
       rngs: nnx.Rngs,
   ):
     # Traced construction (nnx.eval_shape, jit) stays linear in depth: _tracing.
-    with _tracing.short_sharding_errors():
+    with short_sharding_errors():
       self._build(growth_rate=growth_rate, block_config=block_config,
                   num_init_features=num_init_features, bn_size=bn_size,
                   compression=compression, in_channels=in_channels,
@@ -288,7 +288,7 @@ class DenseNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # A traced training step assigns every BatchNorm's statistics: see _tracing.
-    with _tracing.short_sharding_errors():
+    with short_sharding_errors():
       return self.classify(self.features(x))
 
 
