@@ -5,9 +5,10 @@ an array is assigned into a Variable: the RNG stream's counter at every initiali
 BatchNorm's statistics at every training step. On a tracer that attribute raises
 ``AttributeError``, and JAX 0.10 builds the error's message by walking every equation
 traced so far (jax-ml/jax#40041; upstream drops that part of the message). Tracing a
-DenseNet's construction or its training step is then quadratic in its depth: here
-DenseNet-201 under ``nnx.eval_shape`` took 17 s instead of 2 s, and DenseNet-121's
-training step 15 s instead of 6.3 s.
+DenseNet's construction or its training step is then quadratic in its depth: in a
+fresh process, DenseNet-201 under ``nnx.eval_shape`` took 9.7 s instead of 1.5 s, and
+tracing DenseNet-121's training step 10.7 s instead of 6.2 s
+(``benchmarks/model_build_time.py``, benchmarks/RESULTS.md).
 
 ``short_sharding_errors`` gives that ``AttributeError`` a short message while cejax's
 models are built or called. Nothing else changes: ``getattr(tracer, "sharding", d)``

@@ -42,8 +42,7 @@ class Model:
 def make_model(graphdef, params, stats, run, *, latent_stage: str) -> Model:
   """The ``Model`` of a checkpoint (``checkpoint.load_model``'s outputs). Its functions
   are jitted: the evaluators also call them eagerly (the clean logits of a chunk), and
-  op by op the network would compile each of its operations (the smoke analysis took
-  57 s instead of 39 s)."""
+  op by op the network would compile each of its operations in turn."""
   features_fn, classify_fn = checkpoint.make_cam_fns(graphdef, params, stats)
   prefix_fn, suffix_fn = checkpoint.make_stage_fns(graphdef, params, stats, latent_stage)
   fns = (checkpoint.make_logits_fn(graphdef, params, stats), features_fn, classify_fn,
