@@ -24,8 +24,10 @@ checksums and resume.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -63,14 +65,20 @@ def scalar_estimands(s) -> tuple[str, ...]:
   return tuple(e for e in s.estimands if e in SCALAR_ESTIMANDS)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predicted_class(logits_fn, image):
+  """The predicted class of one image on its own (a batch of one), as the families take
+  it; compiled once per network (op by op, every chunk ran each operation eagerly)."""
+  return jnp.argmax(logits_fn(image[None])[0])
+
+
 def chunk_results(logits_fn, images, *, settings, fills, activation,
                   mesh=None) -> dict[str, Any]:
   """The optimised masks of a chunk of ``images`` ``(n, h, w, c)``: a tree of numpy
   arrays (module docstring); ``fills`` maps intervention names to interventions."""
   s = settings
   images = jnp.asarray(images)
-  # The predicted class of each image on its own, as the families take it.
-  targets = jnp.stack([jnp.argmax(logits_fn(x[None])[0]) for x in images])
+  targets = jnp.stack([_predicted_class(logits_fn, x) for x in images])
   # One image per device at a time (its areas as one batch): the network's rounding may
   # depend on its batch, so a batch that followed the device count would make the masks
   # depend on it too; with one image they are the same bits on any mesh.

@@ -149,6 +149,8 @@ class DenseNet(nnx.Module):
     rngs: ``nnx.Rngs`` for initialisation.
   """
 
+  # Traced construction (nnx.eval_shape, jit) stays linear in depth: _tracing.
+  @short_sharding_errors()
   def __init__(
       self,
       *,
@@ -165,16 +167,6 @@ class DenseNet(nnx.Module):
       dtype=jnp.float32,
       rngs: nnx.Rngs,
   ):
-    # Traced construction (nnx.eval_shape, jit) stays linear in depth: _tracing.
-    with short_sharding_errors():
-      self._build(growth_rate=growth_rate, block_config=block_config,
-                  num_init_features=num_init_features, bn_size=bn_size,
-                  compression=compression, in_channels=in_channels,
-                  num_classes=num_classes, stem_kernel=stem_kernel,
-                  stem_stride=stem_stride, stem_pool=stem_pool, dtype=dtype, rngs=rngs)
-
-  def _build(self, *, growth_rate, block_config, num_init_features, bn_size, compression,
-             in_channels, num_classes, stem_kernel, stem_stride, stem_pool, dtype, rngs):
     if not 0.0 < compression <= 1.0:
       raise ValueError(f"compression must be in (0, 1], got {compression}.")
     if not block_config:
@@ -286,10 +278,10 @@ class DenseNet(nnx.Module):
     """The last feature map before global pooling, shape (n, h', w', num_features)."""
     return self.feature_map(self.forward_to(x, self.stage_names[-1]))
 
+  # A traced training step assigns every BatchNorm's statistics: see _tracing.
+  @short_sharding_errors()
   def __call__(self, x: jax.Array) -> jax.Array:
-    # A traced training step assigns every BatchNorm's statistics: see _tracing.
-    with short_sharding_errors():
-      return self.classify(self.features(x))
+    return self.classify(self.features(x))
 
 
 # torchvision's presets (Huang et al. 2017, table 1).
