@@ -7,7 +7,7 @@ BatchNorm's statistics at every training step. On a tracer that attribute raises
 traced so far (jax-ml/jax#40041; upstream drops that part of the message). Tracing a
 DenseNet's construction or its training step is then quadratic in its depth: in a
 fresh process, DenseNet-201 under ``nnx.eval_shape`` took 9.7 s instead of 1.5 s, and
-tracing DenseNet-121's training step 10.7 s instead of 6.2 s
+tracing DenseNet-121's training step 12.4 s instead of 5.5 s
 (``benchmarks/model_build_time.py``, benchmarks/RESULTS.md).
 
 ``short_sharding_errors`` gives that ``AttributeError`` a short message while cejax's
