@@ -162,15 +162,40 @@ def test_deepfool_reaches_the_analytic_boundary_of_a_linear_binary_model():
   assert bool(res.success.all())
 
 
+def _foolbox_torch_model(fb, first, second=None, *, scale):
+  """``tanh(x w1) [w2] * scale`` in PyTorch, for Foolbox's PyTorch backend, and a call
+  that takes and returns numpy. (Its JAX backend runs op by op through eagerpy: about 30
+  times slower here, for the same images to 1e-6.)"""
+  import torch
+
+  w1 = torch.from_numpy(np.asarray(first))
+  w2 = None if second is None else torch.from_numpy(np.asarray(second))
+
+  class Net(torch.nn.Module):
+    def forward(self, z):
+      h = torch.tanh(z.reshape(len(z), -1) @ w1)
+      return (h if w2 is None else h @ w2) * scale
+
+  model = fb.PyTorchModel(Net().eval(), bounds=(0, 1))
+
+  def run(attack, x, y):
+    _, clipped, success = attack(model, torch.from_numpy(np.asarray(x)),
+                                 torch.from_numpy(np.asarray(y)), epsilons=None)
+    return clipped.numpy(), success.numpy()
+
+  return run
+
+
 def test_deepfool_equals_foolbox_with_top_candidates():
   fb = pytest.importorskip("foolbox")
   w = jax.random.normal(jax.random.key(10), (H * W, 12)) * 0.5
   logits_fn = lambda x: jnp.tanh(x.reshape(len(x), -1) @ w) * 3.0
   x = jax.random.uniform(jax.random.key(11), (5, H, W, 1))
   y = jnp.argmax(logits_fn(x), -1)  # correctly "classified" by construction
+  foolbox_run = _foolbox_torch_model(fb, w, scale=3.0)
   for candidates in (3, 12):
     attack = fb.attacks.L2DeepFoolAttack(steps=30, candidates=candidates, overshoot=0.02)
-    _, ref, _ = attack(fb.JAXModel(logits_fn, bounds=(0, 1)), x, y, epsilons=None)
+    ref, _ = foolbox_run(attack, x, y)
     ours = attacks.deepfool(logits_fn, x, y, steps=30, candidates=candidates, space=PIXELS)
     np.testing.assert_allclose(ours.images, np.asarray(ref), atol=1e-5)
   with pytest.raises(ValueError, match="candidates must be >= 2"):
@@ -233,16 +258,15 @@ def test_carlini_wagner_equals_foolbox_run_for_run():
   logits_fn = lambda x: jnp.tanh(x.reshape(len(x), -1) @ w1) @ w2 * 2  # noqa: E731
   x = jnp.asarray(rng.uniform(0.2, 0.8, (8, 4, 4, 1)), jnp.float32)
   y = jnp.argmax(logits_fn(x), -1)
-  model = fb.JAXModel(logits_fn, bounds=(0, 1))
+  foolbox_run = _foolbox_torch_model(fb, w1, w2, scale=2.0)
   for search, abort in ((5, False), (10, True)):  # the search; the repeat and the abort
     kw = dict(steps=30, confidence=0.5)
-    ref, _, ok = fb.attacks.L2CarliniWagnerAttack(
+    ref, ok = foolbox_run(fb.attacks.L2CarliniWagnerAttack(
         binary_search_steps=search, stepsize=0.05, initial_const=0.01, abort_early=abort,
-        **kw)(model, x, y, epsilons=None)
+        **kw), x, y)
     res = attacks.carlini_wagner_l2(logits_fn, x, y, learning_rate=0.05, c=0.01,
                                     search_steps=search, abort_early=abort,
                                     space=attacks.PixelSpace(), **kw)
-    ok = np.asarray(ok)
     assert ok.sum() >= 4, (search, abort, ok)
     np.testing.assert_array_equal(np.asarray(res.success), ok)
     np.testing.assert_allclose(np.asarray(res.images)[ok], np.asarray(ref)[ok], atol=2e-3)
@@ -338,8 +362,8 @@ def trained(trained_tiny):
   pixels = np.clip(data.normalization.invert(batch["image"]), 0, 1).astype(np.float32)
   logits = logits_fn(space.normalize(jnp.asarray(pixels)))
   correct = np.asarray(jnp.argmax(logits, -1) == batch["label"])
-  assert correct.sum() >= 16, "the smoke model should classify some test images"
-  return logits_fn, space, pixels[correct][:16], batch["label"][correct][:16]
+  assert correct.sum() >= 8, "the smoke model should classify some test images"
+  return logits_fn, space, pixels[correct][:8], batch["label"][correct][:8]
 
 
 @pytest.mark.xdist_group("trained_tiny")
@@ -347,8 +371,8 @@ def test_pgd_beats_random_noise_on_the_trained_model_and_is_deterministic(traine
   logits_fn, space, x, y = trained
   eps = 8 / 255
   # 10 steps (each a forward and backward pass of the batch; the attack's runtime) are
-  # as strong as 20 on this model: PGD succeeds on every image at 8/255 and on 13-15 of
-  # the 16 at 2/255, where noise flips 0-2.
+  # as strong as 20 on this model. On these 8 images PGD succeeds on every one at 8/255
+  # and at 2/255, where random noise flips none (at 8/255 it flips one).
   steps = 10
   res = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=steps,
                     space=space)
@@ -364,11 +388,13 @@ def test_pgd_beats_random_noise_on_the_trained_model_and_is_deterministic(traine
   assert noise_success(eps) < float(res.success.mean())
   small = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=2 / 255, steps=steps,
                       space=space)
+  print("PGD success at 8/255, 2/255; noise at 8/255, 2/255:", float(res.success.mean()),
+        float(small.success.mean()), noise_success(eps), noise_success(2 / 255))
   assert noise_success(2 / 255) <= 0.25 * float(small.success.mean())
   again = attacks.pgd(logits_fn, x, y, key=jax.random.key(0), eps=eps, steps=steps,
                       space=space)
   np.testing.assert_array_equal(res.images, again.images)
-  # The same attack with the batch split over 4 devices gives the same images. The 16
+  # The same attack with the batch split over 4 devices gives the same images. The 8
   # images split evenly, so the unsplit run to compare with is the one above.
   mesh = sharding.mask_mesh(jax.devices()[:4])
   assert len(x) % 4 == 0
@@ -381,7 +407,6 @@ def test_pgd_beats_random_noise_on_the_trained_model_and_is_deterministic(traine
 def test_epsilon_sweep_is_one_vmapped_call(trained):
   logits_fn, space, x, y = trained
   eps = jnp.array([0.0, 2 / 255, 8 / 255])
-  x, y = x[:8], y[:8]
   res = attacks.epsilon_sweep(attacks.fgsm, logits_fn, x, y, eps=eps, space=space)
   assert res.images.shape == (3,) + x.shape
   np.testing.assert_allclose(res.linf.max(1), np.minimum(eps, 1.0), atol=1e-6)

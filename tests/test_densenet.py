@@ -41,8 +41,14 @@ def tiny():
   return model
 
 
+# The three tests below run the tiny network eagerly, op by op, on one input shape, in
+# one worker: each operation compiles once for all three.
+EAGER_SHAPE = (4, 32, 32, 1)
+
+
+@pytest.mark.xdist_group("densenet_tiny_eager")
 def test_suffix_of_prefix_equals_forward_at_every_stage(tiny):
-  x = jax.random.normal(jax.random.key(0), (3, 64, 64, 1))
+  x = jax.random.normal(jax.random.key(0), EAGER_SHAPE)
   full = tiny(x)
   assert tiny.stage_names == ("stem", "block1", "transition1", "block2", "transition2",
                               "block3")
@@ -91,9 +97,10 @@ def _logits_fn(model):
                                    nnx.to_pure_dict(stats))
 
 
+@pytest.mark.xdist_group("densenet_tiny_eager")
 def test_logits_fn_is_jit_vmap_grad_safe(tiny):
   logits_fn = _logits_fn(tiny)
-  x = jax.random.normal(jax.random.key(2), (4, 32, 32, 1))
+  x = jax.random.normal(jax.random.key(2), EAGER_SHAPE)
   eager = logits_fn(x)
   np.testing.assert_allclose(jax.jit(logits_fn)(x), eager, rtol=1e-5, atol=1e-6)
   # Eval mode: each example is independent of the others in its batch.
@@ -104,13 +111,14 @@ def test_logits_fn_is_jit_vmap_grad_safe(tiny):
   jtu.check_grads(jax.jit(f), (x,), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.xdist_group("densenet_tiny_eager")
 def test_non_finite_input_stays_in_its_example(tiny):
   logits_fn = _logits_fn(tiny)
-  x = jax.random.normal(jax.random.key(3), (3, 32, 32, 1))
+  x = jax.random.normal(jax.random.key(3), EAGER_SHAPE)
   x = x.at[1, 5, 5, 0].set(jnp.nan)
   out = np.asarray(logits_fn(x))
   assert np.isnan(out[1]).all()
-  assert np.isfinite(out[[0, 2]]).all()
+  assert np.isfinite(out[[0, 2, 3]]).all()
 
 
 def test_tracing_construction_and_a_training_step_never_walks_the_trace(monkeypatch):
