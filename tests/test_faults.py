@@ -156,7 +156,7 @@ def test_a_retrained_model_is_refused_by_the_sweep_and_the_analysis(trained_smok
   # The same model retrained to the same step in the same workdir, with another seed.
   retrain = trained_smoke[0].copy_and_resolve_references()
   retrain.train.seed = 1
-  training.train_and_evaluate(retrain, workdir, fresh=True)
+  training.train_and_evaluate(retrain, workdir, fresh=True, devices=jax.devices()[:1])
   (tmp_path / "sweep" / "chunks" / "00001.npz").unlink()
   with pytest.raises(ValueError, match=r"different settings \(\['model.weights'\]\): "
                                        r"model.weights: '\w+' there, '\w+' now"):

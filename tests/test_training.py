@@ -66,10 +66,11 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path, data_dir, trained_s
     if step == 6:
       raise Killed
 
+  one = jax.devices()[:1]  # as the reference was trained
   with pytest.raises(Killed):
-    training.train_and_evaluate(config, tmp_path, step_hook=kill_at_6)
+    training.train_and_evaluate(config, tmp_path, step_hook=kill_at_6, devices=one)
   assert checkpoint.Checkpointer(tmp_path).latest_step() == 4
-  training.train_and_evaluate(config, tmp_path)
+  training.train_and_evaluate(config, tmp_path, devices=one)
   (p1, s1), _ = _params(tmp_path)
   (p2, s2), _ = _params(reference)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -103,7 +104,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, data_dir):
   config.train.learning_rate = 1e30
   config.train.optimizer = "sgd"
   with pytest.raises(FloatingPointError, match="Training loss is nan"):
-    training.train_and_evaluate(config, tmp_path)
+    training.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
 
 
 @pytest.mark.xdist_group("trained_smoke")
