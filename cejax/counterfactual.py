@@ -80,14 +80,17 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
     raise ValueError(f"threshold must lie in (0, 1) (a probability), got {threshold}.")
   fill = interventions.resolve(intervention)
   n, h, w, _ = images.shape
-  clean = np.asarray(logits_fn(images))
+  # The decisions between optimisations: one compiled forward pass (called as it is,
+  # an un-jitted network would run, and first compile, operation by operation).
+  predict = jax.jit(logits_fn)
+  clean = np.asarray(predict(images))
   targets = clean.argmax(-1).astype(np.int32)
 
   def decide(regions):
     """Predicted class and flip flag of each image with ``regions (n, h, w)`` replaced."""
     values = jax.vmap(lambda x: fill.fill(x, None))(images)
     x = images * (1 - regions[..., None]) + values * regions[..., None]
-    logits = np.asarray(logits_fn(x))
+    logits = np.asarray(predict(x))
     pred = logits.argmax(-1)
     if threshold is None:
       return pred, pred != targets
