@@ -204,7 +204,8 @@ def main(argv=None) -> dict:
       "rise": masks.rise(jax.random.key(0), num=cfg["rise"], shape=(size, size)),
   }
   rec.put(["masks"], {f: s.num for f, s in sources.items()})
-  peaks = rec.attempt(["peaks_tflop_s"], lambda: matmul_peaks(cfg["peak_n"], seconds=cfg["peak_seconds"]), need_s=10)
+  peaks = rec.attempt(["peaks_tflop_s"], lambda: matmul_peaks(
+      cfg["peak_n"], seconds=cfg["peak_seconds"]), need_s=10)
 
   # Exactness: expected CE of a few masks on the device against float64 PyTorch on CPU.
   def exactness():

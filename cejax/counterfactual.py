@@ -85,10 +85,10 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
   predict = jax.jit(logits_fn)
   clean = np.asarray(predict(images))
   targets = clean.argmax(-1).astype(np.int32)
+  values = jax.vmap(lambda x: fill.fill(x, None))(images)  # the same for every decision
 
   def decide(regions):
     """Predicted class and flip flag of each image with ``regions (n, h, w)`` replaced."""
-    values = jax.vmap(lambda x: fill.fill(x, None))(images)
     x = images * (1 - regions[..., None]) + values * regions[..., None]
     logits = np.asarray(predict(x))
     pred = logits.argmax(-1)
