@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import random_densenet
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -31,8 +32,8 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def tiny():
-  model = densenet.DenseNetTiny(num_classes=3, in_channels=1, rngs=nnx.Rngs(0))
-  model.eval()
+  model = random_densenet(lambda: densenet.DenseNetTiny(num_classes=3, in_channels=1,
+                                                      rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
   logits_fn = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
   return model, logits_fn
@@ -103,7 +104,8 @@ def test_saliency_and_pgd_lower(tiny):
 
 
 def test_a_data_parallel_training_step_lowers():
-  model = densenet.DenseNetTiny(num_classes=3, in_channels=1, rngs=nnx.Rngs(0))
+  model = random_densenet(lambda: densenet.DenseNetTiny(num_classes=3, in_channels=1,
+                                                      rngs=nnx.Rngs(0)))
   optimizer = optax.adamw(1e-3)
   graphdef, state = training.init_state(model, optimizer)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))

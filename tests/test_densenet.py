@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import abstract_densenet
+from conftest import abstract_densenet, random_densenet
 from flax import nnx
 from jax import test_util as jtu
 
@@ -24,21 +24,10 @@ def test_parameter_counts_match_torchvision(preset, num_classes, expected):
   assert densenet.count_params(model) == expected
 
 
-def _randomize_batch_stats(model, seed=0):
-  """Non-trivial running statistics, so eval mode differs from train mode."""
-  rng = np.random.default_rng(seed)
-  for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.BatchNorm):
-      var.mean.value = jnp.asarray(rng.normal(0, 0.1, var.mean.value.shape), jnp.float32)
-      var.var.value = jnp.asarray(rng.uniform(0.5, 1.5, var.var.value.shape), jnp.float32)
-
-
 @pytest.fixture(scope="module")
 def tiny():
-  model = densenet.DenseNetTiny(num_classes=5, in_channels=1, rngs=nnx.Rngs(0))
-  _randomize_batch_stats(model)
-  model.eval()
-  return model
+  return random_densenet(lambda: densenet.DenseNetTiny(num_classes=5, in_channels=1,
+                                                     rngs=nnx.Rngs(0)))
 
 
 # The three tests below run the tiny network eagerly, op by op, on one input shape, in
@@ -72,13 +61,14 @@ def test_densenet121_stages_and_feature_map_shapes():
     model = nnx.merge(graphdef, state)
     model.eval()
     h = model.forward_to(x, stage)
-    return h, model.forward_from(h, stage), model.features(x)
+    return h, model.forward_from(h, stage)
 
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   for stage, width, size in zip(abstract.stage_names, widths, sizes, strict=True):
-    h, logits, features = jax.eval_shape(lambda s, x, st=stage: split(s, x, st), state, x)
-    assert h.shape == (1, size, size, width), stage
-    assert logits.shape == (1, 14) and features.shape == (1, 2, 2, 1024)
+    h, logits = jax.eval_shape(lambda s, x, st=stage: split(s, x, st), state, x)
+    assert h.shape == (1, size, size, width) and logits.shape == (1, 14), stage
+  features = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).features(x), state, x)
+  assert features.shape == (1, 2, 2, 1024)
 
 
 def test_unknown_stage_lists_valid_ones(tiny):
@@ -104,7 +94,7 @@ def test_logits_fn_is_jit_vmap_grad_safe(tiny):
   eager = logits_fn(x)
   np.testing.assert_allclose(jax.jit(logits_fn)(x), eager, rtol=1e-5, atol=1e-6)
   # Eval mode: each example is independent of the others in its batch.
-  per_example = jax.vmap(lambda im: logits_fn(im[None])[0])(x)
+  per_example = jax.jit(jax.vmap(lambda im: logits_fn(im[None])[0]))(x)
   np.testing.assert_allclose(per_example, eager, rtol=1e-5, atol=1e-6)
   # Gradients agree with finite differences (in float64-free central differences).
   f = lambda im: jnp.sum(jax.nn.log_softmax(logits_fn(im))[:, 1])

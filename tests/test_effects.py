@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 from compile_count import Compilations as _Compilations
+from conftest import random_densenet
 from flax import nnx
 from jax import test_util as jtu
 
@@ -317,8 +318,8 @@ def test_bad_values_under_jit_are_nan_never_silent(setup):
 
 @pytest.fixture(scope="module")
 def tiny_stage():
-  model = densenet.DenseNetTiny(num_classes=5, in_channels=1, rngs=nnx.Rngs(0))
-  model.eval()
+  model = random_densenet(lambda: densenet.DenseNetTiny(num_classes=5, in_channels=1,
+                                                      rngs=nnx.Rngs(0)))
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
@@ -336,16 +337,19 @@ def test_latent_prefix_reuse_equals_full_recomputation(tiny_stage):
   result = effects.causal_effect(latent.forward(prefix, suffix), image, inter,
                                  estimand="probability", batch_size=5, mesh=mesh)
   model = nnx.merge(graphdef, params, stats)
-  for i in range(len(inter.channels)):
+
+  @jax.jit  # one program (run eagerly, each operation would compile on its own)
+  def reference(channel, value, region):
     h = model.forward_to(image[None], stage)[0]  # recomputed every time
-    h = h.at[..., inter.channels[i]].set(
-        h[..., inter.channels[i]] * (1 - inter.regions[i])
-        + inter.values[i] * inter.regions[i])
-    p = jax.nn.softmax(model(image[None])[0])
-    q = jax.nn.softmax(model.forward_from(h[None], stage)[0])
-    t = int(result.target)
+    h = h.at[..., channel].set(h[..., channel] * (1 - region) + value * region)
+    clean = model(image[None])[0]
+    return clean, jax.nn.softmax(clean), jax.nn.softmax(model.forward_from(h[None], stage)[0])
+
+  t = int(result.target)
+  for i in range(len(inter.channels)):
+    clean, p, q = reference(inter.channels[i], inter.values[i], inter.regions[i])
     np.testing.assert_allclose(result.effects[i], q[t] - p[t], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(result.clean_logits, model(image[None])[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(result.clean_logits, clean, rtol=1e-5, atol=1e-6)
 
 
 def test_latent_sweep_under_jit_and_bad_channels(tiny_stage):

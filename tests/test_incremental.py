@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import abstract_densenet
+from conftest import abstract_densenet, random_densenet
 from flax import nnx
 
 from cejax import effects, incremental, interventions, masks
@@ -24,15 +24,7 @@ def _model(**kw):
   """Small DenseNets: the tiny preset, or two short blocks (the patch reaches the head)."""
   kw = dict(growth_rate=4, block_config=(2, 1), num_init_features=8, bn_size=2,
             in_channels=2, num_classes=4) | kw
-  model = densenet.DenseNet(rngs=nnx.Rngs(0), **kw)
-  # Running statistics away from (0, 1), so BatchNorm is not the identity.
-  stats = [(path, var) for path, var in nnx.iter_graph(model)
-           if isinstance(var, nnx.BatchStat)]
-  for i, (path, var) in enumerate(stats):
-    var[...] = jax.random.uniform(jax.random.key(i), var.shape, minval=0.5,
-                                  maxval=1.5) * (1.0 if path[-1] == "var" else 0.3)
-  model.eval()
-  return model
+  return random_densenet(lambda: densenet.DenseNet(rngs=nnx.Rngs(0), **kw))
 
 
 def test_patches_contain_every_changed_output_and_windows_stay_in_bounds():
@@ -76,8 +68,8 @@ def _activations(model, x):
 
 @pytest.mark.parametrize("box", [(0, 0, 4, 3), (11, 17, 6, 5), (33, 36, 4, 5)])
 def test_region_arithmetic_equals_brute_force_activation_differences(box):
-  model = densenet.DenseNetTiny(num_classes=3, in_channels=1, rngs=nnx.Rngs(1))
-  model.eval()
+  model = random_densenet(lambda: densenet.DenseNetTiny(num_classes=3, in_channels=1,
+                                                      rngs=nnx.Rngs(1)), seed=1)
   image = jax.random.normal(jax.random.key(0), (1, 37, 41, 1))
   y0, x0, bh, bw = box
   changed = image.at[0, y0:y0 + bh, x0:x0 + bw].add(
@@ -151,7 +143,7 @@ def test_effects_equal_the_full_forward_sweep():
       stack = np.asarray(source(jnp.arange(source.num)))
       x = np.asarray(image)
       batch = np.concatenate([x[None], x[None] * (1 - stack[..., None])])
-      logits = np.asarray(model(jnp.asarray(batch)), np.float64)
+      logits = np.asarray(jax.jit(logits_fn)(jnp.asarray(batch)), np.float64)
       p = np.exp(logits - logits.max(-1, keepdims=True))
       p /= p.sum(-1, keepdims=True)
       k = logits.shape[-1]
