@@ -26,8 +26,12 @@ def _correlate(x, kernel: np.ndarray, axis: int, mode: str):
   padded = jnp.pad(x, pad, mode="edge" if mode == "nearest" else "constant")
   n = x.shape[axis]
   out = jnp.zeros_like(x)
+  # Static slices, not jnp.take of an index range: a gather per tap kept each tap in a
+  # fusion of its own (17 per axis at sigma 2), which made every program holding a blur
+  # several times larger to compile. Same products, same order of the sum.
   for j, weight in enumerate(kernel):  # static, short: 2 * radius + 1 shifted slices
-    out = out + jnp.asarray(weight, x.dtype) * jnp.take(padded, jnp.arange(j, j + n), axis)
+    out = out + jnp.asarray(weight, x.dtype) * jax.lax.slice_in_dim(padded, j, j + n,
+                                                                     axis=axis)
   return out
 
 
