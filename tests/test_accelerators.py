@@ -17,10 +17,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import random_densenet
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from random_networks import random_densenet
 
 from cejax import attacks, effects, incremental, masks, saliency, sharding
 from cejax.jobs import sweep_plan, training

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import abstract_densenet, random_densenet
+from conftest import abstract_densenet
 from flax import nnx
 from jax import test_util as jtu
+from random_networks import random_densenet
 
 from cejax.jobs import checkpoint
 from cejax.models import densenet

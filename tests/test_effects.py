@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import scipy.ndimage
 from compile_count import Compilations as _Compilations
-from conftest import random_densenet
 from flax import nnx
 from jax import test_util as jtu
+from random_networks import random_densenet
 
 from cejax import effects, estimands, interventions, latent, masks
 from cejax.jobs import checkpoint

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import abstract_densenet, random_densenet
+from conftest import abstract_densenet
 from flax import nnx
+from random_networks import random_densenet
 
 from cejax import effects, incremental, interventions, masks
 from cejax.estimands import ESTIMANDS
