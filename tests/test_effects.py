@@ -321,7 +321,9 @@ def test_bad_values_under_jit_are_nan_never_silent(setup):
 
 @pytest.fixture(scope="module")
 def tiny_stage():
+  # The tiny preset cut to two blocks of two layers (the smoke runs' network).
   model = random_densenet(lambda: densenet.DenseNetTiny(num_classes=5, in_channels=1,
+                                                      block_config=(2, 2),
                                                       rngs=nnx.Rngs(0)))
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
@@ -518,7 +520,7 @@ def test_lazy_boxes_equal_box_masks_and_pass_jit(setup):
 
 def test_what_a_user_hits_gets_a_clear_error(setup, tiny_stage):
   """Each of these passed silently or failed deep in XLA on the old code: a float target
-  (used as class 2), a 12-px image on the tiny DenseNet (every effect NaN), a 3-channel
+  (used as class 2), an image too small for the network (every effect NaN), a 3-channel
   image on a 1-channel model, a NaN mask (reported as "values in [0, 1]"), and
   GaussianNoise(0.5, 4) (a mean of 4)."""
   from cejax import attacks, saliency
@@ -535,9 +537,9 @@ def test_what_a_user_hits_gets_a_clear_error(setup, tiny_stage):
     effects.causal_effect(logits_fn, image, mask_set.at[0, 0, 0].set(jnp.nan))
   graphdef, params, stats = tiny_stage
   tiny = lambda x: nnx.merge(graphdef, params, stats)(x)  # noqa: E731
-  small = jax.random.normal(jax.random.key(0), (12, 12, 1))
-  with pytest.raises(ValueError, match="12 x 12 are too small.*at least 13 x 13"):
-    effects.causal_effect(tiny, small, masks.grid(shape=(12, 12), n=2))
+  small = jax.random.normal(jax.random.key(0), (4, 4, 1))
+  with pytest.raises(ValueError, match="4 x 4 are too small.*at least 5 x 5"):
+    effects.causal_effect(tiny, small, masks.grid(shape=(4, 4), n=2))
   with pytest.raises(ValueError, match="takes 1-channel images, got 3 channels"):
     effects.causal_effect(tiny, jnp.zeros((32, 32, 3)), masks.grid(shape=(32, 32), n=2))
   with pytest.raises(TypeError):
