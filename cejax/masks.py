@@ -111,8 +111,14 @@ def as_source(masks, shape=None) -> MaskSource:
 
 
 def to_array(masks) -> Masks:
-  """Every mask of a source (or an array), float32 ``(m, h, w)``."""
-  source = as_source(masks)
+  """Every mask of a source (or an array), float32 ``(m, h, w)``; one compiled program
+  per kind of source and shapes (run eagerly, a RISE recipe compiled each of its
+  operations)."""
+  return _materialize(as_source(masks))
+
+
+@jax.jit
+def _materialize(source) -> Masks:
   return jnp.asarray(source(jnp.arange(source.num)), jnp.float32)
 
 

@@ -172,7 +172,7 @@ def test_sharded_sweep_equals_one_device(setup, num_devices):
 def test_rise_recipe_sharded_equals_materialized(setup):
   logits_fn, image, _ = setup
   recipe = masks.rise(jax.random.key(5), num=37, shape=(H, W), cells=3, p=0.5)
-  materialized = recipe(jnp.arange(37))
+  materialized = masks.to_array(recipe)
   mesh = jax.make_mesh((8,), ("masks",))
   a = effects.causal_effect(logits_fn, image, recipe, batch_size=3, mesh=mesh)
   b = effects.causal_effect(logits_fn, image, materialized, batch_size=5)
@@ -234,12 +234,12 @@ def test_ce_map_coverage_and_sliding_borders():
 def test_ce_map_rise_weighting_is_the_kept_weighted_sum():
   recipe = masks.rise(jax.random.key(2), num=23, shape=(9, 7), cells=3, p=0.3)
   values = np.asarray(jax.random.normal(jax.random.key(3), (23, 2)))
-  kept = 1 - np.asarray(recipe(jnp.arange(23)), np.float64)
+  kept = 1 - np.asarray(masks.to_array(recipe), np.float64)
   ref = np.einsum("mk,mhw->hwk", values, kept) / (23 * 0.3)
   np.testing.assert_allclose(effects.ce_map(values, recipe, weighting="rise", batch_size=5),
                              ref, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="needs the RiseMasks source"):
-    effects.ce_map(values[:, 0], recipe(jnp.arange(23)), weighting="rise")
+    effects.ce_map(values[:, 0], masks.to_array(recipe), weighting="rise")
 
 
 def test_blur_equals_scipy_gaussian_filter():
@@ -260,6 +260,15 @@ def test_rise_masks_keep_fraction_p():
     kept = 1.0 - jax.jit(lambda r, i: r(i))(recipe, jnp.arange(400))
     assert float(kept.mean()) == pytest.approx(p, abs=0.03)
     assert float(kept.min()) >= 0.0 and float(kept.max()) <= 1.0
+
+
+def test_materializing_a_mask_source_is_one_compiled_program():
+  # Found: masks.to_array ran a source eagerly, so a RISE recipe compiled each of its
+  # operations (about 25 programs) on first use.
+  recipe = masks.rise(jax.random.key(11), num=9, shape=(13, 11), cells=3, p=0.4)
+  with _Compilations() as compiled:
+    dense = masks.to_array(recipe)
+  assert compiled.count == 1 and dense.shape == (9, 13, 11)
 
 
 def test_box_masks_cover_fractional_pixels():

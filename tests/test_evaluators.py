@@ -258,7 +258,7 @@ def test_ce_rise_map_is_the_coverage_weighted_mean_effect(setup):
                                 mask_spec=m, methods=("ce_rise",))["ce_rise"][0]
   recipe = masks.rise(jax.random.fold_in(key, 0), num=m.rise_masks, shape=(32, 32),
                       cells=m.rise_cells)
-  dense = np.asarray(recipe(jnp.arange(m.rise_masks)))
+  dense = np.asarray(masks.to_array(recipe))
   e = np.asarray(effects.causal_effect(model.logits_fn, inputs.images[0], dense).effects)
   want = -(e[:, None, None] * dense).sum(0) / dense.sum(0)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)

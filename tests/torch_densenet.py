@@ -75,7 +75,8 @@ def randomize(model, seed):
   return model.eval()
 
 
-def tiny(seed=0, *, classes=5, in_channels=1):
+def tiny(seed=0, *, classes=5, in_channels=1, blocks=(3, 3, 3)):
+  """cejax's tiny preset (``blocks`` as its ``block_config``), randomized."""
   torch.manual_seed(seed)
-  return randomize(TorchDenseNet(growth=12, blocks=(3, 3, 3), init=24, classes=classes,
+  return randomize(TorchDenseNet(growth=12, blocks=blocks, init=24, classes=classes,
                                   in_channels=in_channels), seed)
