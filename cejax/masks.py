@@ -111,15 +111,11 @@ def as_source(masks, shape=None) -> MaskSource:
 
 
 def to_array(masks) -> Masks:
-  """Every mask of a source (or an array), float32 ``(m, h, w)``; one compiled program
-  per kind of source and shapes (run eagerly, a RISE recipe compiled each of its
-  operations)."""
+  """Every mask of a source (or an array), float32 ``(m, h, w)``, by one compiled program."""
   return _materialize(as_source(masks))
 
 
-@jax.jit
-def _materialize(source) -> Masks:
-  return jnp.asarray(source(jnp.arange(source.num)), jnp.float32)
+_materialize = jax.jit(lambda source: jnp.asarray(source(jnp.arange(source.num)), jnp.float32))
 
 
 # --- grids ---------------------------------------------------------------------------
