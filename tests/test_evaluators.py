@@ -293,10 +293,11 @@ def test_optimised_mask_methods_are_the_library_calls(setup):
 
 
 def test_localization_curves_of_stacked_methods_equal_one_call_per_method():
-  """The evaluator scores every method's deletion/insertion curves in one call on the
-  maps stacked along the image axis; each image's curve is computed on its own, so the
-  AUCs are those of one metrics.deletion_insertion call per method, bit for bit."""
-  from cejax import metrics
+  """The evaluator scores every method's maps in one call per metric on the maps
+  stacked along the image axis; each image is scored on its own, so the scores are
+  those of one call per method (deletion/insertion, the pointing game, mass, IoU,
+  best IoBB, Otsu IoU, hit), bit for bit."""
+  from cejax import cxr_metrics, metrics
   from cejax.jobs.evaluators import localization
 
   w = jax.random.normal(jax.random.key(0), (12 * 10 * 2, 3))
@@ -313,6 +314,11 @@ def test_localization_curves_of_stacked_methods_equal_one_call_per_method():
     want = metrics.deletion_insertion(logits_fn, images, m, targets, step=7, batch_size=4)
     for curve, v in want.items():
       np.testing.assert_array_equal(got.curves[curve][name], v, err_msg=(name, curve))
+    for field, fn in (("pointing", metrics.pointing_game), ("mass", metrics.mass_in_box),
+                      ("iou", metrics.iou), ("iobb", cxr_metrics.best_iobb),
+                      ("otsu_iou", cxr_metrics.otsu_iou), ("hit", cxr_metrics.hit)):
+      np.testing.assert_array_equal(getattr(got, field)[name],
+                                    np.asarray(fn(m, boxes), np.float32), err_msg=field)
   # No methods: empty scores, not an error (a config may run the evaluator without maps).
   empty = localization.localization(logits_fn, images, {}, boxes, targets,
                                     activation="softmax", step=7, batch_size=4)

@@ -46,27 +46,31 @@ def localization(logits_fn, images, maps, boxes, targets, *, activation, step,
                  batch_size) -> Localization:
   """The scores of every map in ``maps`` (``{method: (n, h, w)}``); ``targets`` are the
   classes deletion and insertion track."""
-  # Every method's curves from one deletion_insertion call on the maps stacked along
-  # the image axis: each image's curve is computed on its own (lax.map), so the AUCs are
-  # the per-method calls', and the compiled program holds the network once, not once
-  # per method.
-  names, n, curves = list(maps), len(images), {}
-  if names:
-    stacked = metrics.deletion_insertion(
-        logits_fn, jnp.tile(images, (len(names), 1, 1, 1)),
-        jnp.concatenate([maps[name] for name in names]), jnp.tile(targets, len(names)),
-        step=step, activation=activation, batch_size=batch_size)
-    curves = {name: {c: v[i * n:(i + 1) * n] for c, v in stacked.items()}
-              for i, name in enumerate(names)}
+  # Every method's scores from one call per metric on the maps stacked along the image
+  # axis: each image is scored on its own (vmap, lax.map), so the scores are the
+  # per-method calls', and the compiled program holds each metric (and the network of
+  # the deletion curves) once, not once per method (14 methods: compile 3.2 s -> 0.7 s).
+  names, n = list(maps), len(images)
+  if not names:
+    return Localization({}, {}, {}, {}, {}, {}, {c: {} for c in metrics.CURVES})
+  stacked = jnp.concatenate([maps[name] for name in names])
+  tiled = jnp.tile(jnp.asarray(boxes), (len(names), 1, 1))
+
+  def per_method(values):
+    return {name: values[i * n:(i + 1) * n] for i, name in enumerate(names)}
+
+  curves = metrics.deletion_insertion(
+      logits_fn, jnp.tile(images, (len(names), 1, 1, 1)), stacked,
+      jnp.tile(targets, len(names)), step=step, activation=activation,
+      batch_size=batch_size)
   return Localization(
-      pointing={n: metrics.pointing_game(m, boxes).astype(jnp.float32)
-                for n, m in maps.items()},
-      mass={n: metrics.mass_in_box(m, boxes) for n, m in maps.items()},
-      iou={n: metrics.iou(m, boxes) for n, m in maps.items()},
-      iobb={n: cxr_metrics.best_iobb(m, boxes) for n, m in maps.items()},
-      otsu_iou={n: cxr_metrics.otsu_iou(m, boxes) for n, m in maps.items()},
-      hit={n: cxr_metrics.hit(m, boxes) for n, m in maps.items()},
-      curves={c: {n: curves[n][c] for n in maps} for c in metrics.CURVES})
+      pointing=per_method(metrics.pointing_game(stacked, tiled).astype(jnp.float32)),
+      mass=per_method(metrics.mass_in_box(stacked, tiled)),
+      iou=per_method(metrics.iou(stacked, tiled)),
+      iobb=per_method(cxr_metrics.best_iobb(stacked, tiled)),
+      otsu_iou=per_method(cxr_metrics.otsu_iou(stacked, tiled)),
+      hit=per_method(cxr_metrics.hit(stacked, tiled)),
+      curves={c: per_method(v) for c, v in curves.items()})
 
 
 class LocalizationEvaluator:
