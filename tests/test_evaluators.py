@@ -308,17 +308,23 @@ def test_localization_curves_of_stacked_methods_equal_one_call_per_method():
   maps["b"] = jnp.round(maps["b"] * 3)  # ties
   boxes = jnp.zeros((3, 12, 10), bool).at[:, 2:6, 3:7].set(True)
   targets = jnp.array([0, 2, 1])
-  got = localization.localization(logits_fn, images, maps, boxes, targets,
-                                  activation="softmax", step=7, batch_size=4)
+  # Compiled, as the evaluator runs it (eagerly, every metric's operations compile one
+  # by one); the per-method references compiled too.
+  got = jax.jit(lambda *a: localization.localization(
+      logits_fn, *a, activation="softmax", step=7, batch_size=4))(images, maps, boxes,
+                                                                  targets)
+  curves = jax.jit(lambda *a: metrics.deletion_insertion(logits_fn, *a, step=7,
+                                                         batch_size=4))
   for name, m in maps.items():
-    want = metrics.deletion_insertion(logits_fn, images, m, targets, step=7, batch_size=4)
+    want = curves(images, m, targets)
     for curve, v in want.items():
       np.testing.assert_array_equal(got.curves[curve][name], v, err_msg=(name, curve))
     for field, fn in (("pointing", metrics.pointing_game), ("mass", metrics.mass_in_box),
                       ("iou", metrics.iou), ("iobb", cxr_metrics.best_iobb),
                       ("otsu_iou", cxr_metrics.otsu_iou), ("hit", cxr_metrics.hit)):
       np.testing.assert_array_equal(getattr(got, field)[name],
-                                    np.asarray(fn(m, boxes), np.float32), err_msg=field)
+                                    np.asarray(jax.jit(fn)(m, boxes), np.float32),
+                                    err_msg=field)
   # No methods: empty scores, not an error (a config may run the evaluator without maps).
   empty = localization.localization(logits_fn, images, {}, boxes, targets,
                                     activation="softmax", step=7, batch_size=4)
