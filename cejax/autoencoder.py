@@ -73,20 +73,27 @@ def train_autoencoder(prefix_fn: Callable, batches: Iterable, *, features: int,
   """
   model = FeatureAutoencoder(features, code_channels=code_channels, rngs=nnx.Rngs(seed))
   optimizer = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
+  # A plain jax.jit over the split state: nnx.jit walks the model and optimizer graphs
+  # on every call, and reading each step's loss back synchronised every step (300 steps
+  # of the test: 11.9 s -> 9.0 s, the same losses).
+  graphdef, state = nnx.split((model, optimizer))
 
-  @nnx.jit
-  def step(model, optimizer, images):
+  @jax.jit
+  def step(state, images):
+    model, optimizer = nnx.merge(graphdef, state)
     h = jax.lax.stop_gradient(prefix_fn(images))
     (loss, aux), grads = nnx.value_and_grad(
         lambda m: loss_fn(m, h, tv_weight=tv_weight), has_aux=True)(model)
     optimizer.update(model, grads)
-    return loss, aux
+    return nnx.state((model, optimizer)), {"loss": loss, **aux}
 
-  history = []
-  batches = list(batches)
+  batches = [jnp.asarray(b) for b in batches]
+  losses = []
   for i in range(steps):
-    loss, aux = step(model, optimizer, jnp.asarray(batches[i % len(batches)]))
-    history.append({"loss": float(loss), **{k: float(v) for k, v in aux.items()}})
+    state, out = step(state, batches[i % len(batches)])
+    losses.append(out)
+  model, _ = nnx.merge(graphdef, state)
+  history = [{k: float(v) for k, v in out.items()} for out in jax.device_get(losses)]
   return model, history
 
 

@@ -21,7 +21,7 @@ assert jax.config.jax_default_matmul_precision is None  # JAX's default, not the
 # initialisation at XLA's default optimisation compiles each parameter shape's draw
 # (about 6 s here); any weights will do.
 model = nnx.eval_shape(lambda: densenet.DenseNet(
-    growth_rate=8, block_config=(2, 2), num_init_features=8, bn_size=2, in_channels=1,
+    growth_rate=8, block_config=(1, 1), num_init_features=8, bn_size=2, in_channels=1,
     num_classes=4, rngs=nnx.Rngs(0)))
 rng = np.random.default_rng(0)
 def draw(path, leaf):  # path: (..., variable name, .value)
