@@ -75,7 +75,7 @@ def train_autoencoder(prefix_fn: Callable, batches: Iterable, *, features: int,
   optimizer = nnx.Optimizer(model, optax.adam(learning_rate), wrt=nnx.Param)
   # A plain jax.jit over the split state: nnx.jit walks the model and optimizer graphs
   # on every call, and reading each step's loss back synchronised every step (300 steps
-  # of the test: 11.9 s -> 9.0 s, the same losses).
+  # of the test's size: 9.9 s -> 7.7 s side by side, the same losses).
   graphdef, state = nnx.split((model, optimizer))
 
   @jax.jit
