@@ -17,20 +17,13 @@ from cejax import effects, incremental, interventions, masks, sharding
 from cejax.models import densenet
 
 assert jax.config.jax_default_matmul_precision is None  # JAX's default, not the suite's
-# Built abstractly, with weights and running statistics drawn in numpy: eager
-# initialisation at XLA's default optimisation compiles each parameter shape's draw
-# (about 6 s here); any weights will do.
-model = nnx.eval_shape(lambda: densenet.DenseNet(
+import sys
+sys.path.insert(0, "tests")
+from random_networks import random_densenet  # compiles nothing (eager init would)
+
+model = random_densenet(lambda: densenet.DenseNet(
     growth_rate=8, block_config=(1, 1), num_init_features=8, bn_size=2, in_channels=1,
     num_classes=4, rngs=nnx.Rngs(0)))
-rng = np.random.default_rng(0)
-def draw(path, leaf):  # path: (..., variable name, .value)
-  if path[-2].key == "var":  # BatchNorm's running variance: positive
-    return jax.numpy.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-  return jax.numpy.asarray(rng.normal(0, 0.3, leaf.shape), leaf.dtype)
-graphdef, weights, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
-model = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, weights), rest)
-model.eval()
 graphdef, state = nnx.split(model)
 logits_fn = lambda x: nnx.merge(graphdef, state)(x)
 image = jax.random.normal(jax.random.key(0), (40, 44, 1))
