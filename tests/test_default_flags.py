@@ -10,7 +10,7 @@ from conftest import ROOT
 
 SCRIPT = """
 import jax
-jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np
 from flax import nnx
 from cejax import effects, incremental, interventions, masks, sharding
@@ -36,9 +36,9 @@ assert err <= 1e-5 < float(np.abs(np.asarray(full.effects)).max()), err
 rise = masks.rise(jax.random.key(1), num=22, shape=(40, 44), cells=4)
 blur = interventions.Blur(sigma=2.0)
 one = effects.causal_effect(logits_fn, image, rise, intervention=blur, batch_size=3)
-four = effects.causal_effect(logits_fn, image, rise, intervention=blur, batch_size=3,
+eight = effects.causal_effect(logits_fn, image, rise, intervention=blur, batch_size=3,
                              mesh=sharding.mask_mesh())
-np.testing.assert_array_equal(np.asarray(four.effects), np.asarray(one.effects))
+np.testing.assert_array_equal(np.asarray(eight.effects), np.asarray(one.effects))
 print("ok", err)
 """
 
