@@ -2,6 +2,7 @@
 read back by image id, and its stacked estimands equal one call per estimand/target."""
 
 import functools
+import os
 import shutil
 import signal
 import socket
@@ -94,19 +95,36 @@ def test_stacked_estimands_equal_one_call_per_estimand_and_target(trained_smoke,
     results.by_id("test/9")
 
 
-def test_eight_devices_give_the_one_device_maps(trained_smoke, one_device, tmp_path):
-  # (2 devices, and 2 processes of 2 devices, bit for bit: the resume and auto tests
-  # below.) At 8 devices the suite's compile flags (XLA:CPU's legacy emitters, conftest)
-  # fuse the clean forward pass with its surroundings differently from the one-device
-  # program and round its logits 1e-7 apart; at XLA's default flags 8 devices equal one
-  # bit for bit (test_default_flags). A mask or image in the wrong place is off by 1e-3.
-  config, out, _ = one_device
-  sweep.run(config, trained_smoke[1], out=tmp_path, devices=jax.devices()[:8],
-            progress=False)
-  a, b = sweep.load(tmp_path), sweep.load(out)
-  assert a.ids == b.ids
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6),
-               (a.maps, a.effects), (b.maps, b.effects))
+AT_XLA_DEFAULTS = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import ml_collections
+    import numpy as np
+    from cejax.jobs import sweep
+    workdir, out, overrides = sys.argv[1:4]
+    config = ml_collections.ConfigDict(json.loads(overrides))
+    for n in (1, 8):
+      sweep.run(config, workdir, out=f"{out}/{n}", devices=jax.devices()[:n],
+                progress=False)
+    a, b = sweep.load(f"{out}/1"), sweep.load(f"{out}/8")
+    assert a.ids == b.ids
+    jax.tree.map(np.testing.assert_array_equal, (a.maps, a.effects), (b.maps, b.effects))
+    print("ok")
+""")
+
+
+def test_eight_devices_give_bit_identical_maps_at_xla_defaults(trained_smoke, tmp_path):
+  # 2 devices, and 2 processes of 2 devices: bit for bit in the resume and auto tests
+  # below. 8 devices run in a fresh interpreter at XLA's default flags: under the
+  # suite's compile flags (XLA:CPU's legacy emitters, conftest.py) the 8-device program
+  # rounds the clean forward pass's logits 1e-7 apart from the one-device program.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-c", AT_XLA_DEFAULTS, str(trained_smoke[1]),
+                         str(tmp_path), _config(trained_smoke).to_json()],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().endswith("ok")
 
 
 def test_changed_settings_corrupt_chunks_and_bad_keys_are_refused(trained_smoke,
