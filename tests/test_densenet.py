@@ -143,3 +143,31 @@ def test_tracing_construction_and_a_training_step_never_walks_the_trace(monkeypa
 
   jax.jit(probe).trace(jnp.zeros(2))
   assert probe.got == "absent" and walks
+
+
+def test_input_gradients_in_a_loop_are_canonical_convolutions_with_jaxs_values(monkeypatch):
+  # JAX's transpose of a convolution reads the kernel as HWOI; XLA:CPU makes that its
+  # fast HWIO form only outside loops (ConvCanonicalization visits the entry
+  # computation alone), so inside a scan it ran as a generic loop. DenseNet's spatial
+  # convolutions take their input gradient through an HWIO kernel (models/_conv.py).
+  model = random_densenet(lambda: densenet.DenseNet(
+      growth_rate=4, block_config=(2,), num_init_features=8, bn_size=2, num_classes=3,
+      rngs=nnx.Rngs(0)), seed=2)
+  graphdef, state = nnx.split(model)
+  x = jax.random.normal(jax.random.key(0), (2, 24, 24, 3))
+
+  def grads(state, x):  # every weight's and the input's gradient
+    return jax.grad(lambda s, x: nnx.merge(graphdef, s)(x)[:, 1].sum(), (0, 1))(state, x)
+
+  def descent(x):
+    return jax.lax.fori_loop(0, 2, lambda i, x: x - 0.1 * grads(state, x)[1], x)
+
+  hlo = jax.jit(descent).lower(x).compile().as_text()
+  assert "convolution(" in hlo and "01oi" not in hlo  # HWOI kernels: none left
+  ours = jax.jit(grads)(state, x), jax.jit(descent)(x)
+  # JAX's own gradients of the same network through nnx.Conv's calls: the same bits
+  # (outside loops the same operations; inside, XLA:CPU's generic loop rounds apart).
+  monkeypatch.setattr(densenet, "spatial_conv", lambda layer, x: layer(x))
+  jaxs = jax.jit(lambda s, x: grads(s, x))(state, x)
+  jax.tree.map(np.testing.assert_array_equal, ours[0], jaxs)
+  np.testing.assert_allclose(ours[1], jax.jit(lambda x: descent(x))(x), rtol=1e-5, atol=1e-6)

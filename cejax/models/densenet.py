@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cejax.models._conv import spatial as spatial_conv
 from cejax.models._tracing import short_sharding_errors
 
 # torchvision's BatchNorm2d defaults: momentum 0.1 (flax counts the other way), eps 1e-5.
@@ -79,7 +80,7 @@ class DenseLayer(nnx.Module):
 
   def __call__(self, x):
     y = pointwise(self.conv1, nnx.relu(self.norm1(x)))
-    y = self.conv2(nnx.relu(self.norm2(y)))
+    y = spatial_conv(self.conv2, nnx.relu(self.norm2(y)))
     return jnp.concatenate([x, y], axis=-1)
 
 
@@ -126,7 +127,7 @@ class Stem(nnx.Module):
     self.pool = pool
 
   def __call__(self, x):
-    x = nnx.relu(self.norm(self.conv(x)))
+    x = nnx.relu(self.norm(spatial_conv(self.conv, x)))
     if self.pool:
       x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     return x
