@@ -171,3 +171,38 @@ def test_input_gradients_in_a_loop_are_canonical_convolutions_with_jaxs_values(m
   jaxs = jax.jit(lambda s, x: grads(s, x))(state, x)
   jax.tree.map(np.testing.assert_array_equal, ours[0], jaxs)
   np.testing.assert_allclose(ours[1], jax.jit(lambda x: descent(x))(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,strides,padding,size", [
+    (3, (1, 1), ((1, 1), (1, 1)), (9, 10)), (7, (2, 2), ((3, 3), (3, 3)), (11, 16)),
+    (5, (3, 2), ((1, 2), (2, 0)), (10, 9)), (1, (2, 2), ((0, 0), (0, 0)), (9, 12))])
+def test_conv_gradients_equal_jaxs_for_strides_and_asymmetric_padding(kernel, strides,
+                                                                      padding, size):
+  from cejax.models import _conv
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, *size, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=jax.eval_shape(
+      lambda: _conv.conv(x, k, strides, padding)).shape), jnp.float32)
+
+  def grads(f):
+    return jax.jit(jax.grad(lambda x, k: jnp.vdot(f(x, k), cot), (0, 1)))(x, k)
+
+  ours = grads(lambda x, k: _conv.conv(x, k, strides, padding))
+  jaxs = grads(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  jax.tree.map(np.testing.assert_array_equal, ours, jaxs)
+
+
+def test_spatial_refuses_convolutions_it_would_compute_differently():
+  from cejax.models import _conv
+
+  x = jnp.ones((2, 9, 9, 3))
+  pad = ((1, 1), (1, 1))
+  for kwargs, named in ((dict(padding="SAME", use_bias=False), "padding"),
+                        (dict(padding=pad, kernel_dilation=2, use_bias=False),
+                         "kernel_dilation"),
+                        (dict(padding=pad), "use_bias")):
+    with pytest.raises(ValueError, match=f"unsupported .*'{named}'"):
+      _conv.spatial(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0), **kwargs), x)
