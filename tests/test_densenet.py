@@ -168,6 +168,7 @@ def test_input_gradients_in_a_loop_are_canonical_convolutions_with_jaxs_values(m
   # JAX's own gradients of the same network through nnx.Conv's calls: the same bits
   # (outside loops the same operations; inside, XLA:CPU's generic loop rounds apart).
   monkeypatch.setattr(densenet, "spatial_conv", lambda layer, x: layer(x))
+  # (new lambdas: jit caches traces by function, and these must be traced again)
   jaxs = jax.jit(lambda s, x: grads(s, x))(state, x)
   jax.tree.map(np.testing.assert_array_equal, ours[0], jaxs)
   np.testing.assert_allclose(ours[1], jax.jit(lambda x: descent(x))(x), rtol=1e-5, atol=1e-6)

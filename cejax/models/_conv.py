@@ -6,7 +6,8 @@ convolutions to its canonical ``HWIO`` form only in a program's entry computatio
 (``ConvCanonicalization`` visits nothing else), so inside a ``lax.scan`` or
 ``fori_loop`` body -- extremal perturbations, PGD, any optimisation over the input --
 they fell back to a generic loop: three input-gradient steps of DenseNet-121 (batch 4,
-224 px) in a ``fori_loop`` took 9.9 s, 2.5 s with this module (benchmarks/RESULTS.md).
+224 px) in a ``fori_loop`` took 9.7 s, 2.4 s with this module
+(``benchmarks/loop_gradient.py``, benchmarks/RESULTS.md).
 
 ``conv`` is ``lax.conv_general_dilated`` forward. Its VJP is JAX's own, except that the
 input's cotangent is computed with the kernel reversed and transposed to ``HWIO``
@@ -56,7 +57,7 @@ def _conv_bwd(strides, padding, precision, residuals, cotangent):
     for size, k, s, (lo, _), out in zip(x.shape[1:3], kernel.shape[:2], strides, padding,
                                         cotangent.shape[1:3], strict=True):
       before = k - lo - 1
-      pads.append((before, _dilated(size, 1) + k - 1 - _dilated(out, s) - before))
+      pads.append((before, size + k - 1 - _dilated(out, s) - before))
     flipped = kernel[::-1, ::-1].swapaxes(2, 3)
     dx = jax.lax.conv_general_dilated(cotangent, flipped, (1, 1), pads,
                                       lhs_dilation=strides, dimension_numbers=_NHWC,
