@@ -60,6 +60,7 @@ from cejax.smooth_masks import (
   PYRAMIDS,
   Geometry,
   apply_pyramid,
+  area_gap,
   area_reference,
   blur_pyramid,
   correlation_matrix,
@@ -135,8 +136,6 @@ def _optimise(logits_fn, images, targets, zeros, init, *, g: Geometry, objective
   w_in)``. Returns masks ``(n, K, h, w)`` and
   the reward and area term of every iteration, ``(n, K, T)`` each."""
   n, num_areas = images.shape[0], zeros.shape[1]
-  max_area = g.shape_out[0] * g.shape_out[1]
-  reference = (jnp.arange(max_area) >= zeros[..., None]).astype(jnp.float32)
   clean = logits_fn(images)
   num_variants = 2 if variant == DUAL else 1
 
@@ -150,8 +149,7 @@ def _optimise(logits_fn, images, targets, zeros, init, *, g: Geometry, objective
     logits = logits_fn(x.reshape(-1, *x.shape[-3:])).reshape(n, num_variants, num_areas, -1)
     reward = jax.vmap(lambda z, c, t: _reward(objective, z, c, t, variant))(
         logits, clean, targets)
-    ordered = jnp.sort(full.reshape(n, num_areas, -1), axis=-1, stable=True)
-    regul = -jnp.mean((ordered - reference) ** 2, -1) * weight
+    regul = -area_gap(full.reshape(n, num_areas, -1), zeros) * weight
     return jnp.sum(reward + regul), (reward, regul)
 
   def step(carry, xs):

@@ -104,6 +104,31 @@ def test_smooth_mask_gradient_equals_pytorch_autograd(shape, step, sigma):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+def test_area_constraint_equals_pytorchs_sorted_form():
+  """area_gap ranks without sorting; against torch.sort (stable) and autograd, with ties
+  (values on a grid of quarters, -0 beside 0) that a rank-by-position rule must break as
+  a stable sort does, and the step at every position."""
+  rng = np.random.default_rng(4)
+  size = 300
+  masks = rng.uniform(0, 1, (4, 3, size)).astype(np.float32)
+  masks[2:] = np.round(masks[2:] * 4) / 4
+  masks[3, :, -40:] = -0.0  # after the zeros: a sign-aware order would put them first
+  zeros = rng.integers(0, size, (4, 3)).astype(np.int32)
+  zeros[:, 0] = (0, size - 1, 100, 40)  # the ends; a threshold inside the zeros' ties
+  cotangent = rng.normal(size=(4, 3)).astype(np.float32)
+  tmasks = torch.from_numpy(masks).requires_grad_(True)
+  step = (torch.arange(size) >= torch.from_numpy(zeros)[..., None]).float()
+  want = ((torch.sort(tmasks, dim=-1, stable=True).values - step) ** 2).mean(-1)
+  (want * torch.from_numpy(cotangent)).sum().backward()
+  got, grad = jax.value_and_grad(
+      lambda m: (smooth_masks.area_gap(m, zeros) * cotangent).sum())(jnp.asarray(masks))
+  np.testing.assert_allclose(np.asarray(smooth_masks.area_gap(jnp.asarray(masks), zeros)),
+                             want.detach().numpy(), rtol=1e-6)
+  want_total = float((want.detach() * torch.from_numpy(cotangent)).sum())
+  np.testing.assert_allclose(float(got), want_total, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), tmasks.grad.numpy(), rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("variant,perturbation", [("preserve", "blur"), ("delete", "blur"),
                                                   ("dual", "fade")])
 def test_masks_after_k_iterations_equal_the_pytorch_reference(pair, variant, perturbation):
