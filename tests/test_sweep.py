@@ -302,8 +302,9 @@ def test_optimised_masks_are_the_library_calls_and_changed_settings_are_refused(
   s.optimised = ("extremal", "ce_optimal", "counterfactual")
   s.extremal_areas, s.extremal_iterations, s.extremal_step = (0.1, 0.3), 3, 4
   s.extremal_sigma, s.counterfactual_bisection = 4.0, 0
+  s.optimised_batch_size = 2
   config.masks.grid_cells = 4
-  summary = sweep.run(config, workdir, out=tmp_path, devices=jax.devices()[:1],
+  summary = sweep.run(config, workdir, out=tmp_path, devices=jax.devices()[:2],
                       progress=False)
   assert summary["optimised_seconds"] > 0 and summary["optimised_images_per_s"] > 0
   got = sweep.load(tmp_path)
@@ -314,10 +315,12 @@ def test_optimised_masks_are_the_library_calls_and_changed_settings_are_refused(
   images = np.asarray(data.batch("test", [0, 1])["image"])
   targets = np.asarray(jax.jit(logits_fn)(images)).argmax(-1)
   np.testing.assert_array_equal(got.optimised["targets"], targets)
-  # One image at a time: the sweep optimises one image per device whatever the chunk
-  # (the network's rounding may depend on its batch; a chunk's batch once followed the
-  # device count, and these masks differed from a two-image batch's by 2.4e-7).
-  common = dict(areas=(0.1, 0.3), iterations=3, step=4, sigma=4.0, batch_size=1)
+  # Two devices against one, at the sweep's per-device batch: the sweep optimises
+  # optimised_batch_size images per device whatever the chunk and the mesh (the
+  # network's rounding may depend on its batch; a chunk's batch once followed the device
+  # count, and masks differed from a two-image batch's by 2.4e-7).
+  assert len(jax.devices()) >= 2
+  common = dict(areas=(0.1, 0.3), iterations=3, step=4, sigma=4.0, batch_size=2)
   want = extremal.extremal_perturbation(logits_fn, images, targets, **common)
   np.testing.assert_array_equal(got.optimised["extremal"]["masks"], want.masks)
   np.testing.assert_array_equal(got.optimised["extremal"]["final_reward"],
@@ -345,6 +348,7 @@ def test_optimised_masks_are_the_library_calls_and_changed_settings_are_refused(
     (dict(optimised=("ce_optimal",), estimands=("per_class",)), "estimands has none"),
     (dict(optimised=("extremal",), extremal_areas=(0.1, 1.5)), "extremal_areas must be"),
     (dict(optimised=("extremal",), extremal_iterations=0), "extremal_iterations must be"),
+    (dict(optimised=("extremal",), optimised_batch_size=0), "optimised_batch_size must be"),
     (dict(families=()), r"config.sweep.families has nothing"),
 ])
 def test_bad_optimised_settings_are_named(change, message):

@@ -233,4 +233,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.sweep.extremal_step = 7
   config.sweep.extremal_sigma = 21.0
   config.sweep.counterfactual_bisection = 3  # bisection steps after the area grid
+  # Images optimised at a time per device (each with its areas). The masks are the same
+  # bits on any mesh at one value; the network's rounding may depend on its batch, so
+  # they differ between values at float round-off. Larger is faster on CPUs.
+  config.sweep.optimised_batch_size = 1
   return config

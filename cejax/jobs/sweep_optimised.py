@@ -13,9 +13,10 @@ masks that ``cejax.extremal`` and ``cejax.counterfactual`` optimise by ``jax.gra
   the predicted class (``counterfactual.minimal_counterfactual``).
 
 All are for the predicted class (``targets="predicted"``, each image's on its own), the
-chunk's images spread over the devices (``mesh``), one image per device at a time with
-its areas as one batch: the results do not depend on the device count (a sharded run
-equals one device bit for bit at the same per-device batch, ``tests/test_extremal.py``).
+chunk's images spread over the devices (``mesh``), ``optimised_batch_size`` images per
+device at a time (default 1) with their areas as one batch: the results do not depend on
+the device count (a sharded run equals one device bit for bit at the same per-device
+batch, ``tests/test_extremal.py``, ``tests/test_sweep.py``).
 They are stored in the chunk under ``optimised`` (``masks`` ``(n, K, h, w)`` per area;
 ``final_reward``: the objective of the last iteration, ``(n, K)``; the counterfactual's
 ``area``, ``mask``, ``flipped_to``, ``found``), so they get the sweep's record,
@@ -54,6 +55,10 @@ def check_settings(s) -> None:
   if not isinstance(bisection, int) or isinstance(bisection, bool) or bisection < 0:
     raise ValueError("config.sweep.counterfactual_bisection must be an integer >= 0, got "
                      f"{bisection!r}.")
+  batch = s.optimised_batch_size
+  if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+    raise ValueError("config.sweep.optimised_batch_size must be an integer >= 1 (images "
+                     f"per device at a time), got {batch!r}.")
   if "ce_optimal" in s.optimised and not scalar_estimands(s):
     raise ValueError(f"config.sweep.optimised has 'ce_optimal', which maximises one of "
                      f"{SCALAR_ESTIMANDS}; config.sweep.estimands has none "
@@ -79,12 +84,14 @@ def chunk_results(logits_fn, images, *, settings, fills, activation,
   s = settings
   images = jnp.asarray(images)
   targets = jnp.stack([_predicted_class(logits_fn, x) for x in images])
-  # One image per device at a time (its areas as one batch): the network's rounding may
-  # depend on its batch, so a batch that followed the device count would make the masks
-  # depend on it too; with one image they are the same bits on any mesh.
+  # optimised_batch_size images per device at a time (their areas as one batch), not a
+  # batch that follows the device count: the network's rounding may depend on its batch,
+  # so the masks would depend on the mesh too. At a fixed per-device batch every device
+  # count groups the same images together (sharding.map_chunks): the same bits.
   common = dict(areas=tuple(float(a) for a in s.extremal_areas),
                 iterations=s.extremal_iterations, step=s.extremal_step,
-                sigma=float(s.extremal_sigma), batch_size=1, mesh=mesh)
+                sigma=float(s.extremal_sigma), batch_size=s.optimised_batch_size,
+                mesh=mesh)
   out: dict[str, Any] = {"targets": np.asarray(targets)}
   if "extremal" in s.optimised:
     res = extremal.extremal_perturbation(logits_fn, images, targets, **common)
