@@ -29,7 +29,7 @@ def main():
   p.add_argument("--workdir", default="runs/synthetic")
   p.add_argument("--devices", type=int, default=2)
   p.add_argument("--images", type=int, default=20)
-  p.add_argument("--iterations", type=int, nargs=2, default=(10, 30))
+  p.add_argument("--iterations", type=int, nargs=2, default=(10, 210))
   p.add_argument("--json", default="")
   args = p.parse_args()
   import jax

@@ -2,6 +2,9 @@
 
     python benchmarks/science_tables.py benchmarks/results_science_2026-11-29.json
 
+The README prints two records: the evaluation's (``configs/synthetic_eval.py``) and the
+optimised masks' (``configs/synthetic_eval_optimised.py``, no attack table).
+
 The record is the evaluation's ``metrics.json`` with how it was made (``record``:
 command, config, commit, date, machine); ``--make OUT --from METRICS`` writes one from a
 run's ``metrics.json``. Every number printed comes from the record, and
@@ -77,6 +80,8 @@ def tables(record: dict) -> str:
     out += ["", f"Integrated Gradients' completeness gap (|sum of attributions - logit "
             f"difference| / |logit difference|): mean {ci(gap, 4)}, median "
             f"{s['methods']['integrated_gradients']['completeness_gap_median']:.4f}."]
+  if "detection" not in s:  # a run without the attack evaluators (the optimised masks')
+    return "\n".join(out) + "\n"
   out += ["", "| attack (eps in /255) | success | attacked images (train / test) | CE "
           "features | max confidence | feature squeezing |", "|---|---|---|---|---|---|"]
   for attack, dets in s["detection"].items():
