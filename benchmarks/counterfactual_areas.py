@@ -6,8 +6,9 @@
         --json benchmarks/results_counterfactual_DATE.json
 
 Reads a sweep's ``counterfactual`` results (``cejax.jobs.sweep.load``: every chunk
-checked against the run) and the same images' boxes, from the data the sweep recorded
-(the data settings are checked against its ``settings.json``). Per image with a box:
+checked against the run) and the same images' boxes, from the data settings the sweep
+recorded (``--data_dir`` where the data are not in the default place); the data found
+must have the split sizes the sweep recorded. Per image with a box:
 whether a region was found, its area and the box's (fractions of the image), their
 ratio, the fraction of the region inside the box and their IoU; without a box, how
 often deleting a region changes the decision at all. Prints a markdown table and
@@ -66,8 +67,10 @@ def per_image(region, found, box) -> dict[str, np.ndarray]:
           "iou": np.where(found, inter / np.maximum(union, 1), nan)}
 
 
-def summary(stats, found, flipped_to, targets) -> dict:
-  """The distribution of region areas against box areas over the boxed images."""
+def summary(stats, found, flipped_to, predicted) -> dict:
+  """The distribution of region areas against box areas over the boxed images: region
+  areas, ratios, overlap and correlation over those with a region found; box areas over
+  all of them and over those with a region found."""
   from scipy import stats as scipy_stats
 
   area, box = stats["region_area"][found], stats["box_area"][found]
@@ -81,6 +84,8 @@ def summary(stats, found, flipped_to, targets) -> dict:
       "box_area_quantiles": dict(zip(map(str, QUANTILES),
                                      np.quantile(stats["box_area"], QUANTILES).tolist(),
                                      strict=True)),
+      "box_area_quantiles_found": dict(zip(map(str, QUANTILES),
+                                           np.quantile(box, QUANTILES).tolist(), strict=True)),
       "ratio_quantiles": dict(zip(map(str, QUANTILES), np.quantile(ratio, QUANTILES).tolist(),
                                   strict=True)),
       "ratio_bins": {f"[{lo}, {hi})": int(c) for lo, hi, c in
@@ -92,8 +97,8 @@ def summary(stats, found, flipped_to, targets) -> dict:
       "flipped_to_counts": {str(k): int(v) for k, v in
                             zip(*np.unique(flipped_to[found], return_counts=True),
                                 strict=True)},
-      "target_counts": {str(k): int(v) for k, v in
-                        zip(*np.unique(targets, return_counts=True), strict=True)},
+      "predicted_class_counts": {str(k): int(v) for k, v in
+                                 zip(*np.unique(predicted, return_counts=True), strict=True)},
   }
 
 
@@ -104,10 +109,13 @@ def table(record) -> str:
           f"{record['unboxed']['images']} without a box, a region found for "
           f"{record['unboxed']['found']}.", "",
           "| quantile (10 / 25 / 50 / 75 / 90 %) | value |", "|---|---|",
-          "| minimal counterfactual area, % of the image | "
+          "| minimal counterfactual area, % of the image (region found) | "
           f"{q(boxed['region_area_quantiles'])} |",
-          f"| true box area, % of the image | {q(boxed['box_area_quantiles'])} |",
-          "| ratio region / box | " + " / ".join(
+          "| true box area, % of the image (region found) | "
+          f"{q(boxed['box_area_quantiles_found'])} |",
+          "| true box area, % of the image (every boxed image) | "
+          f"{q(boxed['box_area_quantiles'])} |",
+          "| ratio region / box (region found) | " + " / ".join(
               f"{v:.2f}" for v in boxed["ratio_quantiles"].values()) + " |", "",
           "| ratio region / box | images |", "|---|---|"]
   rows += [f"| {k} | {v} |" for k, v in boxed["ratio_bins"].items()]
@@ -124,12 +132,14 @@ def main():
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sweep", default="runs/synthetic/counterfactual")
   p.add_argument("--intervention", default="zero")
+  p.add_argument("--data_dir", default="", help="where the sweep's data are, if not in "
+                 "the default place")
   p.add_argument("--json", default="")
   args = p.parse_args()
 
   from cejax.data import pipeline
   from cejax.jobs import config as config_lib
-  from cejax.jobs import run_identity, sweep
+  from cejax.jobs import sweep
 
   results = sweep.load(Path(args.sweep))
   record = results.settings
@@ -146,23 +156,27 @@ def main():
   with data.unlocked():
     for key, value in recorded.items():
       data[key] = type(data[key])(value) if isinstance(data[key], tuple) else value
-  if json.loads(json.dumps(run_identity.data_identity(data))) != recorded:
-    raise SystemExit(f"Could not rebuild the data settings {args.sweep} recorded.")
+    if args.data_dir:
+      data.data_dir = args.data_dir
+  dataset = pipeline.load_dataset(data)
+  sizes = {name: dataset.num_examples(name) for name in sorted(dataset.sources)}
+  if sizes != record["data"]["split_sizes"]:
+    raise SystemExit(f"The data found ({data.name} in {data.data_dir or 'the default place'})"
+                     f" has splits {sizes}; {args.sweep} was made on "
+                     f"{record['data']['split_sizes']} (pass --data_dir).")
   split = record["job"]["split"]
   positions = [int(i.split("/")[1]) for i in results.ids]
-  batch = pipeline.load_dataset(data).batch(split, positions)
+  batch = dataset.batch(split, positions)
   region = np.asarray(cf["mask"])
   found = np.asarray(cf["found"], bool)
   box = box_pixels(batch, region.shape[1:])
-  has_box = box.any((1, 2))
+  has_box = np.asarray(batch["box_mask"]).any(1)  # as the evaluators count them
   stats = per_image(region, found, box)
-  targets = np.asarray(results.optimised["targets"])
+  predicted = np.asarray(results.optimised["targets"])
   out = {
       "benchmark": "counterfactual_areas", "date": datetime.date.today().isoformat(),
       "command": "python " + " ".join(sys.argv), "sweep": str(args.sweep),
-      "sweep_command": "python -m cejax.jobs.sweep --config=configs/synthetic_counterfactual.py"
-                       " --workdir=runs/synthetic --out=runs/synthetic/counterfactual",
-      "sweep_commit": record["code"].get("commit", "unknown"),
+      "sweep_job": record["job"], "sweep_commit": record["code"].get("commit", "unknown"),
       "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                text=True, cwd=ROOT).stdout.strip(),
       "machine": platform.processor() or platform.machine(),
@@ -171,7 +185,7 @@ def main():
       "iterations": record["job"]["extremal_iterations"],
       "bisection_steps": record["job"]["counterfactual_bisection"],
       "boxed": summary({k: v[has_box] for k, v in stats.items()}, found[has_box],
-                       np.asarray(cf["flipped_to"])[has_box], targets[has_box]),
+                       np.asarray(cf["flipped_to"])[has_box], predicted[has_box]),
       "unboxed": {"images": int((~has_box).sum()), "found": int(found[~has_box].sum())},
   }
   print(table(out), end="")

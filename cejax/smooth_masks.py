@@ -57,6 +57,11 @@ def geometry(shape: Sequence[int], *, step: int = 7, sigma: float = 21.0) -> Geo
   shape_in = tuple(math.ceil(z / step) for z in shape)
   shape_mid = tuple(z + 2 * padding - 2 * radius for z in shape_in)
   shape_out = tuple(step * z - step + 1 for z in shape_mid)
+  if any(out < int(z) + round(sigma) for out, z in zip(shape_out, shape, strict=True)):
+    raise ValueError(f"sigma={sigma} is too small for step={step}: the smooth mask "
+                     f"({shape_out}) would not cover the image {tuple(shape)} and its margin "
+                     f"of sigma pixels; use a sigma of at least about the step (TorchRay: "
+                     "step 7, sigma 21).")
   return Geometry(tuple(int(z) for z in shape), step, sigma, round(sigma), padding, radius,
                   shape_in, shape_mid, shape_out)
 
@@ -248,18 +253,25 @@ def area_reference(max_area: int, areas) -> np.ndarray:
   return (max_area * (1 - areas)).astype(np.int64).astype(np.int32)
 
 
+_UNSIGNED = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
 def _order_keys(x):
-  """Unsigned integer keys whose order is the float order of ``x`` (sign flipped for
-  positives, all bits for negatives: the radix-sort mapping); -0 and 0 are one key, as
-  they compare equal (a stable sort keeps them in place)."""
+  """Unsigned integer keys of ``x``'s width whose order is its float order (sign flipped
+  for positives, all bits for negatives: the radix-sort mapping); -0 and 0 are one key,
+  as they compare equal (a stable sort keeps them in place), and every NaN the positive
+  one (a sign bit would have put it first)."""
   x = jnp.where(x == 0, jnp.zeros_like(x), x)
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+  x = jnp.where(jnp.isnan(x), jnp.nan, x)  # one NaN, above +inf (last, as sorts put it)
+  unsigned = _UNSIGNED[x.dtype.itemsize]
+  width = 8 * x.dtype.itemsize
+  bits = jax.lax.bitcast_convert_type(x, unsigned)
+  return jnp.where(bits >> (width - 1) == 1, ~bits, bits | unsigned(1 << (width - 1)))
 
 
 def _kth_smallest(keys, k):
   """The ``k``-th smallest (0-based) of ``keys (..., m)`` per row, ``k (...)``: bisection
-  over the 2^32 key values, counting (32 rounds)."""
+  over the key values, counting (one round per bit)."""
 
   def halve(_, bounds):
     lo, hi = bounds
@@ -267,9 +279,9 @@ def _kth_smallest(keys, k):
     enough = jnp.sum(keys <= mid[..., None], axis=-1) > k
     return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
-  lo = jnp.zeros(keys.shape[:-1], jnp.uint32)
-  hi = jnp.full(keys.shape[:-1], 0xFFFFFFFF, jnp.uint32)
-  return jax.lax.fori_loop(0, 32, halve, (lo, hi))[0]
+  lo = jnp.zeros(keys.shape[:-1], keys.dtype)
+  hi = jnp.full(keys.shape[:-1], jnp.iinfo(keys.dtype).max, keys.dtype)
+  return jax.lax.fori_loop(0, 8 * keys.dtype.itemsize, halve, (lo, hi))[0]
 
 
 def area_gap(masks, zeros):
@@ -283,6 +295,9 @@ def area_gap(masks, zeros):
   value and gradient are the sorted form's (ties ranked by position, as a stable sort
   does); the mean is summed in the masks' order rather than the sorted one.
   """
+  masks = jnp.asarray(masks)
+  if not jnp.issubdtype(masks.dtype, jnp.floating):
+    raise ValueError(f"masks must be floating point, got {masks.dtype}.")
   keys = _order_keys(masks)
   zeros = jnp.asarray(zeros, jnp.int32)
   threshold = _kth_smallest(keys, zeros)[..., None]

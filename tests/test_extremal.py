@@ -113,6 +113,7 @@ def test_area_constraint_equals_pytorchs_sorted_form():
   masks = rng.uniform(0, 1, (4, 3, size)).astype(np.float32)
   masks[2:] = np.round(masks[2:] * 4) / 4
   masks[3, :, -40:] = -0.0  # after the zeros: a sign-aware order would put them first
+  masks[1, 1, 7] = -np.float32("nan")  # sorts put NaN last, whatever its sign bit
   zeros = rng.integers(0, size, (4, 3)).astype(np.int32)
   zeros[:, 0] = (0, size - 1, 100, 40)  # the ends; a threshold inside the zeros' ties
   cotangent = rng.normal(size=(4, 3)).astype(np.float32)
@@ -127,6 +128,19 @@ def test_area_constraint_equals_pytorchs_sorted_form():
   want_total = float((want.detach() * torch.from_numpy(cotangent)).sum())
   np.testing.assert_allclose(float(got), want_total, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad), tmasks.grad.numpy(), rtol=1e-6, atol=1e-9)
+  for dtype in (jnp.bfloat16, jnp.float16):  # keys of the dtype's own width
+    low = jnp.asarray(masks, dtype)
+    want = ((torch.sort(torch.from_numpy(np.asarray(low, np.float32)), dim=-1,
+                        stable=True).values - step) ** 2).mean(-1)
+    np.testing.assert_allclose(np.asarray(smooth_masks.area_gap(low, zeros), np.float32),
+                               want.numpy(), rtol=1e-2)
+    sorted_form = lambda m: jnp.sum(jnp.mean((jnp.sort(m, axis=-1, stable=True)  # noqa: E731
+                                              - jnp.asarray(step.numpy(), dtype)) ** 2, -1))
+    np.testing.assert_array_equal(  # the ranks: JAX's stable sort routes the same gradient
+        np.asarray(jax.grad(lambda m: jnp.sum(smooth_masks.area_gap(m, zeros)))(low),
+                   np.float32), np.asarray(jax.grad(sorted_form)(low), np.float32))
+  with pytest.raises(ValueError, match="masks must be floating point"):
+    smooth_masks.area_gap(jnp.zeros((2, 5), jnp.int32), jnp.zeros(2, jnp.int32))
 
 
 @pytest.mark.parametrize("variant,perturbation", [("preserve", "blur"), ("delete", "blur"),
@@ -258,6 +272,8 @@ def test_bad_input_is_named():
     extremal.ce_optimal_mask(logits_fn, image, jnp.array([0]), estimand="per_class")
   with pytest.raises(ValueError, match="step must be a positive integer"):
     extremal.extremal_perturbation(logits_fn, image, jnp.array([0]), step=2.5)
+  with pytest.raises(ValueError, match="sigma=1.0 is too small for step=5"):
+    smooth_masks.geometry((15, 22), step=5, sigma=1.0)  # once a reshape's TypeError
 
 
 def test_total_variation_is_fong_and_vedaldis_tv_beta():
