@@ -15,6 +15,41 @@ from cejax.data import pipeline
 from cejax.jobs import analysis, common, evaluators
 
 
+def test_the_progress_bar_names_the_stage_that_is_computing():
+  """An evaluator's results are finished before the bar names the next stage (with
+  asynchronous dispatch they were still computing under the next one's name)."""
+
+  @jax.jit
+  def slow(x):  # a fraction of a second of work, dispatched asynchronously
+    return jax.lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ y), x)
+
+  slow(jnp.zeros((600, 600))).block_until_ready()  # compile outside the check
+  done = {}
+
+  class Slow:
+    name = "slow"
+
+    def evaluate(self, inputs, earlier, *, key):
+      done["slow"] = slow(jnp.full((600, 600), 1e-3))
+      return {"value": done["slow"]}
+
+  class Next:
+    name = "next"
+
+    def evaluate(self, inputs, earlier, *, key):
+      return {}
+
+  class Bar:
+    seen = []
+
+    def set_postfix(self, stage):
+      self.seen.append((stage, [x.is_ready() for x in done.values()]))
+
+  bar = Bar()
+  analysis.evaluate_chunk([Slow(), Next()], None, key=None, progress=bar)
+  assert bar.seen == [("slow", []), ("next", [True])]
+
+
 def test_store_round_trips_nested_results_and_names_a_corrupt_file(tmp_path):
   tree = {"inputs": {"index": np.arange(3)},
           "localization": {"curves": {"deletion_zero": {"ce_grid": np.ones(3, np.float32)}},

@@ -61,6 +61,10 @@ def evaluate_chunk(chosen, inputs: ev_common.Inputs, *, key,
     if progress is not None:
       progress.set_postfix(stage=ev.name)
     results[ev.name] = ev.evaluate(inputs, results, key=key)
+    if progress is not None:
+      # Dispatch is asynchronous: without waiting, an evaluator's work would run, and be
+      # shown, under the next one's name (the optimised masks' minutes as "localization").
+      jax.block_until_ready(results[ev.name])
   return results
 
 
