@@ -7,7 +7,9 @@
 - ``blur_pyramid`` / ``apply_pyramid``: the image blurred at 8 levels (TorchRay's
   ``imsmooth``: zero padding, ``sigma`` from ``max_blur`` down to none), a mask value
   picking two neighbouring levels and interpolating linearly (1 keeps the pixel);
-- ``area_reference``: where the area constraint's step vector turns to 1.
+- ``area_reference``: where the area constraint's step vector turns to 1;
+- ``area_gap``: the area constraint, the sorted mask's squared distance from that step
+  vector, computed without a sort.
 
 Each equals the PyTorch reference written from TorchRay's documented algorithm
 (``tests/torch_extremal_reference.py``) to float32 round-off.
@@ -114,11 +116,11 @@ def _pool_forward(padded, g, coldness):
 
 # Softmax pooling of the bumps over each pixel's neighbours, with a gradient of our own.
 # The neighbours are separate slabs, not a stacked (..., side^2) axis: XLA:CPU writes and
-# reduces a minor axis of 81 slices slowly (on the demo's 64 px masks the stacked version
-# took 0.28 s for forward and backward of 40 masks, this one 0.045 s). The backward runs
-# the neighbours in a loop, each adding its slab's block sums at its offset (written out
-# as one expression per neighbour, XLA:CPU re-read every input once per neighbour), in a
-# fixed order: the same bits on one device or many.
+# reduces a minor axis of 81 slices slowly (with area_gap below, an iteration of the demo's
+# extremal perturbations went from 0.267 s to 0.153 s, benchmarks/optimised_cost.py). The
+# backward runs the neighbours in a loop, each adding its slab's block sums at its offset
+# (written out as one expression per neighbour, XLA:CPU re-read every input once per
+# neighbour), in a fixed order: the same bits on one device or many.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _smooth_max(padded, g: Geometry, coldness: float):
   """``(b, out_h, out_w)``: ``sum_c b_c e_c / sum_c e_c``, ``e_c = exp(coldness b_c)``,
