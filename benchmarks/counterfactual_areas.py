@@ -39,19 +39,6 @@ QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 RATIO_BINS = (0.0, 0.5, 0.8, 1.25, 2.0, np.inf)
 
 
-def box_pixels(batch, shape) -> np.ndarray:
-  """``(n, h, w)`` bool: the union of each image's boxes, as the evaluators rasterise
-  them (``cejax.masks.boxes``, pixels more than half covered)."""
-  import jax
-  import jax.numpy as jnp
-
-  from cejax import masks
-
-  soft = jax.vmap(lambda b: masks.to_array(masks.boxes(b, shape=shape)))(
-      jnp.asarray(batch["boxes"]))
-  return np.asarray(((soft > 0.5) & jnp.asarray(batch["box_mask"])[:, :, None, None]).any(1))
-
-
 def per_image(region, found, box) -> dict[str, np.ndarray]:
   """Per image: region and box areas (fractions of the image), the region's fraction
   inside the box, and IoU (NaN where no region was found)."""
@@ -77,17 +64,14 @@ def summary(stats, found, flipped_to, predicted) -> dict:
   ratio = area / box
   counts, _ = np.histogram(ratio, bins=RATIO_BINS)
   rho = scipy_stats.spearmanr(area, box)
+  quantiles = lambda x: dict(zip(map(str, QUANTILES), np.quantile(x, QUANTILES).tolist(),  # noqa: E731
+                                 strict=True))
   return {
       "images": int(len(found)), "found": int(found.sum()),
-      "region_area_quantiles": dict(zip(map(str, QUANTILES),
-                                        np.quantile(area, QUANTILES).tolist(), strict=True)),
-      "box_area_quantiles": dict(zip(map(str, QUANTILES),
-                                     np.quantile(stats["box_area"], QUANTILES).tolist(),
-                                     strict=True)),
-      "box_area_quantiles_found": dict(zip(map(str, QUANTILES),
-                                           np.quantile(box, QUANTILES).tolist(), strict=True)),
-      "ratio_quantiles": dict(zip(map(str, QUANTILES), np.quantile(ratio, QUANTILES).tolist(),
-                                  strict=True)),
+      "region_area_quantiles": quantiles(area),
+      "box_area_quantiles": quantiles(stats["box_area"]),
+      "box_area_quantiles_found": quantiles(box),
+      "ratio_quantiles": quantiles(ratio),
       "ratio_bins": {f"[{lo}, {hi})": int(c) for lo, hi, c in
                      zip(RATIO_BINS[:-1], RATIO_BINS[1:], counts, strict=True)},
       "spearman_region_vs_box_area": [float(rho.statistic), float(rho.pvalue)],
@@ -140,6 +124,7 @@ def main():
   from cejax.data import pipeline
   from cejax.jobs import config as config_lib
   from cejax.jobs import sweep
+  from cejax.jobs.evaluators import common as ev_common
 
   results = sweep.load(Path(args.sweep))
   record = results.settings
@@ -169,7 +154,7 @@ def main():
   batch = dataset.batch(split, positions)
   region = np.asarray(cf["mask"])
   found = np.asarray(cf["found"], bool)
-  box = box_pixels(batch, region.shape[1:])
+  box = ev_common.box_union(batch, region.shape[1:])
   has_box = np.asarray(batch["box_mask"]).any(1)  # as the evaluators count them
   stats = per_image(region, found, box)
   predicted = np.asarray(results.optimised["targets"])

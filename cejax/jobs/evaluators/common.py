@@ -126,6 +126,14 @@ class Inputs:
   logits: Any = field(store=False)
 
 
+def box_union(batch: Mapping[str, np.ndarray], shape) -> np.ndarray:
+  """``(n, h, w)`` bool: the union of each image's boxes of a ``Dataset.batch``, pixels
+  more than half covered (``masks.boxes``)."""
+  soft = jax.vmap(lambda b: masks.to_array(masks.boxes(b, shape=shape)))(
+      jnp.asarray(batch["boxes"]))
+  return np.asarray(((soft > 0.5) & jnp.asarray(batch["box_mask"])[:, :, None, None]).any(1))
+
+
 def prepare_inputs(model: Model, batch: Mapping[str, np.ndarray], *, space: PixelSpace,
                    index) -> Inputs:
   """``Inputs`` of a batch from ``Dataset.batch`` (image, label, boxes, box_mask,
@@ -137,11 +145,9 @@ def prepare_inputs(model: Model, batch: Mapping[str, np.ndarray], *, space: Pixe
   has_box = np.asarray(batch["box_mask"]).any(1)
   predicted = np.asarray(jnp.argmax(logits, -1))
   targets = np.where(has_box, np.asarray(batch["box_labels"])[:, 0], predicted)
-  box_soft = jax.vmap(lambda b: masks.to_array(masks.boxes(b, shape=(h, w))))(
-      jnp.asarray(batch["boxes"]))
-  boxes = ((box_soft > 0.5) & jnp.asarray(batch["box_mask"])[:, :, None, None]).any(1)
+  boxes = box_union(batch, (h, w))
   return Inputs(index=np.asarray(index), label=np.asarray(labels),
-                target=targets.astype(np.int32), has_box=has_box, box=np.asarray(boxes),
+                target=targets.astype(np.int32), has_box=has_box, box=boxes,
                 correct=np.asarray(correct(model, logits, labels)),
                 pixels=jnp.clip(space.to_pixels(images), 0.0, 1.0), images=images,
                 logits=logits)
