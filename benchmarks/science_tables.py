@@ -80,7 +80,7 @@ def tables(record: dict) -> str:
     out += ["", f"Integrated Gradients' completeness gap (|sum of attributions - logit "
             f"difference| / |logit difference|): mean {ci(gap, 4)}, median "
             f"{s['methods']['integrated_gradients']['completeness_gap_median']:.4f}."]
-  if "detection" not in s:  # a run without the attack evaluators (the optimised masks')
+  if not s.get("detection"):  # a run without the attack evaluators (the optimised masks')
     return "\n".join(out) + "\n"
   out += ["", "| attack (eps in /255) | success | attacked images (train / test) | CE "
           "features | max confidence | feature squeezing |", "|---|---|---|---|---|---|"]

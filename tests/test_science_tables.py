@@ -20,3 +20,18 @@ def test_readme_tables_equal_the_committed_records_output():
   for match in found:
     record = json.loads((ROOT / match.group(1)).read_text())
     assert match.group(2) == science_tables.tables(record), match.group(1)
+
+
+def test_a_run_without_attacks_prints_no_attack_table():
+  """The optimised masks' run has no attack evaluators: its metrics hold empty
+  ``detection`` and ``attack_success``, and no table header without rows is printed."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import science_tables
+
+  path = ROOT / "benchmarks/results_science_optimised_2026-11-30.json"
+  record = json.loads(path.read_text())
+  assert record["metrics"]["detection"] == {} and record["metrics"]["attack_success"] == {}
+  printed = science_tables.tables(record)
+  assert "extremal perturbations (TorchRay)" in printed
+  assert "| attack" not in printed
+  assert not printed.rstrip().endswith("|---|---|---|---|---|---|")
