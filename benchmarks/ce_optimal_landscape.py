@@ -32,14 +32,16 @@ sys.path.insert(0, str(ROOT))
 def expected_effects(logits_fn, images, regions) -> dict[str, np.ndarray]:
   """Per image, the expected causal effect of zero-filling each named region
   ``(n, h, w)`` (1 = filled), and the class predicted after it."""
-  import jax
+  from cejax import estimands
 
-  clean = np.asarray(jax.nn.softmax(logits_fn(images), -1))
+  clean = logits_fn(images)
   out = {}
   for name, region in regions.items():
-    after = np.asarray(jax.nn.softmax(logits_fn(images * (1 - region[..., None])), -1))
-    out[name] = {"expected_ce": np.sum(clean * (after - clean), -1),
-                 "changed": after.argmax(-1) != clean.argmax(-1)}
+    after = logits_fn(images * (1 - region[..., None]))  # interventions.Constant(0)
+    effect = estimands.expected(clean, after, estimands.activate(after, "softmax"), None,
+                                "softmax")
+    out[name] = {"expected_ce": np.asarray(effect),
+                 "changed": np.asarray(after.argmax(-1) != clean.argmax(-1))}
   return out
 
 
