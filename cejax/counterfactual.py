@@ -14,7 +14,7 @@ import numpy as np
 
 from cejax import estimands, interventions
 from cejax._compile import jit
-from cejax.extremal import DELETE, Schedule, objective_of, optimise_in_chunks
+from cejax.extremal import DELETE, Schedule, hard_region, objective_of, optimise_in_chunks
 from cejax.smooth_masks import area_reference, geometry
 from cejax.types import Images, LogitsFn
 
@@ -33,17 +33,6 @@ class Counterfactual(NamedTuple):
   mask: np.ndarray
   flipped_to: np.ndarray
   found: np.ndarray
-
-
-def hard_region(masks, areas):
-  """The ``round(a h w)`` pixels where each mask is largest (ties: first in row-major
-  order): ``masks (..., h, w)``, ``areas (...)`` -> ``(..., h, w)`` in {0, 1}."""
-  h, w = masks.shape[-2:]
-  flat = masks.reshape(*masks.shape[:-2], h * w)
-  count = jnp.round(jnp.asarray(areas) * h * w).astype(jnp.int32)
-  order = jnp.argsort(-flat, axis=-1, stable=True)
-  ranks = jnp.argsort(order, axis=-1, stable=True)
-  return (ranks < count[..., None]).astype(masks.dtype).reshape(masks.shape)
 
 
 def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
@@ -148,9 +137,9 @@ def _optimised_masks(logits_fn, images, targets, zeros, *, intervention, estiman
   del intervention, estimand, activation
   g = geometry(images.shape[1:3], step=step, sigma=sigma)
   schedule = Schedule(int(iterations), 0.01, 0.9, 0.9, 300.0, 1.0035, bool(jitter))
-  masks, _, _ = optimise_in_chunks(logits_fn, images, targets, zeros, g=g, objective=objective,
-                     schedule=schedule, variant=DELETE, batch_size=batch_size, mesh=mesh)
-  return masks
+  return optimise_in_chunks(logits_fn, images, targets, zeros, g=g, objective=objective,
+                            schedule=schedule, variant=DELETE, batch_size=batch_size,
+                            mesh=mesh)[0]
 
 
 __all__ = ["Counterfactual", "hard_region", "minimal_counterfactual"]

@@ -47,6 +47,7 @@ with ``mesh=`` spread over its devices; results do not depend on either.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -74,6 +75,73 @@ PRESERVE, DELETE, DUAL = "preserve", "delete", "dual"
 VARIANTS = (PRESERVE, DELETE, DUAL)
 LOGIT_REWARDS = ("simple", "contrastive")
 _GROWING_ESTIMANDS = ("kl",)  # the effect of an intervention makes these larger
+
+
+def _log_probs(logits, activation):
+  """``(log q, log(1 - q))`` of every class, computed without forming ``1 - q``."""
+  if activation == "sigmoid":
+    return jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  k = logits.shape[-1]
+  total = jax.nn.logsumexp(logits, -1, keepdims=True)
+  others = jnp.where(jnp.eye(k, dtype=bool), -jnp.inf, logits[..., None, :])  # (..., k, k)
+  return logits - total, jax.nn.logsumexp(others, -1) - total
+
+
+def log_probability(clean_logits, do_logits, do_probs, target, activation):
+  """``log q_t``: the target's log-probability under the intervention."""
+  del clean_logits, do_probs
+  return estimands.take_class(_log_probs(do_logits, activation)[0], target)
+
+
+def log_odds(clean_logits, do_logits, do_probs, target, activation):
+  """``log q_t - log(1 - q_t)``: the target's log-odds (sigmoid: its logit ``z_t``;
+  softmax: ``z_t - logsumexp_{c != t} z_c``). Monotone in ``probability``, and on a
+  logit's scale: its gradient does not vanish where ``q_t`` saturates at 0 or 1."""
+  del clean_logits, do_probs
+  log_q, log_not_q = _log_probs(do_logits, activation)
+  return estimands.take_class(log_q - log_not_q, target)
+
+
+def expected_log_odds(clean_logits, do_logits, do_probs, target, activation):
+  """``log s - log(1 - s)``, ``s`` the agreement of the intervened prediction with the
+  clean one: softmax ``s = sum_c p_c q_c``; sigmoid ``s = mean_c (p_c q_c + (1 - p_c)(1 -
+  q_c))``. The paper's expected CE is an increasing affine function of ``s`` (softmax:
+  ``s - sum_c p_c^2``; sigmoid: ``k s - sum_c (p_c^2 + (1 - p_c)^2)``), so this orders
+  regions exactly as the expected CE does, on a logit's scale that does not saturate.
+  Does not depend on ``target``."""
+  del do_probs, target
+  log_p, log_not_p = _log_probs(clean_logits, activation)
+  log_q, log_not_q = _log_probs(do_logits, activation)
+  if activation == "softmax":
+    agree = jax.nn.logsumexp(log_p + log_q, -1)
+    disagree = jax.nn.logsumexp(log_p + log_not_q, -1)
+  else:
+    agree = jax.nn.logsumexp(jnp.logaddexp(log_p + log_q, log_not_p + log_not_q), -1)
+    disagree = jax.nn.logsumexp(jnp.logaddexp(log_p + log_not_q, log_not_p + log_q), -1)
+  return agree - disagree
+
+
+# Optimisation objectives beside the estimands (``estimands.ESTIMANDS``): smooth
+# surrogates that an intervention lowers as it lowers the estimand it stands for.
+OBJECTIVES = {"log_probability": log_probability, "log_odds": log_odds,
+              "expected_log_odds": expected_log_odds}
+
+
+def resolve_objective(objective):
+  """The function of an objective name (``OBJECTIVES`` or ``estimands.ESTIMANDS``) or a
+  callable with ``estimands.Estimand``'s signature.
+
+  Raises:
+    ValueError: none of these (the message lists the valid names).
+  """
+  if isinstance(objective, str) and objective in OBJECTIVES:
+    return OBJECTIVES[objective]
+  try:
+    return estimands.resolve(objective)
+  except ValueError:
+    raise ValueError(f"Unknown objective {objective!r}; valid are {list(OBJECTIVES)}, "
+                     f"the estimands {list(estimands.ESTIMANDS)} or a callable (see "
+                     "estimands.Estimand).") from None
 
 
 class Objective(NamedTuple):
@@ -105,7 +173,7 @@ def _reward(objective: Objective, logits, clean_logits, target, variant):
       score = score - others.max(-1)
     sign = 1.0
   else:
-    fn = estimands.resolve(objective.reward)
+    fn = resolve_objective(objective.reward)
     probs = estimands.activate(logits, objective.activation)
     score = jax.vmap(lambda z, q: fn(clean_logits, z, q, target, objective.activation))(
         logits, probs)
@@ -129,27 +197,35 @@ class Schedule(NamedTuple):
   jitter: bool
 
 
-def _optimise(logits_fn, images, targets, zeros, init, *, g: Geometry, objective: Objective,
-              schedule: Schedule, variant: str):
+def _optimise(logits_fn, images, targets, zeros, init, regul_scale, *, g: Geometry,
+              objective: Objective, schedule: Schedule, variant: str):
   """Extremal perturbation of a batch: images ``(n, h, w, c)``, targets ``(n,)``, the
   leading zeros of each area's reference ``(n, K)``, initial parameters ``(n, K, h_in,
-  w_in)``. Returns masks ``(n, K, h, w)`` and
-  the reward and area term of every iteration, ``(n, K, T)`` each."""
+  w_in)``, a per-image factor on the area weight ``(n,)`` (or None). Returns masks ``(n,
+  K, h, w)``, the reward and area term of every iteration, ``(n, K, T)`` each, and the
+  norms of the reward's and the area term's gradients with respect to the parameters at
+  the first and the last iteration, ``(n, K, 2)`` each."""
   n, num_areas = images.shape[0], zeros.shape[1]
   clean = logits_fn(images)
   num_variants = 2 if variant == DUAL else 1
+  scale = 1.0 if regul_scale is None else regul_scale[:, None]
 
-  def energy(params, weight, flip):
-    cropped, full = smooth_masks(params, g)  # (n, K, h, w), (n, K, oh, ow)
+  def reward_of(cropped, flip):
     keeps = [cropped, 1 - cropped] if variant == DUAL else [
         1 - cropped if variant == DELETE else cropped]
     keeps = jnp.stack(keeps, axis=1)  # (n, V, K, h, w)
     x = jax.vmap(lambda image, keep: _perturber(objective, image)(keep))(images, keeps)
     x = jnp.where(flip, x[..., ::-1, :], x)
     logits = logits_fn(x.reshape(-1, *x.shape[-3:])).reshape(n, num_variants, num_areas, -1)
-    reward = jax.vmap(lambda z, c, t: _reward(objective, z, c, t, variant))(
+    return jax.vmap(lambda z, c, t: _reward(objective, z, c, t, variant))(
         logits, clean, targets)
-    regul = -area_gap(full.reshape(n, num_areas, -1), zeros) * weight
+
+  def area_of(full, weight):
+    return -area_gap(full.reshape(n, num_areas, -1), zeros) * (weight * scale)
+
+  def energy(params, weight, flip):
+    cropped, full = smooth_masks(params, g)  # (n, K, h, w), (n, K, oh, ow)
+    reward, regul = reward_of(cropped, flip), area_of(full, weight)
     return jnp.sum(reward + regul), (reward, regul)
 
   def step(carry, xs):
@@ -161,6 +237,13 @@ def _optimise(logits_fn, images, targets, zeros, init, *, g: Geometry, objective
     new = jnp.clip(params - schedule.learning_rate * buf, 0, 1)
     return (new, buf, params), (reward, regul)
 
+  def gradient_norms(params, weight, flip):
+    """``(reward, area)`` gradient norms per image and area, ``(n, K)`` each."""
+    reward = jax.grad(lambda p: jnp.sum(reward_of(smooth_masks(p, g)[0], flip)))(params)
+    area = jax.grad(lambda p: jnp.sum(area_of(smooth_masks(p, g)[1], weight)))(params)
+    norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(-2, -1)))  # noqa: E731
+    return norm(reward), norm(area)
+
   t = np.arange(schedule.iterations)
   weights = (schedule.regul_weight * schedule.regul_growth ** t).astype(np.float32)
   flips = (t % 2 == 0) & schedule.jitter
@@ -169,22 +252,71 @@ def _optimise(logits_fn, images, targets, zeros, init, *, g: Geometry, objective
       step, (params, jnp.zeros_like(params), params),
       (jnp.asarray(weights), jnp.asarray(flips), jnp.asarray(t == 0)))
   masks, _ = smooth_masks(last, g)
-  return masks, jnp.moveaxis(rewards, 0, -1), jnp.moveaxis(reguls, 0, -1)
+  # Behind a barrier: merged with the masks' own computation, the diagnostics changed the
+  # masks' rounding differently on one device and on several.
+  first, last = jax.lax.optimization_barrier((params, last))
+  first_norms = gradient_norms(first, weights[0], bool(flips[0]))
+  last_norms = gradient_norms(last, weights[-1], bool(flips[-1]))
+  reward_grad = jnp.stack([first_norms[0], last_norms[0]], -1)
+  area_grad = jnp.stack([first_norms[1], last_norms[1]], -1)
+  return (masks, jnp.moveaxis(rewards, 0, -1), jnp.moveaxis(reguls, 0, -1), reward_grad,
+          area_grad)
+
+
+# Below this ratio of the reward's gradient norm to the area term's, the objective is
+# dead: the mask is shaped by the area constraint alone (measured on a saturated toy
+# model: 1e-5 for a probability reward, 0.16 for the logit; benchmarks/ce_optimal_study.py).
+DEAD_RATIO = 1e-3
 
 
 class ExtremalResult(NamedTuple):
-  """Optimised masks and their optimisation history.
+  """Optimised masks, their optimisation history and its diagnostics.
 
   Attributes:
     masks: ``(n, K, h, w)`` in [0, 1], one per image and area; 1 marks the region the
       variant is about (kept for ``preserve``, perturbed for ``delete``).
     reward: ``(n, K, T)`` the reward at each iteration.
     area_term: ``(n, K, T)`` the area constraint at each iteration (``<= 0``).
+    reward_grad: ``(n, K, 2)`` the norm of the reward's gradient with respect to the
+      mask parameters at the first and the last iteration.
+    area_grad: ``(n, K, 2)`` the same for the area term (with that iteration's weight).
   """
 
   masks: jax.Array
   reward: jax.Array
   area_term: jax.Array
+  reward_grad: jax.Array
+  area_grad: jax.Array
+
+
+def gradient_ratio(result) -> np.ndarray:
+  """``(n, K, 2)``: the reward's gradient norm over the area term's, at the first and
+  the last iteration (inf where the area term's gradient is 0)."""
+  reward, area = np.asarray(result.reward_grad), np.asarray(result.area_grad)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(area > 0, reward / np.where(area > 0, area, 1), np.inf)
+
+
+def dead_objective(result, *, threshold: float = DEAD_RATIO) -> np.ndarray:
+  """``(n, K)`` bool: where the reward's gradient is negligible against the area
+  term's (ratio below ``threshold``) at the first or the last iteration, so the mask was
+  shaped by the area constraint, not by the model."""
+  return (gradient_ratio(result) < threshold).any(-1)
+
+
+def warn_if_dead(result, what: str, *, threshold: float = DEAD_RATIO) -> None:
+  """A ``UserWarning`` naming how many of ``result``'s masks had a dead objective
+  (silent on traced results)."""
+  if isinstance(result.reward_grad, jax.core.Tracer):
+    return
+  dead = dead_objective(result, threshold=threshold)
+  if dead.any():
+    warnings.warn(
+        f"{what}: the reward's gradient is below {threshold:g} of the area term's for "
+        f"{int(dead.sum())} of {dead.size} masks (image, area): those masks are shaped "
+        "by the area constraint, not by the model. Use a non-saturating objective "
+        "('log_odds', 'expected_log_odds', 'logit') or see gradient_ratio(result).",
+        stacklevel=3)
 
 
 def check_inputs(a):
@@ -219,7 +351,7 @@ def objective_of(a) -> Objective:
     if reward == "per_class":
       raise ValueError("the per_class estimand gives a vector per mask; optimise one "
                        "class with 'probability' (sigmoid for one finding) instead.")
-    estimands.resolve(reward)
+    resolve_objective(reward)
   return Objective(perturbation, reward, estimands.check_activation(a["activation"]),
                    int(a["num_levels"]), float(a["max_blur"]))
 
@@ -234,21 +366,23 @@ def _prepare(a):
 
 
 def optimise_in_chunks(logits_fn, images, targets, zeros, *, g, objective, schedule,
-                       variant, batch_size, mesh, init=None):
+                       variant, batch_size, mesh, init=None, regul_scale=None):
   """``_optimise`` over chunks of ``batch_size`` images (sharded with ``mesh``)."""
   n = images.shape[0]
   if init is None:
     init = jnp.ones((n, zeros.shape[1], *g.shape_in), jnp.float32)
 
   def chunk(indices):
-    pick = lambda x: jnp.take(x, indices, axis=0, mode="clip")  # noqa: E731
-    return _optimise(logits_fn, pick(images), pick(targets), pick(zeros), pick(init), g=g,
-                     objective=objective, schedule=schedule, variant=variant)
+    pick = lambda x: None if x is None else jnp.take(x, indices, axis=0, mode="clip")  # noqa: E731
+    return _optimise(logits_fn, pick(images), pick(targets), pick(zeros), pick(init),
+                     pick(regul_scale), g=g, objective=objective, schedule=schedule,
+                     variant=variant)
 
   return sharding.map_chunks(chunk, n, batch_size=batch_size, mesh=mesh)
 
 
-@jit(prepare=_prepare)
+@jit(prepare=_prepare,
+     check=lambda a, result: warn_if_dead(result, "extremal_perturbation"))
 def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets, *,
                           areas: Sequence[float] = (0.1,), variant: str = PRESERVE,
                           iterations: int = 800, perturbation: Any = "blur",
@@ -258,8 +392,8 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
                           learning_rate: float = 0.01, momentum: float = 0.9,
                           regul_weight: float = 300.0, regul_growth: float = 1.0035,
                           batch_size: int = 1, mesh: jax.sharding.Mesh | None = None,
-                          init=None, mask_geometry: Geometry | None = None, zeros=None,
-                          objective: Objective | None = None) -> ExtremalResult:
+                          init=None, regul_scale=None, mask_geometry: Geometry | None = None,
+                          zeros=None, objective: Objective | None = None) -> ExtremalResult:
   """Extremal perturbations (Fong et al., 2019; TorchRay's definition, module docstring).
 
   Args:
@@ -282,10 +416,14 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
     mesh: spread the images over this mesh's devices.
     init: initial mask parameters, ``(n, K, h_in, w_in)`` or broadcastable (``h_in, w_in``
       = ``geometry(...).shape_in``); TorchRay starts from ones (the default).
+    regul_scale: ``(n,)`` a factor on each image's area weight (default 1), e.g. to
+      scale the area term to a reward's range.
     mask_geometry, zeros, objective: filled in from the others (leave them unset).
 
   Returns:
-    ``ExtremalResult`` with masks ``(n, K, h, w)``.
+    ``ExtremalResult`` with masks ``(n, K, h, w)`` and the gradient diagnostics. Called
+    eagerly, a ``UserWarning`` says where the reward's gradient was negligible against
+    the area term's (``dead_objective``).
   """
   schedule = Schedule(int(iterations), float(learning_rate), float(momentum),
                       float(momentum), float(regul_weight), float(regul_growth), bool(jitter))
@@ -294,34 +432,149 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
   if init is not None:
     init = jnp.broadcast_to(jnp.asarray(init, jnp.float32),
                             (n, num_areas, *mask_geometry.shape_in))
-  masks, reward_, area = optimise_in_chunks(logits_fn, images, targets, zeros, g=mask_geometry,
-                              objective=objective, schedule=schedule, variant=variant,
-                              batch_size=batch_size, mesh=mesh, init=init)
-  return ExtremalResult(masks, reward_, area)
+  if regul_scale is not None:
+    regul_scale = jnp.broadcast_to(jnp.asarray(regul_scale, jnp.float32), (n,))
+  return ExtremalResult(*optimise_in_chunks(
+      logits_fn, images, targets, zeros, g=mask_geometry, objective=objective,
+      schedule=schedule, variant=variant, batch_size=batch_size, mesh=mesh, init=init,
+      regul_scale=regul_scale))
+
+
+def hard_region(masks, areas):
+  """The ``round(a h w)`` pixels where each mask is largest (ties: first in row-major
+  order): ``masks (..., h, w)``, ``areas (...)`` -> ``(..., h, w)`` in {0, 1}."""
+  h, w = masks.shape[-2:]
+  flat = masks.reshape(*masks.shape[:-2], h * w)
+  count = jnp.round(jnp.asarray(areas) * h * w).astype(jnp.int32)
+  order = jnp.argsort(-flat, axis=-1, stable=True)
+  ranks = jnp.argsort(order, axis=-1, stable=True)
+  return (ranks < count[..., None]).astype(masks.dtype).reshape(masks.shape)
+
+
+@jit
+def region_effects(logits_fn: LogitsFn, images: Images, regions, targets: Targets, *,
+                   intervention: Any = "zero", estimand: Any = "expected",
+                   activation: str = "softmax"):
+  """``(n, K)``: the estimand of ``do(X_R = v)`` for each image's regions ``R`` ``(n, K,
+  h, w)`` (1 = intervened on), by the causal-effect engine (``effects.causal_effect``)."""
+  from cejax import effects  # effects is the engine; this module is one of its users
+
+  return jax.vmap(lambda x, r, t: effects.causal_effect(
+      logits_fn, x, r, intervention=intervention, estimand=estimand, target=t,
+      activation=activation).effects)(images, regions, targets)
+
+
+class CEOptimalResult(NamedTuple):
+  """CE-optimal masks: what was optimised, and the effect that was found.
+
+  Attributes:
+    masks, reward, area_term, reward_grad, area_grad: as ``ExtremalResult``; ``reward``
+      is the optimised objective (with the game's sign).
+    regions: ``(n, K, h, w)`` the hard region of each mask: its ``a`` strongest pixels,
+      as many as the area constraint asks for (at most the image).
+    effect: ``(n, K)`` the reported estimand (``estimand``, by default the paper's
+      expected CE) of the game's intervention on the hard region: ``do(X_R = v)`` for
+      ``delete`` and ``dual``, ``do(X_{not R} = v)`` for ``preserve``.
+  """
+
+  masks: jax.Array
+  reward: jax.Array
+  area_term: jax.Array
+  reward_grad: jax.Array
+  area_grad: jax.Array
+  regions: jax.Array
+  effect: jax.Array
+
+
+# The objective optimised for each reported estimand by default (benchmarks/
+# ce_optimal_study.py): a surrogate that orders regions as the estimand does where the
+# estimand saturates. A callable estimand is optimised as it is.
+DEFAULT_OBJECTIVES = {"expected": "log_odds", "probability": "log_odds",
+                      "logit": "logit", "kl": "kl"}
+DEFAULT_START = 1.0  # TorchRay's
+
+
+def default_objective(estimand):
+  """The objective ``ce_optimal_mask`` optimises for ``estimand`` by default."""
+  if isinstance(estimand, str):
+    estimands.resolve(estimand)
+    if estimand == "per_class":
+      raise ValueError("the per_class estimand gives a vector per mask; report one class "
+                       "with 'probability' (sigmoid for one finding) instead.")
+    return DEFAULT_OBJECTIVES[estimand]
+  return estimands.resolve(estimand)
 
 
 def ce_optimal_mask(logits_fn: LogitsFn, images: Images, targets: Targets, *,
                     areas: Sequence[float] = (0.05, 0.1, 0.2), intervention: Any = "zero",
-                    estimand: Any = "expected", variant: str = DELETE,
+                    estimand: Any = "expected", objective: Any = None,
+                    variant: str = DELETE, start: float | None = None,
                     activation: str = "softmax", iterations: int = 800,
-                    jitter: bool = False, **settings) -> ExtremalResult:
+                    jitter: bool = False, **settings) -> CEOptimalResult:
   """The region of each area whose intervention ``do(X_M = v)`` has the largest causal
-  effect: ``extremal_perturbation`` with a cejax intervention and estimand.
+  effect: ``extremal_perturbation`` with a cejax intervention, an optimised objective
+  and a reported estimand.
 
-  With the default ``delete`` variant, ``masks`` mark the region intervened on (1 = set to
-  the intervention's value): the mask of area ``a`` maximises the drop of the estimand
-  (``expected``: the paper's expected causal effect). ``preserve`` finds the region that,
-  kept while everything else is intervened on, keeps the prediction best.
+  Two quantities are named apart. ``objective`` is what the optimiser follows;
+  ``estimand`` is what is reported (``effect``: the estimand of intervening on the
+  final hard region). By default the objective is the target's log-odds
+  (``log_odds``) for the ``expected`` and ``probability`` estimands: both are
+  probabilities, whose gradient vanishes where a confident model saturates, and the
+  optimisation is then decided by the area term alone (``dead_objective``); the
+  log-odds order regions as the probability does and do not saturate
+  (``benchmarks/ce_optimal_study.py`` measured every combination of objective, start,
+  game and area weight). ``logit`` and ``kl`` are optimised as they are.
+
+  With the default ``delete`` variant, ``masks`` mark the region intervened on (1 = set
+  to the intervention's value). ``preserve`` finds the region that, kept while
+  everything else is intervened on, keeps the prediction best. The optimisation starts
+  from ``start`` (mask parameters; default ``DEFAULT_START``, nothing intervened on;
+  TorchRay starts from 1).
 
   Unlike TorchRay there is no flip jitter by default: it assumes a mirror-invariant
   model, and a chest X-ray model is not one (the heart is on one side); the answer is
   for the image as it is. Areas are TorchRay's: fractions of the mask with its margin
   (``geometry(...).shape_out``), which is larger than the image.
+
+  Args:
+    objective: what is optimised: a name in ``OBJECTIVES`` or ``estimands.ESTIMANDS``,
+      or a callable (``estimands.Estimand``); default ``default_objective(estimand)``.
+    estimand: what ``effect`` reports (a scalar estimand or callable).
+    start: initial mask parameter in [0, 1] (or ``init=`` an array).
+    Others: as ``extremal_perturbation``.
+
+  Returns:
+    ``CEOptimalResult``. Called eagerly, a ``UserWarning`` says where the objective's
+    gradient was negligible against the area term's.
   """
-  return extremal_perturbation(logits_fn, images, targets, areas=areas, variant=variant,
-                               perturbation=intervention, reward=estimand,
-                               activation=activation, iterations=iterations, jitter=jitter,
-                               **settings)
+  objective = default_objective(estimand) if objective is None else objective
+  if estimand == "per_class":
+    raise ValueError("the per_class estimand gives a vector per mask; report one class "
+                     "with 'probability' (sigmoid for one finding) instead.")
+  if "init" not in settings:
+    start = DEFAULT_START if start is None else float(start)
+    if not 0 <= start <= 1:
+      raise ValueError(f"start must lie in [0, 1] (a mask parameter), got {start}.")
+    settings["init"] = jnp.float32(start)
+  elif start is not None:
+    raise ValueError("give start (a number) or init (an array), not both.")
+  result = extremal_perturbation(logits_fn, images, targets, areas=areas, variant=variant,
+                                 perturbation=intervention, reward=objective,
+                                 activation=activation, iterations=iterations,
+                                 jitter=jitter, **settings)
+  images = jnp.asarray(images)
+  h, w = images.shape[1:3]
+  g = geometry((h, w), step=settings.get("step", 7), sigma=settings.get("sigma", 21.0))
+  full = g.shape_out[0] * g.shape_out[1]
+  zeros = area_reference(full, np.atleast_1d(np.asarray(areas, np.float64)))
+  fractions = np.minimum((full - zeros) / (h * w), 1.0).astype(np.float32)
+  regions = hard_region(result.masks, jnp.broadcast_to(jnp.asarray(fractions),
+                                                       result.masks.shape[:2]))
+  intervened = 1 - regions if variant == PRESERVE else regions
+  effect = region_effects(logits_fn, images, intervened, jnp.asarray(targets, jnp.int32),
+                          intervention=intervention, estimand=estimand,
+                          activation=activation)
+  return CEOptimalResult(*result, regions, effect)
 
 
 def saliency(result: ExtremalResult, *, smooth: float = 0.0) -> Maps:
@@ -337,5 +590,8 @@ def saliency(result: ExtremalResult, *, smooth: float = 0.0) -> Maps:
   return maps
 
 
-__all__ = ["DELETE", "DUAL", "PRESERVE", "VARIANTS", "ExtremalResult", "ce_optimal_mask",
-           "extremal_perturbation", "saliency"]
+__all__ = ["DEAD_RATIO", "DEFAULT_OBJECTIVES", "DEFAULT_START", "DELETE", "DUAL", "OBJECTIVES",
+           "PRESERVE", "VARIANTS", "CEOptimalResult", "ExtremalResult", "ce_optimal_mask",
+           "dead_objective", "default_objective", "expected_log_odds", "extremal_perturbation",
+           "gradient_ratio", "hard_region", "log_odds", "log_probability", "region_effects",
+           "resolve_objective", "saliency", "warn_if_dead"]
