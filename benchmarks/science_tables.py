@@ -15,6 +15,7 @@ run's ``metrics.json``. Every number printed comes from the record, and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import subprocess
@@ -39,13 +40,42 @@ ROWS = (
     ("extremal_perturbation", "extremal perturbations (TorchRay)"),
     ("ce_optimal", "CE-optimal masks (expected CE, zero fill)"),
     ("meaningful_perturbation", "meaningful perturbations"),
+    # Chance levels (metrics.chance_maps), scored by the same code.
+    ("chance_noise", "chance: uniform noise"),
+    ("chance_center", "chance: centred Gaussian"),
+    ("chance_box", "chance: random box of the mean box size"),
 )
+MARK = "†"
 ATTACKS = {"fgsm": "FGSM", "bim": "I-FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD"}
 
 
 def ci(v, digits=2) -> str:
+  if not isinstance(v, (list, tuple)):  # records made before every metric had one
+    return f"{v:.{digits}f}"
   mean, lo, hi = v
   return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _title(s: dict, metric: str, title: str) -> str:
+  """A column title, marked where uniform noise is within the best method's interval
+  (``metrics.uninformative``, recorded by the analysis)."""
+  return f"{title} {MARK}" if s.get("uninformative", {}).get(metric) is True else title
+
+
+def _iobb_title(s: dict) -> str:
+  flags = s.get("uninformative", {}).get("t_iobb") or [False] * len(s["iobb_levels"])
+  return "T(IoBB) at " + " / ".join(f"{t}{' ' + MARK if f else ''}"
+                                     for t, f in zip(s["iobb_levels"], flags, strict=True))
+
+
+def _note(s: dict, metrics: tuple[str, ...]) -> list[str]:
+  flags = s.get("uninformative", {})
+  if not any(any(flags[m]) if isinstance(flags.get(m), list) else flags.get(m)
+             for m in metrics):
+    return []
+  return ["", f"{MARK} Uninformative for these maps: uniform noise scores within (or "
+          "beyond) the best method's 95 % interval, so the column does not separate the "
+          "methods from chance."]
 
 
 def tables(record: dict) -> str:
@@ -55,26 +85,30 @@ def tables(record: dict) -> str:
          f"{s['clean_accuracy']:.3f}; pointing tolerance {s['pointing_tolerance_px']:.2f} px; "
          f"`{record['record']['command']}` at commit {record['record']['commit']}, "
          f"{record['record']['date']}.", ""]
-  levels = " / ".join(str(t) for t in s["iobb_levels"])
+  t = functools.partial(_title, s)
   out += ["Localization (the boxed images):", "",
-          "| method | pointing game | hit rate | mass in box | IoU at half range | Otsu mIoU "
-          f"| T(IoBB) at {levels} |", "|---|---|---|---|---|---|---|"]
+          f"| method | {t('pointing', 'pointing game')} | {t('hit', 'hit rate')} | "
+          f"{t('mass', 'mass in box')} | {t('iou', 'IoU at half range')} | "
+          f"{t('otsu_iou', 'Otsu mIoU')} | {_iobb_title(s)} |", "|---|---|---|---|---|---|---|"]
   for key, name in ROWS:
     row = s["methods"].get(key)
     if row is not None:
-      iobb = " / ".join(f"{v:.2f}" for v in row["t_iobb"])
+      iobb = " / ".join(ci(v) for v in row["t_iobb"])
       out.append(f"| {name} | {ci(row['pointing'])} | {ci(row['hit'])} | "
-                 f"{row['mass'][0]:.2f} | {ci(row['iou'])} | {ci(row['otsu_iou'])} | {iobb} |")
+                 f"{ci(row['mass'])} | {ci(row['iou'])} | {ci(row['otsu_iou'])} | {iobb} |")
+  out += _note(s, ("pointing", "hit", "mass", "iou", "otsu_iou", "t_iobb"))
   out += ["", "Faithfulness (every image) and the randomisation check:", "",
-          "| method | deletion AUC, zero fill (lower better) | deletion AUC, blur fill (lower "
-          "better) | insertion AUC, from blur | rank corr. with random model |",
-          "|---|---|---|---|---|"]
+          f"| method | {t('deletion_zero', 'deletion AUC, zero fill (lower better)')} | "
+          f"{t('deletion_blur', 'deletion AUC, blur fill (lower better)')} | "
+          f"{t('insertion_blur', 'insertion AUC, from blur')} | rank corr. with random "
+          "model |", "|---|---|---|---|---|"]
   for key, name in ROWS:
     row = s["methods"].get(key)
     if row is not None:
       sanity = ci(row["sanity_spearman"]) if "sanity_spearman" in row else "—"
       out.append(f"| {name} | {ci(row['deletion_zero'], 3)} | {ci(row['deletion_blur'], 3)} "
                  f"| {ci(row['insertion_blur'], 3)} | {sanity} |")
+  out += _note(s, ("deletion_zero", "deletion_blur", "insertion_blur"))
   gap = s["methods"].get("integrated_gradients", {}).get("completeness_gap")
   if gap:
     out += ["", f"Integrated Gradients' completeness gap (|sum of attributions - logit "

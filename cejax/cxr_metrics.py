@@ -4,7 +4,11 @@
   thresholded (they use 60 and 180), and a box is drawn around every connected region
   of each binary map (8-connected here; see below); an image is localised at
   ``T(IoBB)`` when some box's *intersection over the detected box* (the part of the
-  box inside the ground truth) exceeds ``T`` (they report 0.1 to 0.9).
+  box inside the ground truth) exceeds ``T`` (they report 0.1 to 0.9). A flat map
+  detects no region and is a miss, counted in the denominator as Wang et al. count
+  every image. The metric rewards small detections: uniform noise, whose isolated
+  bright pixels inside the box are boxes wholly inside it, scores near 1 (the chance
+  rows of ``metrics.chance_maps`` show it).
 - ``otsu_iou``: CheXlocalize (Saporta et al., Nature Machine Intelligence 2022). The
   map is normalised to ``uint8`` [0, 255] (scaled to its range, truncated), Otsu's
   threshold splits it, and the region above it is scored by IoU with the ground truth;
@@ -93,7 +97,7 @@ def _box_sums(mask, boxes):
 def best_iobb(maps: Maps, boxes: BoxMasks, *,
               thresholds: Sequence[int] = WANG_THRESHOLDS) -> Float[Array, " n"]:
   """Per image, the largest intersection over the detected box of any box drawn around
-  a region of the map at any of ``thresholds`` (0 when no region; NaN for a flat map)."""
+  a region of the map at any of ``thresholds`` (0 when no region, a flat map too)."""
   scaled = to_uint8_range(maps)
   boxes = jnp.asarray(boxes, bool)
 
@@ -105,7 +109,7 @@ def best_iobb(maps: Maps, boxes: BoxMasks, *,
       area = ((r1 - r0 + 1) * (c1 - c0 + 1)).astype(jnp.float32)
       iobb = jnp.where(r1 >= r0, _box_sums(gt, regions) / jnp.maximum(area, 1), 0.0)
       best = jnp.maximum(best, iobb.max())
-    return jnp.where(jnp.isfinite(m).all(), best, jnp.nan)
+    return jnp.where(jnp.isfinite(m).all(), best, 0.0)  # flat: no detection, a miss
 
   return jax.vmap(one)(scaled, boxes)
 
@@ -113,10 +117,9 @@ def best_iobb(maps: Maps, boxes: BoxMasks, *,
 def t_iobb(maps: Maps, boxes: BoxMasks, *, levels: Sequence[float] = WANG_LEVELS,
            thresholds: Sequence[int] = WANG_THRESHOLDS) -> dict[float, jax.Array]:
   """Wang et al.'s localization at each ``T(IoBB)`` level: ``{T: (n,)}``, 1.0 where some
-  detected box's IoBB exceeds ``T`` (NaN for a flat map)."""
+  detected box's IoBB exceeds ``T`` (0.0 for a flat map: no detection)."""
   best = best_iobb(maps, boxes, thresholds=thresholds)
-  return {t: jnp.where(jnp.isnan(best), jnp.nan, (best > t).astype(jnp.float32))
-          for t in levels}
+  return {t: (best > t).astype(jnp.float32) for t in levels}
 
 
 def _otsu_on_host(values: np.ndarray) -> np.ndarray:

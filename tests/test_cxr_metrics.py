@@ -68,8 +68,9 @@ def test_t_iobb_is_wang_et_als_detected_box_rule():
   got = cxr_metrics.t_iobb(maps, gt, levels=(0.1, 0.25, 0.5))
   for level, hits in got.items():
     np.testing.assert_array_equal(hits, (np.array(want) > level).astype(np.float32))
-  flat = cxr_metrics.best_iobb(np.ones((1, 8, 8)), np.ones((1, 8, 8), bool))
-  assert np.isnan(flat[0])
+  # A flat map detects nothing: a miss that counts (Wang et al.), not a NaN left out.
+  flat = cxr_metrics.t_iobb(np.ones((1, 8, 8)), np.ones((1, 8, 8), bool), levels=(0.1,))
+  assert float(flat[0.1][0]) == 0.0
 
 
 def test_otsu_threshold_equals_scikit_image():

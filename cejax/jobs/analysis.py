@@ -233,6 +233,8 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
     raise ValueError(f"Split {settings.split!r} of {data.name} has no images.")
   shape = dataset.batch(indices[0][0], [indices[0][1]])["image"].shape[1:3]
   common.check_mask_spec(config.masks, shape)
+  box_shape = ev_common.mean_box_shape(
+      (_batch(dataset, indices[i:i + 256]) for i in range(0, len(indices), 256)), shape)
 
   model = ev_common.make_model(graphdef, params, stats, run,
                                latent_stage=settings.latent_stage)
@@ -240,7 +242,8 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
           if evaluators.SanityEvaluator in chosen_classes else None)
   space = ev_common.pixel_space(dataset.normalization)
   chosen = build(chosen_classes, ev_common.Context(
-      model=model, settings=settings, space=space, masks=config.masks, random_model=rand))
+      model=model, settings=settings, space=space, masks=config.masks, random_model=rand,
+      box_shape=box_shape))
   record = run_identity.run_record(
       job=settings.to_dict(), masks=config.masks.to_dict(), data=data, dataset=dataset,
       weights=run_identity.weights_fingerprint(params, stats), step=run["step"],

@@ -28,7 +28,10 @@ TITLES = {
     "rise": "RISE", "occlusion": "occlusion (= CE, target probability)",
     "extremal_perturbation": "extremal perturbations", "ce_optimal": "CE-optimal masks",
     "meaningful_perturbation": "meaningful perturbations",
+    "chance_noise": "chance: uniform noise", "chance_center": "chance: centred Gaussian",
+    "chance_box": "chance: random box of the mean box size",
 }
+UNINFORMATIVE = "&dagger;"
 
 
 def _png(fig) -> str:
@@ -161,6 +164,21 @@ def _fmt(ci) -> str:
   return "n/a" if not np.isfinite(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _level_cells(levels) -> str:
+  """T(IoBB)/T(IoU) per level: means with intervals (older records: bare means)."""
+  if not levels:
+    return "n/a"
+  return " / ".join(_fmt(v) if isinstance(v, (list, tuple)) else f"{v:.2f}" for v in levels)
+
+
+def _marked(summary, metric, title: str) -> str:
+  """A column title, marked where uniform noise is within the best method's interval."""
+  flag = summary.get("uninformative", {}).get(metric)
+  if isinstance(flag, list):
+    flag = any(flag)
+  return f"{title} {UNINFORMATIVE}" if flag else title
+
+
 def metrics_table(summary) -> str:
   cols = ("pointing", "hit", "mass", "iou", "otsu_iou", "deletion_zero", "deletion_blur",
           "insertion_blur")
@@ -169,22 +187,30 @@ def metrics_table(summary) -> str:
     if "pointing" not in row:
       continue
     cells = "".join(f"<td>{_fmt(row[c])}</td>" for c in cols)
-    lists = [" / ".join(f"{v:.2f}" for v in row[k]) if row.get(k) else "n/a"
-             for k in ("t_iobb", "t_iou")]
+    lists = [_level_cells(row.get(k)) for k in ("t_iobb", "t_iou")]
     sanity = _fmt(row["sanity_spearman"]) if "sanity_spearman" in row else "—"
     rows.append(f"<tr><th>{html.escape(TITLES.get(m, m))}</th>{cells}"
                 + "".join(f"<td>{v}</td>" for v in lists) + f"<td>{sanity}</td></tr>")
   if not rows:
     return "<p>No localization results: the run's evaluators do not include it.</p>"
-  head = ("<tr><th>method</th><th>pointing game &uarr;</th><th>hit rate &uarr;</th>"
-          "<th>mass in box &uarr;</th><th>IoU at half range &uarr;</th>"
-          "<th>Otsu mIoU (CheXlocalize) &uarr;</th><th>deletion AUC, zero fill &darr;</th>"
-          "<th>deletion AUC, blur fill &darr;</th><th>insertion AUC, from blur &uarr;</th>"
-          "<th>T(IoBB) at " + ", ".join(str(t) for t in summary.get("iobb_levels", ()))
-          + " (Wang et al.)</th><th>T(IoU) at "
-          + ", ".join(str(t) for t in summary.get("iou_thresholds", ()))
-          + "</th><th>rank corr. with random model &darr;</th></tr>")
-  return f"<table>{head}{''.join(rows)}</table>"
+  titles = [("pointing", "pointing game &uarr;"), ("hit", "hit rate &uarr;"),
+            ("mass", "mass in box &uarr;"), ("iou", "IoU at half range &uarr;"),
+            ("otsu_iou", "Otsu mIoU (CheXlocalize) &uarr;"),
+            ("deletion_zero", "deletion AUC, zero fill &darr;"),
+            ("deletion_blur", "deletion AUC, blur fill &darr;"),
+            ("insertion_blur", "insertion AUC, from blur &uarr;"),
+            ("t_iobb", "T(IoBB) at " + ", ".join(str(t) for t in summary.get("iobb_levels", ()))
+             + " (Wang et al.)"),
+            ("t_iou", "T(IoU) at " + ", ".join(str(t) for t in summary.get("iou_thresholds", ())))]
+  head = ("<tr><th>method</th>" + "".join(f"<th>{_marked(summary, k, t)}</th>" for k, t in titles)
+          + "<th>rank corr. with random model &darr;</th></tr>")
+  note = ""
+  if any(summary.get("uninformative", {}).values()):
+    note = (f"<p class=note>{UNINFORMATIVE} Uninformative for these maps: uniform noise "
+            "scores within (or beyond) the best method's 95 % interval (at some level, for "
+            "T(IoBB) and T(IoU)), so the column does not separate the methods from "
+            "chance.</p>")
+  return f"<table>{head}{''.join(rows)}</table>{note}"
 
 
 def _auroc_cell(d) -> str:
@@ -266,6 +292,9 @@ def write_report(out_dir: Path, inputs, results, summary, *, settings: dict[str,
   for m, row in summary["methods"].items():
     for metric, v in row.items():
       if metric in ("t_iou", "t_iobb"):
+        levels = summary.get("iou_thresholds" if metric == "t_iou" else "iobb_levels", ())
+        for level, ci in zip(levels, v, strict=False):
+          w.writerow([m, f"{metric}@{level}", *ci])
         continue
       w.writerow([m, metric, *(v if isinstance(v, (list, tuple)) else (v, "", ""))])
   w = csv.writer(det)

@@ -68,14 +68,28 @@ def pixel_space(normalization) -> PixelSpace:
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What an evaluator is built from: the model, the ``analysis`` settings, the pixel
-  space, the mask specification (``config.masks``), and (for the sanity check only) the
-  re-initialised model."""
+  space, the mask specification (``config.masks``), (for the sanity check only) the
+  re-initialised model, and the mean ground-truth box ``(height, width)`` in pixels of
+  the analysed images (the chance rows' random box; ``mean_box_shape``)."""
 
   model: Model
   settings: Any
   space: PixelSpace
   masks: Any
   random_model: Model | None = None
+  box_shape: tuple[float, float] | None = None
+
+
+def mean_box_shape(batches, shape) -> tuple[float, float]:
+  """The mean ``(height, width)`` in pixels of every ground-truth box in ``batches``
+  (``Dataset.batch`` dicts), or a fifth of each side of ``shape`` when there is none."""
+  sizes = [np.stack([b["boxes"][..., 3] - b["boxes"][..., 1],
+                     b["boxes"][..., 2] - b["boxes"][..., 0]], -1)[b["box_mask"]]
+           for b in batches]
+  sizes = np.concatenate(sizes) if sizes else np.zeros((0, 2))
+  if not len(sizes):
+    return (shape[0] / 5, shape[1] / 5)
+  return tuple(float(v) for v in sizes.mean(0))
 
 
 def confidence(model: Model, logits):

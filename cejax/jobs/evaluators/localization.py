@@ -1,5 +1,10 @@
 """Localization and faithfulness of each map, and the model-randomisation sanity check.
 
+Every table carries the chance rows of ``metrics.chance_maps`` (uniform noise, a centred
+Gaussian, a random box of the mean box size), scored by the same code, and each metric
+a 95 % bootstrap interval over images; ``summarize`` names the columns where noise is
+within (or beyond) the best method's interval (``metrics.uninformative``).
+
 Localization (images with a box): the standard pointing game (Zhang et al.'s
 tolerance scaled to the image, first maximum), mass in box, IoU at half the map's
 range, and the chest X-ray field's metrics (``cejax.cxr_metrics``): Wang et al.'s
@@ -104,15 +109,15 @@ class LocalizationEvaluator:
       row = {metric: metrics.bootstrap_interval(getattr(loc, metric)[m][boxed])
              for metric in ("pointing", "mass", "iou", "otsu_iou", "hit")}
       row.update({c: metrics.bootstrap_interval(loc.curves[c][m]) for c in metrics.CURVES})
-      ious = loc.iou[m][boxed]
-      row["t_iou"] = np.asarray(metrics.localization_accuracy(ious)).tolist() \
-          if len(ious) else []
-      iobb = np.asarray(loc.iobb[m][boxed], np.float64)
-      iobb = iobb[np.isfinite(iobb)]
-      row["t_iobb"] = [float((iobb > t).mean()) if len(iobb) else float("nan")
-                       for t in cxr_metrics.WANG_LEVELS]
+      ious = np.asarray(loc.iou[m][boxed], np.float64)
+      row["t_iou"] = [metrics.bootstrap_interval(ious > t) for t in metrics.IOU_THRESHOLDS]
+      # A flat map (best IoBB 0, or NaN in chunks stored before flat maps were misses)
+      # detects nothing: a miss, in the denominator as Wang et al. count it.
+      iobb = np.nan_to_num(np.asarray(loc.iobb[m][boxed], np.float64), nan=0.0)
+      row["t_iobb"] = [metrics.bootstrap_interval(iobb > t) for t in cxr_metrics.WANG_LEVELS]
       table[m] = row
-    return {"methods": table, "iou_thresholds": list(metrics.IOU_THRESHOLDS),
+    return {"methods": table, "uninformative": metrics.uninformative(table),
+            "iou_thresholds": list(metrics.IOU_THRESHOLDS),
             "iobb_levels": list(cxr_metrics.WANG_LEVELS),
             "pointing_tolerance_px": metrics.pointing_tolerance(inputs.box.shape[1:3])}
 

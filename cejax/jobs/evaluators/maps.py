@@ -137,7 +137,8 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
 
 class MapsEvaluator:
   """CE maps (grid, sliding windows, RISE masks, latent) and the saliency baselines
-  named in ``analysis.methods``, computed in one compiled program per chunk shape."""
+  named in ``analysis.methods``, computed in one compiled program per chunk shape, and
+  the chance maps (``metrics.CHANCE_MAPS``) that give every metric its chance level."""
 
   name: ClassVar[str] = "maps"
   requires: ClassVar[tuple[str, ...]] = ()
@@ -146,6 +147,7 @@ class MapsEvaluator:
   def __init__(self, context: Context, *, methods=None):
     settings = context.settings
     methods = check_methods(settings.methods if methods is None else methods)
+    self._box_shape = context.box_shape
     self._compute = jax.jit(lambda x, t, k: compute_maps(
         context.model, x, t, key=k, settings=settings, mask_spec=context.masks,
         methods=methods))
@@ -161,7 +163,12 @@ class MapsEvaluator:
 
   def evaluate(self, inputs: Inputs, earlier, *, key) -> Maps:
     del earlier
-    maps = self._compute(inputs.images, inputs.target, key)
+    maps = dict(self._compute(inputs.images, inputs.target, key))
+    n, h, w = inputs.images.shape[:3]
+    box_shape = self._box_shape or (h / 5, w / 5)
+    # The chance rows: scored by the same code as every method (metrics.chance_maps).
+    maps.update(metrics.chance_maps(jax.random.fold_in(key, 2), num=n, shape=(h, w),
+                                    box_shape=box_shape))
     gaps = ({"integrated_gradients": self._gap(inputs.images, inputs.target,
                                                maps["integrated_gradients"])}
             if "integrated_gradients" in maps else {})
