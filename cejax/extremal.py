@@ -46,8 +46,8 @@ with ``mesh=`` spread over its devices; results do not depend on either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import warnings
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax

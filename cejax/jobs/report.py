@@ -199,10 +199,11 @@ def metrics_table(summary) -> str:
             ("deletion_zero", "deletion AUC, zero fill &darr;"),
             ("deletion_blur", "deletion AUC, blur fill &darr;"),
             ("insertion_blur", "insertion AUC, from blur &uarr;"),
-            ("t_iobb", "T(IoBB) at " + ", ".join(str(t) for t in summary.get("iobb_levels", ()))
+            ("t_iobb", "T(IoBB) at " + ", ".join(map(str, summary.get("iobb_levels", ())))
              + " (Wang et al.)"),
-            ("t_iou", "T(IoU) at " + ", ".join(str(t) for t in summary.get("iou_thresholds", ())))]
-  head = ("<tr><th>method</th>" + "".join(f"<th>{_marked(summary, k, t)}</th>" for k, t in titles)
+            ("t_iou", "T(IoU) at " + ", ".join(map(str, summary.get("iou_thresholds", ()))))]
+  head = ("<tr><th>method</th>"
+          + "".join(f"<th>{_marked(summary, k, t)}</th>" for k, t in titles)
           + "<th>rank corr. with random model &darr;</th></tr>")
   note = ""
   if any(summary.get("uninformative", {}).values()):
