@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cejax._compile import jit
@@ -97,6 +98,7 @@ def check_inputs(images, labels, space, activation):
   """``(images, labels)`` as float32 / int32 (multi-hot float32); raises ``ValueError``
   for a wrong rank, a label shape that does not match, or pixels outside the space."""
   multi_label = check_activation(activation) == "sigmoid"
+  concrete = None if isinstance(images, jax.core.Tracer) else np.asarray(images, np.float32)
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4:
     raise ValueError(f"images must be (n, h, w, c) in pixel space, got {images.shape}.")
@@ -109,8 +111,10 @@ def check_inputs(images, labels, space, activation):
   if labels.shape != want:
     kind = "multi-hot" if multi_label else "class indices"
     raise ValueError(f"labels must have shape {want} ({kind}), got {labels.shape}.")
-  if not isinstance(images, jax.core.Tracer):
-    lo, hi = float(images.min()), float(images.max())
+  # numpy on the concrete values: under a user's jit, jnp operations on a closed-over
+  # array are staged, and float() of their result fails.
+  if concrete is not None and concrete.size:
+    lo, hi = float(concrete.min()), float(concrete.max())
     if lo < space.low - 1e-5 or hi > space.high + 1e-5:
       raise ValueError(f"images must be pixels in [{space.low}, {space.high}] (attacks work "
                        f"in pixel space; pass space= for the model's normalisation); got "

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cejax import estimands
+from cejax import estimands, precision
 
 
 class FeatureAutoencoder(nnx.Module):
@@ -58,6 +58,7 @@ def loss_fn(model: FeatureAutoencoder, h, *, tv_weight: float):
   return l1 + tv_weight * tv, {"l1": l1, "tv": tv}
 
 
+@precision.applied
 def train_autoencoder(prefix_fn: Callable, batches: Iterable, *, features: int,
                       code_channels: int, steps: int, learning_rate: float = 1e-3,
                       tv_weight: float = 0.01, seed: int = 0):
@@ -110,6 +111,7 @@ def code_fns(prefix_fn: Callable, suffix_fn: Callable, model: FeatureAutoencoder
   return code_prefix, code_suffix
 
 
+@precision.applied
 def fidelity(logits_fn: Callable, prefix_fn: Callable, suffix_fn: Callable,
              model: FeatureAutoencoder, images, *, activation: str = "softmax"):
   """How closely ``suffix(AE(prefix(x)))`` reproduces ``logits_fn(x)``.

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import estimands, interventions
+from cejax import estimands, interventions, precision
 from cejax._compile import jit
 from cejax.extremal import DELETE, Schedule, hard_region, objective_of, optimise_in_chunks
 from cejax.smooth_masks import area_reference, geometry
@@ -35,6 +36,7 @@ class Counterfactual(NamedTuple):
   found: np.ndarray
 
 
+@precision.applied
 def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
                            areas: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.4),
                            bisection_steps: int = 3, intervention: Any = "zero",
@@ -69,9 +71,10 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
     raise ValueError(f"threshold must lie in (0, 1) (a probability), got {threshold}.")
   fill = interventions.resolve(intervention)
   n, h, w, _ = images.shape
-  # The decisions between optimisations: one compiled forward pass (called as it is,
-  # an un-jitted network would run, and first compile, operation by operation).
-  predict = jax.jit(logits_fn)
+  # The decisions between optimisations: one compiled forward pass under the precision
+  # policy (called as it is, an un-jitted network would run, and first compile,
+  # operation by operation, at JAX's default precision: TF32 on NVIDIA GPUs).
+  predict = functools.partial(_logits, logits_fn)
   clean = np.asarray(predict(images))
   targets = clean.argmax(-1).astype(np.int32)
   values = jax.vmap(lambda x: fill.fill(x, None))(images)  # the same for every decision
@@ -121,6 +124,12 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
     best_pred = np.where(take, pred, best_pred)
     lo = np.where(found & ~flip, mid, lo)
   return Counterfactual(hi, best, best_pred.astype(np.int32), found)
+
+
+@jit
+def _logits(logits_fn, images):
+  """``logits_fn(images)`` compiled once per network, under the precision policy."""
+  return logits_fn(images)
 
 
 def _prepare_optimised(a):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cejax._compile import jit
 from cejax.estimands import activate
 
 
@@ -87,6 +88,7 @@ def median_smoothing(images, *, size: int = 3):
   return jnp.sort(windows, axis=0)[size * size // 2]
 
 
+@jit(data=("pixels", "space"))
 def squeeze_score(logits_fn, pixels, *, space, activation: str = "softmax",
                   bits: int = 5, median: int = 2):
   """Feature squeezing's detection score (Xu et al., NDSS 2018), per image ``(n,)``:

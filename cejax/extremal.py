@@ -324,7 +324,7 @@ def check_inputs(a):
   if images.ndim != 4:
     raise ValueError(f"images must be (n, h, w, c), got shape {images.shape}.")
   check_floating(images)
-  if not isinstance(images, jax.core.Tracer) and not bool(jnp.isfinite(images).all()):
+  if not isinstance(images, jax.core.Tracer) and not np.isfinite(np.asarray(images)).all():
     raise ValueError("images hold NaN or infinite values.")
   targets = jnp.asarray(a["targets"])
   if targets.shape != images.shape[:1] or not jnp.issubdtype(targets.dtype, jnp.integer):

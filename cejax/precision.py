@@ -27,6 +27,8 @@ your model sets itself keeps it. Errors of each mode against a float64 reference
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 # Policy name -> the value of jax.default_matmul_precision that implements it.
@@ -70,10 +72,23 @@ def matmul_context(precision: str):
   return policy(precision)
 
 
+def applied(fn):
+  """Decorator: ``fn`` runs (and traces whatever it compiles) under the policy in force
+  at the call, ``exact`` when none is set: for public functions that call a model
+  outside cejax's compiled programs (eager decisions, training steps)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with matmul_context(current()):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
 def compute_dtype(precision: str) -> str:
   """The dtype the jobs build their network in under ``precision``."""
   return COMPUTE_DTYPES[check(precision)]
 
 
-__all__ = ["COMPUTE_DTYPES", "PRECISIONS", "check", "compute_dtype", "current",
+__all__ = ["COMPUTE_DTYPES", "PRECISIONS", "applied", "check", "compute_dtype", "current",
            "matmul_context", "policy"]

@@ -1,6 +1,17 @@
 """The precision policy: every dot and convolution of cejax's compiled programs carries
 the policy's precision (HIGHEST by default, whatever JAX's global setting), and the
-policy is part of the program's identity."""
+policy is part of the program's identity.
+
+The suite sets ``jax_default_matmul_precision="highest"`` globally (conftest), which by
+itself makes every product HIGHEST; ``test_every_public_program_applies_the_policy_itself``
+therefore runs every public program in a fresh interpreter without it."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -55,16 +66,16 @@ def programs():
       "latent": lambda x: effects.causal_effect(latent.forward(prefix, suffix), x,
                                                 inter).effects,
       "ce_map": lambda x: effects.ce_map(jnp.ones(9) * x.sum(), masks.to_array(grid)),
-      "grad_cam": lambda x: saliency.integrated_gradients(logits_fn, x[None], jnp.zeros(
-          1, jnp.int32), steps=2),
+      "integrated_gradients": lambda x: saliency.integrated_gradients(
+          logits_fn, x[None], jnp.zeros(1, jnp.int32), steps=2),
       "pgd": lambda x: attacks.pgd(logits_fn, jax.nn.sigmoid(x)[None], jnp.zeros(
           1, jnp.int32), key=jax.random.key(0), eps=0.1, steps=2,
           space=attacks.PixelSpace()).images,
   }, image, pixels
 
 
-@pytest.mark.parametrize("name", ["full", "incremental", "latent", "ce_map", "grad_cam",
-                                  "pgd"])
+@pytest.mark.parametrize("name", ["full", "incremental", "latent", "ce_map",
+                                  "integrated_gradients", "pgd"])
 def test_every_product_carries_the_policy(programs, name):
   fns, image, _ = programs
   fn = fns[name]
@@ -102,3 +113,38 @@ def test_the_argument_wins_and_the_policy_is_part_of_the_programs_identity(progr
   with pytest.raises(ValueError, match="Unknown precision"):
     with precision.policy("half"):
       pass
+
+
+def test_every_public_program_applies_the_policy_itself():
+  """Every public function that calls a model, lowered (or run, for those that compile
+  several programs from the host) in a fresh interpreter with no global precision:
+  under the default policy every dot and convolution is HIGHEST; under ``tf32`` none
+  is left at DEFAULT and the model's products are HIGH (cejax's own mask and blur
+  products stay HIGHEST by design). On the old code ``metrics.deletion_insertion``,
+  ``defenses.squeeze_score``, ``counterfactual.minimal_counterfactual``'s decisions and
+  the autoencoder's training and fidelity ran the model at DEFAULT (TF32 on NVIDIA
+  GPUs), and the attacks refused images closed over by a jit."""
+  script = Path(__file__).with_name("precision_programs.py")
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("JAX_")}  # no compilation cache: dumps come from compiling
+  runs = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for mode in ("exact", "tf32"):
+      dump = Path(tmp) / mode
+      dump.mkdir()
+      flags = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text"
+      runs[mode] = subprocess.Popen(
+          [sys.executable, str(script), mode, str(dump)], stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE, text=True, env=dict(env, XLA_FLAGS=flags))
+    found = {}
+    for mode, proc in runs.items():
+      out, err = proc.communicate(timeout=600)
+      assert proc.returncode == 0, err[-3000:]
+      found[mode] = json.loads(out.strip().splitlines()[-1])
+  assert len(found["exact"]) == 30 and found["exact"].keys() == found["tf32"].keys()
+  for name, precisions in found["exact"].items():
+    assert precisions == ["HIGHEST,HIGHEST"], (name, precisions)
+  for name, precisions in found["tf32"].items():
+    assert "HIGH,HIGH" in precisions and "DEFAULT,DEFAULT" not in precisions, (name,
+                                                                              precisions)
+    assert set(precisions) <= {"HIGH,HIGH", "HIGHEST,HIGHEST"}, (name, precisions)
