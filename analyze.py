@@ -52,5 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_lib.check_argv(sys.argv)  # a mistyped --config.x.y: a clear message, no traceback
-  app.run(main)
+  common.run_app(main)  # names a mistyped --config.x.y; --help exits with 0

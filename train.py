@@ -4,13 +4,11 @@ Short on purpose: the logic is in ``cejax.training`` so it can be imported and t
 Any config field can be overridden, e.g. ``--config.train.num_epochs=2``.
 """
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cejax.jobs import common, training
-from cejax.jobs import config as config_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
@@ -29,5 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_lib.check_argv(sys.argv)  # a mistyped --config.x.y: a clear message, no traceback
-  app.run(main)
+  common.run_app(main)  # names a mistyped --config.x.y; --help exits with 0

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cejax._compile import jit
+from cejax._compile import jit, output_shape
+from cejax._validation import check_channels_last
 from cejax.estimands import check_activation
 
 
@@ -102,6 +103,7 @@ def check_inputs(images, labels, space, activation):
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4:
     raise ValueError(f"images must be (n, h, w, c) in pixel space, got {images.shape}.")
+  check_channels_last(images.shape, "images")
   labels = jnp.asarray(labels)
   if not multi_label and not jnp.issubdtype(labels.dtype, jnp.integer):
     raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype} (a "
@@ -123,9 +125,24 @@ def check_inputs(images, labels, space, activation):
 
 
 def _validate(args):
-  """Eager checks before the compiled attack (pixel range, label shape)."""
-  check_inputs(args["images"], args["labels"], args["space"],
-               args.get("activation", "softmax"))
+  """Eager checks before the compiled attack: pixel range, label shape, and labels that
+  are classes of the model (a class past the end would be clamped by the loss's gather
+  and the attack reported as a success)."""
+  activation = args.get("activation", "softmax")
+  images, labels = check_inputs(args["images"], args["labels"], args["space"], activation)
+  if isinstance(args["labels"], jax.core.Tracer) or isinstance(images, jax.core.Tracer):
+    return args
+  k = output_shape(args["logits_fn"], (1, *images.shape[1:]), jnp.float32)[-1]
+  given = np.asarray(args["labels"])
+  if activation == "sigmoid":
+    if given.shape[-1] != k or given.size and (given.min() < 0 or given.max() > 1):
+      raise ValueError(f"labels must be multi-hot (n, {k}) in [0, 1] for the model's {k} "
+                       f"findings, got shape {given.shape}"
+                       + (f" and values in [{given.min()}, {given.max()}]." if given.size
+                          else "."))
+  elif given.size and (given.min() < 0 or given.max() >= k):
+    raise ValueError(f"labels must be classes in [0, {k}) of the model's {k} logits, got "
+                     f"values in [{given.min()}, {given.max()}].")
   return args
 
 

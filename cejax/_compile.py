@@ -132,6 +132,15 @@ def jit(fn: Callable | None = None, *, data: Sequence[str] = (),
   return call
 
 
+def tracing(*values) -> bool:
+  """Whether this call is being traced by a transformation: some value is a tracer
+  (``vmap``, ``grad``, a ``jit`` argument), or operations are being staged (a ``jit``
+  around code that closes over concrete arrays)."""
+  leaves = jax.tree.leaves(values)
+  return (any(isinstance(x, jax.core.Tracer) for x in leaves)
+          or isinstance(jax.numpy.zeros(()) + 0, jax.core.Tracer))
+
+
 @functools.lru_cache(maxsize=256)
 def output_shape(fn: Callable, shape: tuple, dtype) -> tuple:
   """``fn``'s output shape for one input of ``shape``, traced once per shape."""

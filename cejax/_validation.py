@@ -40,11 +40,29 @@ def check_batch_size(batch_size, num):
   return int(min(batch_size, num))
 
 
+_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what a channels-first image leads with
+
+
+def check_channels_last(shape, what: str = "image") -> None:
+  """Refuses a shape that is channels-first: ``(..., c, h, w)`` with ``c`` in 1, 3 or 4
+  and a last axis wider than that (an image of 1, 3 or 4 rows with more than 4 channels
+  is not one cejax's models take)."""
+  shape = tuple(shape)
+  if len(shape) >= 3 and shape[-3] in _CHANNELS and shape[-1] not in _CHANNELS \
+      and shape[-1] > 4:
+    raise ValueError(
+        f"{what} must be channels-last ({'n, ' if len(shape) == 4 else ''}h, w, c); got "
+        f"shape {shape}, which looks channels-first (c = {shape[-3]}): use "
+        f"jnp.moveaxis({what}, {len(shape) - 3}, -1), and cejax.adapters.from_nchw for a "
+        "model that takes NCHW.")
+
+
 def check_image(image):
   """One ``(h, w, c)`` floating-point image, finite when concrete."""
   if np.ndim(image) != 3:
     raise ValueError(f"image must be (h, w, c); got shape {np.shape(image)}. Use jax.vmap "
                      "over causal_effect for a batch of images.")
+  check_channels_last(np.shape(image))
   check_floating(image)
   # Value checks only where values exist (not under tracing); numpy, so that jit
   # around a closed-over image does not turn the check itself into a tracer.

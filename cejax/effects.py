@@ -48,7 +48,7 @@ from jaxtyping import Array, Float
 import cejax._validation as validation
 from cejax import estimands, interventions, sharding
 from cejax import masks as masks_lib
-from cejax._compile import jit
+from cejax._compile import jit, output_shape
 from cejax._deprecation import Lazy, deprecated_names
 from cejax.types import Effects, Image, LogitsFn, PRNGKey
 
@@ -173,6 +173,10 @@ def _prepare(a):
   if intervention is not None and interventions.is_random(intervention) and a["key"] is None:
     raise ValueError(f"{type(intervention).__name__} is random: pass key=.")
   forward = model.prepare(a["masks"], image=image, intervention=intervention)
+  if isinstance(model, FullForward) and a["target"] is not None:
+    # Before compiling and running the model (abstractly: shapes only, cached).
+    num_classes = output_shape(model.logits_fn, (1, *image.shape), image.dtype)[-1]
+    validation.check_target(a["target"], num_classes)
   return dict(a, model=forward, image=image, masks=None, intervention=intervention,
               estimand=estimand,
               batch_size=validation.check_batch_size(a["batch_size"], forward.num),
@@ -180,7 +184,7 @@ def _prepare(a):
 
 
 def _check(a, result):
-  # After the call, which tells the class count without another trace.
+  # Other forwards: after the call, which tells the class count without another trace.
   validation.check_target(a["target"], result.clean_logits.shape[-1])
 
 

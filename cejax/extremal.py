@@ -46,6 +46,7 @@ with ``mesh=`` spread over its devices; results do not depend on either.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -55,8 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cejax import estimands, interventions, sharding
-from cejax._compile import jit
-from cejax._validation import check_floating
+from cejax._compile import jit, tracing
+from cejax._progress import bar as _bar
+from cejax._validation import check_channels_last, check_floating
 from cejax.smooth_masks import (
   PYRAMIDS,
   Geometry,
@@ -197,35 +199,51 @@ class Schedule(NamedTuple):
   jitter: bool
 
 
-def _optimise(logits_fn, images, targets, zeros, init, regul_scale, *, g: Geometry,
-              objective: Objective, schedule: Schedule, variant: str):
-  """Extremal perturbation of a batch: images ``(n, h, w, c)``, targets ``(n,)``, the
-  leading zeros of each area's reference ``(n, K)``, initial parameters ``(n, K, h_in,
-  w_in)``, a per-image factor on the area weight ``(n,)`` (or None). Returns masks ``(n,
-  K, h, w)``, the reward and area term of every iteration, ``(n, K, T)`` each, and the
-  norms of the reward's and the area term's gradients with respect to the parameters at
-  the first and the last iteration, ``(n, K, 2)`` each."""
-  n, num_areas = images.shape[0], zeros.shape[1]
-  clean = logits_fn(images)
-  num_variants = 2 if variant == DUAL else 1
-  scale = 1.0 if regul_scale is None else regul_scale[:, None]
+class _Energy(NamedTuple):
+  """The objective of a batch (static settings, traced arrays): images ``(n, h, w, c)``,
+  targets ``(n,)``, the leading zeros of each area's reference ``(n, K)``, a per-image
+  factor on the area weight ``(n,)`` (or None)."""
 
-  def reward_of(cropped, flip):
-    keeps = [cropped, 1 - cropped] if variant == DUAL else [
-        1 - cropped if variant == DELETE else cropped]
+  logits_fn: Any
+  images: Any
+  targets: Any
+  zeros: Any
+  regul_scale: Any
+  g: Geometry
+  objective: Objective
+  variant: str
+
+  def reward(self, cropped, flip, clean):
+    """``(n, K)``: the game's reward of the masks ``cropped (n, K, h, w)``."""
+    n, num_areas = self.zeros.shape
+    num_variants = 2 if self.variant == DUAL else 1
+    keeps = [cropped, 1 - cropped] if self.variant == DUAL else [
+        1 - cropped if self.variant == DELETE else cropped]
     keeps = jnp.stack(keeps, axis=1)  # (n, V, K, h, w)
-    x = jax.vmap(lambda image, keep: _perturber(objective, image)(keep))(images, keeps)
+    x = jax.vmap(lambda image, keep: _perturber(self.objective, image)(keep))(self.images,
+                                                                               keeps)
     x = jnp.where(flip, x[..., ::-1, :], x)
-    logits = logits_fn(x.reshape(-1, *x.shape[-3:])).reshape(n, num_variants, num_areas, -1)
-    return jax.vmap(lambda z, c, t: _reward(objective, z, c, t, variant))(
-        logits, clean, targets)
+    logits = self.logits_fn(x.reshape(-1, *x.shape[-3:])).reshape(n, num_variants,
+                                                                   num_areas, -1)
+    return jax.vmap(lambda z, c, t: _reward(self.objective, z, c, t, self.variant))(
+        logits, clean, self.targets)
 
-  def area_of(full, weight):
-    return -area_gap(full.reshape(n, num_areas, -1), zeros) * (weight * scale)
+  def area(self, full, weight):
+    """``(n, K)``: the area term (``<= 0``) of the margined masks ``full``."""
+    n, num_areas = self.zeros.shape
+    scale = 1.0 if self.regul_scale is None else self.regul_scale[:, None]
+    return -area_gap(full.reshape(n, num_areas, -1), self.zeros) * (weight * scale)
+
+
+def _iterate(e: _Energy, schedule: Schedule, carry, xs):
+  """TorchRay's SGD over the iterations of ``xs`` (weights, flips, first-step flags),
+  from ``carry`` (parameters, momentum buffer, the parameters of the last iteration):
+  the new carry and the reward and area term of each iteration, ``(n, K, L)`` each."""
+  clean = e.logits_fn(e.images)
 
   def energy(params, weight, flip):
-    cropped, full = smooth_masks(params, g)  # (n, K, h, w), (n, K, oh, ow)
-    reward, regul = reward_of(cropped, flip), area_of(full, weight)
+    cropped, full = smooth_masks(params, e.g)  # (n, K, h, w), (n, K, oh, ow)
+    reward, regul = e.reward(cropped, flip, clean), e.area(full, weight)
     return jnp.sum(reward + regul), (reward, regul)
 
   def step(carry, xs):
@@ -237,30 +255,39 @@ def _optimise(logits_fn, images, targets, zeros, init, regul_scale, *, g: Geomet
     new = jnp.clip(params - schedule.learning_rate * buf, 0, 1)
     return (new, buf, params), (reward, regul)
 
-  def gradient_norms(params, weight, flip):
-    """``(reward, area)`` gradient norms per image and area, ``(n, K)`` each."""
-    reward = jax.grad(lambda p: jnp.sum(reward_of(smooth_masks(p, g)[0], flip)))(params)
-    area = jax.grad(lambda p: jnp.sum(area_of(smooth_masks(p, g)[1], weight)))(params)
+  carry, (rewards, reguls) = jax.lax.scan(step, carry, xs)
+  return carry, (jnp.moveaxis(rewards, 0, -1), jnp.moveaxis(reguls, 0, -1))
+
+
+def _finish(e: _Energy, first, last, ends):
+  """The masks of the last iteration's parameters ``(n, K, h, w)``, and the norms of
+  the reward's and the area term's gradients at the first and the last iteration
+  (``ends``: their weights and flips), ``(n, K, 2)`` each."""
+  clean = e.logits_fn(e.images)
+  masks, _ = smooth_masks(last, e.g)
+  # Behind a barrier: merged with the masks' own computation, the diagnostics changed the
+  # masks' rounding differently on one device and on several.
+  first, last = jax.lax.optimization_barrier((first, last))
+
+  def norms(params, weight, flip):
+    reward = jax.grad(lambda p: jnp.sum(e.reward(smooth_masks(p, e.g)[0], flip, clean)))(
+        params)
+    area = jax.grad(lambda p: jnp.sum(e.area(smooth_masks(p, e.g)[1], weight)))(params)
     norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(-2, -1)))  # noqa: E731
     return norm(reward), norm(area)
 
+  (w0, wt), (f0, ft) = ends
+  at_first, at_last = norms(first, w0, f0), norms(last, wt, ft)
+  return (masks, jnp.stack([at_first[0], at_last[0]], -1),
+          jnp.stack([at_first[1], at_last[1]], -1))
+
+
+def _schedule_arrays(schedule: Schedule):
+  """Per iteration: the area weight, the flip, whether it is the first step."""
   t = np.arange(schedule.iterations)
   weights = (schedule.regul_weight * schedule.regul_growth ** t).astype(np.float32)
   flips = (t % 2 == 0) & schedule.jitter
-  params = jnp.broadcast_to(init, (n, num_areas, *g.shape_in)).astype(jnp.float32)
-  (_, _, last), (rewards, reguls) = jax.lax.scan(
-      step, (params, jnp.zeros_like(params), params),
-      (jnp.asarray(weights), jnp.asarray(flips), jnp.asarray(t == 0)))
-  masks, _ = smooth_masks(last, g)
-  # Behind a barrier: merged with the masks' own computation, the diagnostics changed the
-  # masks' rounding differently on one device and on several.
-  first, last = jax.lax.optimization_barrier((params, last))
-  first_norms = gradient_norms(first, weights[0], bool(flips[0]))
-  last_norms = gradient_norms(last, weights[-1], bool(flips[-1]))
-  reward_grad = jnp.stack([first_norms[0], last_norms[0]], -1)
-  area_grad = jnp.stack([first_norms[1], last_norms[1]], -1)
-  return (masks, jnp.moveaxis(rewards, 0, -1), jnp.moveaxis(reguls, 0, -1), reward_grad,
-          area_grad)
+  return weights, flips, t == 0
 
 
 # Below this ratio of the reward's gradient norm to the area term's, the objective is
@@ -323,6 +350,7 @@ def check_inputs(a):
   images = jnp.asarray(a["images"])
   if images.ndim != 4:
     raise ValueError(f"images must be (n, h, w, c), got shape {images.shape}.")
+  check_channels_last(images.shape, "images")
   check_floating(images)
   if not isinstance(images, jax.core.Tracer) and not np.isfinite(np.asarray(images)).all():
     raise ValueError("images hold NaN or infinite values.")
@@ -365,24 +393,117 @@ def _prepare(a):
               mask_geometry=g, zeros=jnp.asarray(zeros), objective=objective_of(a))
 
 
+# Iterations per compiled call of an eager optimisation: the progress bar moves between
+# calls. (A host callback inside the loop changed how XLA compiled the step, and with it
+# the rounding of one device against several.)
+SEGMENT = 50
+
+
+def _per_image(fn, n, per_image, shared, *, batch_size, mesh):
+  """``fn(*rows of per_image, *shared)`` over chunks of ``batch_size`` images. Both are
+  passed as arguments, not closed over: a carry that a sharded call returned lives on
+  the mesh, and ``shard_map`` cannot close over such an array."""
+  def chunk(indices, per_image, shared):
+    pick = lambda x: None if x is None else jnp.take(x, indices, axis=0, mode="clip")  # noqa: E731
+    return fn(*jax.tree.map(pick, per_image, is_leaf=lambda x: x is None), *shared)
+
+  return sharding.map_chunks(chunk, n, batch_size=batch_size, mesh=mesh,
+                             args=(per_image, shared))
+
+
+def _energy_rows(logits_fn, g, objective, variant):
+  return lambda images, targets, zeros, scale: _Energy(logits_fn, images, targets, zeros,
+                                                       scale, g, objective, variant)
+
+
+@jit
+def _segment(logits_fn, images, targets, zeros, regul_scale, carry, xs, *, g, objective,
+             schedule, variant, batch_size, mesh):
+  """Iterations ``xs`` of every image from ``carry``: one compiled call per segment."""
+  energy = _energy_rows(logits_fn, g, objective, variant)
+  return _per_image(lambda x, t, z, r, c, xs: _iterate(energy(x, t, z, r), schedule, c, xs),
+                    images.shape[0], (images, targets, zeros, regul_scale, carry), (xs,),
+                    batch_size=batch_size, mesh=mesh)
+
+
+@jit
+def _finish_all(logits_fn, images, targets, zeros, regul_scale, first, last, ends, *, g,
+                objective, variant, batch_size, mesh):
+  energy = _energy_rows(logits_fn, g, objective, variant)
+  return _per_image(lambda x, t, z, r, f, last, e: _finish(energy(x, t, z, r), f, last, e),
+                    images.shape[0], (images, targets, zeros, regul_scale, first, last),
+                    (ends,), batch_size=batch_size, mesh=mesh)
+
+
+@jit
+def _whole(logits_fn, images, targets, zeros, regul_scale, init, *, g, objective, schedule,
+           variant, batch_size, mesh):
+  """Every iteration of every image in one program (under a transformation)."""
+  weights, flips, firsts = _schedule_arrays(schedule)
+  ends = ((weights[0], weights[-1]), (bool(flips[0]), bool(flips[-1])))
+  energy = _energy_rows(logits_fn, g, objective, variant)
+
+  def one(x, t, z, r, start):
+    e = energy(x, t, z, r)
+    carry, (rewards, reguls) = _iterate(e, schedule, (start, jnp.zeros_like(start), start),
+                                        (weights, flips, firsts))
+    masks, reward_grad, area_grad = _finish(e, start, carry[2], ends)
+    return masks, rewards, reguls, reward_grad, area_grad
+
+  return _per_image(one, images.shape[0], (images, targets, zeros, regul_scale, init), (),
+                    batch_size=batch_size, mesh=mesh)
+
+
 def optimise_in_chunks(logits_fn, images, targets, zeros, *, g, objective, schedule,
-                       variant, batch_size, mesh, init=None, regul_scale=None):
-  """``_optimise`` over chunks of ``batch_size`` images (sharded with ``mesh``)."""
+                       variant, batch_size, mesh, init=None, regul_scale=None,
+                       bar=None):
+  """The optimisation of every image, ``batch_size`` at a time (sharded with ``mesh``):
+  masks ``(n, K, h, w)``, rewards and area terms ``(n, K, T)``, gradient norms ``(n, K,
+  2)``.
+
+  Called eagerly, it runs ``SEGMENT`` iterations per compiled call and advances ``bar``
+  (a tqdm bar, or None) between calls by each segment's iterations times the number of
+  image chunks. Under a transformation (a ``jit`` of the user's, ``vmap``) the
+  iterations are one program (``_whole``): the two agree to float32 rounding, and each
+  is the same bits on any number of devices at one ``batch_size``.
+  """
   n = images.shape[0]
   if init is None:
     init = jnp.ones((n, zeros.shape[1], *g.shape_in), jnp.float32)
+  init = jnp.asarray(init, jnp.float32)
+  static = dict(g=g, objective=objective, variant=variant, batch_size=batch_size, mesh=mesh)
+  data = (logits_fn, images, targets, zeros, regul_scale)
+  if tracing(images, targets, zeros, regul_scale, init):
+    return _whole(*data, init, schedule=schedule, **static)
+  weights, flips, firsts = _schedule_arrays(schedule)
+  carry, history = (init, jnp.zeros_like(init), init), []
+  devices = 1 if mesh is None else mesh.size
+  chunks = sharding.padded_size(n, batch_size, devices) // batch_size
+  for start in range(0, schedule.iterations, SEGMENT):
+    part = slice(start, start + SEGMENT)
+    xs = (jnp.asarray(weights[part]), jnp.asarray(flips[part]), jnp.asarray(firsts[part]))
+    carry, segment_history = _segment(*data, carry, xs, schedule=schedule, **static)
+    history.append(segment_history)
+    if bar is not None:
+      jax.block_until_ready(carry)
+      bar.update(chunks * len(weights[part]))
+  ends = ((weights[0], weights[-1]), (bool(flips[0]), bool(flips[-1])))
+  masks, reward_grad, area_grad = _finish_all(*data, init, carry[2], ends, **static)
+  rewards = jnp.concatenate([h[0] for h in history], -1)
+  reguls = jnp.concatenate([h[1] for h in history], -1)
+  return masks, rewards, reguls, reward_grad, area_grad
 
-  def chunk(indices):
-    pick = lambda x: None if x is None else jnp.take(x, indices, axis=0, mode="clip")  # noqa: E731
-    return _optimise(logits_fn, pick(images), pick(targets), pick(zeros), pick(init),
-                     pick(regul_scale), g=g, objective=objective, schedule=schedule,
-                     variant=variant)
 
-  return sharding.map_chunks(chunk, n, batch_size=batch_size, mesh=mesh)
+def progress_bar(a, *, desc: str, rounds: int = 1):
+  """The progress bar of an eager optimisation: ``rounds`` optimisations of every chunk
+  of ``batch_size`` images (times the mesh's devices), ``iterations`` each."""
+  devices = 1 if a.get("mesh") is None else a["mesh"].size
+  n = int(np.shape(a["images"])[0])
+  chunks = sharding.padded_size(n, int(a["batch_size"]), devices) // int(a["batch_size"])
+  return _bar(rounds * chunks * int(a["iterations"]), desc,
+                       enabled=bool(a.get("progress")))
 
 
-@jit(prepare=_prepare,
-     check=lambda a, result: warn_if_dead(result, "extremal_perturbation"))
 def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets, *,
                           areas: Sequence[float] = (0.1,), variant: str = PRESERVE,
                           iterations: int = 800, perturbation: Any = "blur",
@@ -392,8 +513,8 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
                           learning_rate: float = 0.01, momentum: float = 0.9,
                           regul_weight: float = 300.0, regul_growth: float = 1.0035,
                           batch_size: int = 1, mesh: jax.sharding.Mesh | None = None,
-                          init=None, regul_scale=None, mask_geometry: Geometry | None = None,
-                          zeros=None, objective: Objective | None = None) -> ExtremalResult:
+                          progress: bool = True, init=None,
+                          regul_scale=None) -> ExtremalResult:
   """Extremal perturbations (Fong et al., 2019; TorchRay's definition, module docstring).
 
   Args:
@@ -405,7 +526,8 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
     iterations: SGD steps (TorchRay: 800).
     perturbation: ``"blur"`` or ``"fade"`` (TorchRay's pyramid), or a cejax
       intervention (``"zero"``, ``"mean"``, ``Blur(...)``, ``Reference(...)``).
-    reward: ``"simple"`` or ``"contrastive"`` (target logit), or a cejax estimand.
+    reward: ``"simple"`` or ``"contrastive"`` (target logit), or a cejax estimand or
+      objective (``OBJECTIVES``).
     activation: ``"softmax"`` or ``"sigmoid"`` (for estimand rewards).
     step, sigma: the mask's parameter step and smoothing (pixels).
     num_levels, max_blur: the pyramid's levels and strongest blur.
@@ -414,30 +536,46 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
     batch_size: images optimised at a time (each is ``len(areas)`` forward and
       backward passes per iteration; ``2 len(areas)`` for dual).
     mesh: spread the images over this mesh's devices.
+    progress: show a progress bar (stderr) while an eager call runs (it never changes
+      the result: eager calls always run in segments, ``optimise_in_chunks``).
     init: initial mask parameters, ``(n, K, h_in, w_in)`` or broadcastable (``h_in, w_in``
       = ``geometry(...).shape_in``); TorchRay starts from ones (the default).
     regul_scale: ``(n,)`` a factor on each image's area weight (default 1), e.g. to
       scale the area term to a reward's range.
-    mask_geometry, zeros, objective: filled in from the others (leave them unset).
 
   Returns:
     ``ExtremalResult`` with masks ``(n, K, h, w)`` and the gradient diagnostics. Called
     eagerly, a ``UserWarning`` says where the reward's gradient was negligible against
     the area term's (``dead_objective``).
+
+  Raises:
+    ValueError: bad shapes, dtypes, areas, variant, iterations, batch size, objective or
+      intervention (eagerly; named).
   """
+  a = _prepare(dict(logits_fn=logits_fn, images=images, targets=targets, areas=areas,
+                    variant=variant, iterations=iterations, perturbation=perturbation,
+                    reward=reward, activation=activation, step=step, sigma=sigma,
+                    num_levels=num_levels, max_blur=max_blur, batch_size=batch_size,
+                    progress=progress, mesh=mesh))
+  images, g = a["images"], a["mask_geometry"]
   schedule = Schedule(int(iterations), float(learning_rate), float(momentum),
                       float(momentum), float(regul_weight), float(regul_growth), bool(jitter))
-  n, num_areas = images.shape[0], zeros.shape[0]
-  zeros = jnp.broadcast_to(zeros, (n, num_areas))
+  n, num_areas = images.shape[0], a["zeros"].shape[0]
+  zeros = jnp.broadcast_to(a["zeros"], (n, num_areas))
   if init is not None:
-    init = jnp.broadcast_to(jnp.asarray(init, jnp.float32),
-                            (n, num_areas, *mask_geometry.shape_in))
+    init = jnp.broadcast_to(jnp.asarray(init, jnp.float32), (n, num_areas, *g.shape_in))
   if regul_scale is not None:
     regul_scale = jnp.broadcast_to(jnp.asarray(regul_scale, jnp.float32), (n,))
-  return ExtremalResult(*optimise_in_chunks(
-      logits_fn, images, targets, zeros, g=mask_geometry, objective=objective,
-      schedule=schedule, variant=variant, batch_size=batch_size, mesh=mesh, init=init,
-      regul_scale=regul_scale))
+  run = functools.partial(
+      optimise_in_chunks, logits_fn, images, a["targets"], zeros, g=g,
+      objective=a["objective"], schedule=schedule, variant=variant, batch_size=int(batch_size),
+      mesh=mesh, init=init, regul_scale=regul_scale)
+  if tracing(images, a["targets"], init, regul_scale):
+    return ExtremalResult(*run())
+  with progress_bar(a, desc="optimised masks") as bar:
+    result = ExtremalResult(*run(bar=bar))
+  warn_if_dead(result, "extremal_perturbation")
+  return result
 
 
 def hard_region(masks, areas):

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from cejax import _compile, filters
+from cejax import filters
+from cejax._compile import jit, output_shape
+from cejax._validation import check_channels_last
 from cejax.estimands import activate, check_activation
 from cejax.types import BoxMasks, Images, LogitsFn, Maps, Targets
 
@@ -238,18 +240,20 @@ def _check_curve_inputs(a):
   """Concrete targets must be classes of the model (an index past the end would be
   clamped to the last class by the gather, silently)."""
   targets = a["targets"]
+  if np.ndim(a["images"]) == 4:
+    check_channels_last(np.shape(a["images"]), "images")
   if not isinstance(targets, jax.core.Tracer):
     t = np.asarray(targets)
     if t.size and not np.issubdtype(t.dtype, np.integer):
       raise ValueError(f"targets must be integer classes, got dtype {t.dtype}.")
-    k = _compile.output_shape(a["logits_fn"], tuple(np.shape(a["images"])), jnp.float32)[-1]
+    k = output_shape(a["logits_fn"], tuple(np.shape(a["images"])), jnp.float32)[-1]
     if t.size and (t.min() < 0 or t.max() >= k):
       raise ValueError(f"targets must be classes in [0, {k}) of the model's {k} logits, "
                        f"got values in [{t.min()}, {t.max()}].")
   return a
 
 
-@_compile.jit(data=("images", "maps", "targets"), prepare=_check_curve_inputs)
+@jit(data=("images", "maps", "targets"), prepare=_check_curve_inputs)
 def deletion_insertion(logits_fn: LogitsFn, images: Images, maps: Maps, targets: Targets, *,
                        step: int | None = None,
                        curves=CURVES, activation: str = "softmax",

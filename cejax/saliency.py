@@ -25,6 +25,7 @@ from cejax import effects as effects_lib
 from cejax import estimands, interventions, metrics
 from cejax import masks as masks_lib
 from cejax._compile import jit, output_shape
+from cejax._validation import check_channels_last
 from cejax.types import ClassifyFn, FeaturesFn, Images, LogitsFn, Maps, PRNGKey, Targets
 
 
@@ -54,6 +55,7 @@ def _check(images, targets):
   images = jnp.asarray(images, jnp.float32)
   if images.ndim != 4:
     raise ValueError(f"images must be (n, h, w, c), got shape {images.shape}.")
+  check_channels_last(images.shape, "images")
   if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
     raise ValueError(f"targets must be integer class indices, got dtype "
                      f"{jnp.result_type(targets)} (a float would be truncated).")

@@ -187,7 +187,7 @@ def test_delete_mask_of_a_linear_model_covers_its_largest_weights():
                 intervention="zero", iterations=150, step=4, sigma=8.0)
 
   def iou(result):
-    region = np.asarray(counterfactual.hard_region(result.masks[0, 0], disk.mean())) > 0
+    region = np.asarray(extremal.hard_region(result.masks[0, 0], disk.mean())) > 0
     return (region & disk).sum() / (region | disk).sum()
 
   assert iou(extremal.ce_optimal_mask(_linear_logit(weights), image, jnp.array([0]),

@@ -166,12 +166,6 @@ def _modules():
   return sorted(p for p in (ROOT / "cejax").rglob("*.py"))
 
 
-def test_no_module_is_over_400_lines():
-  long = {str(p.relative_to(ROOT)): n for p in _modules()
-          if (n := len(p.read_text().splitlines())) > 400}
-  assert not long, long
-
-
 def test_each_public_name_has_one_public_home():
   """A public module's ``__all__`` lists only names it defines or takes from a private
   module (``cejax._*``); only the package itself gathers names from public modules."""

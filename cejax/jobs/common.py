@@ -59,6 +59,29 @@ def user_errors_exit(main):
   return wrapped
 
 
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def run_app(main, argv=None) -> None:
+  """``absl.app.run(main)`` for the command lines: a mistyped ``--config.x.y`` is named
+  before any flag is parsed (``config.check_argv``), and asking for help exits with
+  status 0 (absl's help flags exit with 1, which scripts read as a failure)."""
+  import sys
+
+  from absl import app
+
+  from cejax.jobs import config as config_lib
+
+  argv = list(sys.argv if argv is None else argv)
+  config_lib.check_argv(argv)
+  try:
+    app.run(main, argv=argv)
+  except SystemExit as e:
+    if e.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
+      raise SystemExit(0) from None
+    raise
+
+
 def chunks(num_images: int, chunk_size: int, *, worker: int = 0,
            num_workers: int = 1) -> dict[int, range]:
   """``{c: image positions of chunk c}`` for the chunks of ``worker``: those with

@@ -211,6 +211,14 @@ def metrics_table(summary) -> str:
             "scores within (or beyond) the best method's 95 % interval (at some level, for "
             "T(IoBB) and T(IoU)), so the column does not separate the methods from "
             "chance.</p>")
+  dead = {m: row["dead_objective_share"] for m, row in summary["methods"].items()
+          if row.get("dead_objective_share")}
+  if dead:
+    note += "".join(
+        f"<p class=warn>{html.escape(TITLES.get(m, m))}: {100 * share:.0f} % of the "
+        "optimised masks had a dead objective (its gradient below 1e-3 of the area "
+        "term's at the first or last iteration): those masks are shaped by the area "
+        "constraint, not by the model.</p>" for m, share in dead.items())
   return f"<table>{head}{''.join(rows)}</table>{note}"
 
 
@@ -253,7 +261,8 @@ _CSS = """body{font-family:sans-serif;max-width:1400px;margin:1em auto;color:#22
 table{border-collapse:collapse;font-size:13px;margin:0.5em 0}
 td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}
 img{max-width:100%}pre{background:#f6f6f6;padding:8px;font-size:12px;overflow:auto}
-.note{color:#555;font-size:13px;max-width:1100px}"""
+.note{color:#555;font-size:13px;max-width:1100px}
+.warn{color:#a40000;font-size:13px;max-width:1100px}"""
 
 
 def _per_image_columns(results) -> dict[str, np.ndarray]:

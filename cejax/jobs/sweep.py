@@ -363,7 +363,7 @@ def main(argv=None) -> None:
                   fresh=flags_.fresh, explicit_data=config_lib.explicit_keys(argv_, "data"))
     print(json.dumps(summary, indent=2))
 
-  app.run(_main, argv=argv)
+  common.run_app(_main, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ masks that ``cejax.extremal`` and ``cejax.counterfactual`` optimise by ``jax.gra
   pyramid, flip jitter), one mask per area of ``extremal_areas``;
 - ``"ce_optimal"``: per intervention of ``config.sweep.interventions`` and scalar
   estimand of ``config.sweep.estimands`` (expected, probability, logit, kl), the region
-  of each area whose intervention has the largest effect (``extremal.ce_optimal_mask``);
+  of each area whose intervention has the largest effect (``extremal.ce_optimal_mask``
+  with its default objective for that estimand, ``extremal.DEFAULT_OBJECTIVES``);
 - ``"counterfactual"``: per intervention, the smallest region (areas ``extremal_areas``,
   refined by ``counterfactual_bisection`` bisection steps) whose intervention changes
   the predicted class (``counterfactual.minimal_counterfactual``).
@@ -18,9 +19,13 @@ device at a time (default 1) with their areas as one batch: the results do not d
 the device count (a sharded run equals one device bit for bit at the same per-device
 batch, ``tests/test_extremal.py``, ``tests/test_sweep.py``).
 They are stored in the chunk under ``optimised`` (``masks`` ``(n, K, h, w)`` per area;
-``final_reward``: the objective of the last iteration, ``(n, K)``; the counterfactual's
-``area``, ``mask``, ``flipped_to``, ``found``), so they get the sweep's record,
-checksums and resume.
+``final_reward``: the objective of the last iteration, ``(n, K)``; the CE-optimal masks'
+``effect``, the estimand of intervening on each hard region ``(n, K)``; the
+counterfactual's ``area``, ``mask``, ``flipped_to``, ``found``; for each, the
+diagnostics ``reward_grad`` and ``area_grad``, ``(n, K, 2)``: the objective's and the
+area term's gradient norms at the first and last iteration, whose ratio below
+``extremal.DEAD_RATIO`` marks a dead objective, warned about as the chunk is
+computed), so they get the sweep's record, checksums and resume.
 """
 
 from __future__ import annotations
@@ -91,12 +96,12 @@ def chunk_results(logits_fn, images, *, settings, fills, activation,
   common = dict(areas=tuple(float(a) for a in s.extremal_areas),
                 iterations=s.extremal_iterations, step=s.extremal_step,
                 sigma=float(s.extremal_sigma), batch_size=s.optimised_batch_size,
-                mesh=mesh)
+                mesh=mesh, progress=False)
   out: dict[str, Any] = {"targets": np.asarray(targets)}
   if "extremal" in s.optimised:
     res = extremal.extremal_perturbation(logits_fn, images, targets, **common)
     out["extremal"] = {"masks": np.asarray(res.masks),
-                       "final_reward": np.asarray(res.reward[..., -1])}
+                       "final_reward": np.asarray(res.reward[..., -1]), **_grads(res)}
   if "ce_optimal" in s.optimised:
     out["ce_optimal"] = {}
     for name in s.interventions:
@@ -105,7 +110,8 @@ def chunk_results(logits_fn, images, *, settings, fills, activation,
         res = extremal.ce_optimal_mask(logits_fn, images, targets, intervention=fills[name],
                                        estimand=estimand, activation=activation, **common)
         out["ce_optimal"][name][estimand] = {
-            "masks": np.asarray(res.masks), "final_reward": np.asarray(res.reward[..., -1])}
+            "masks": np.asarray(res.masks), "final_reward": np.asarray(res.reward[..., -1]),
+            "effect": np.asarray(res.effect), **_grads(res)}
   if "counterfactual" in s.optimised:
     out["counterfactual"] = {}
     for name in s.interventions:
@@ -115,8 +121,15 @@ def chunk_results(logits_fn, images, *, settings, fills, activation,
       out["counterfactual"][name] = {"area": np.asarray(cf.area),
                                      "mask": np.asarray(cf.mask),
                                      "flipped_to": np.asarray(cf.flipped_to),
-                                     "found": np.asarray(cf.found)}
+                                     "found": np.asarray(cf.found), **_grads(cf)}
   return out
+
+
+def _grads(result) -> dict[str, np.ndarray]:
+  """The optimisation's diagnostics as stored: gradient norms ``(n, K, 2)`` of the
+  objective and the area term at the first and last iteration."""
+  return {"reward_grad": np.asarray(result.reward_grad),
+          "area_grad": np.asarray(result.area_grad)}
 
 
 __all__ = ["OPTIMISED", "SCALAR_ESTIMANDS", "check_settings", "chunk_results",

@@ -7,6 +7,7 @@ these over a data set."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -71,10 +72,14 @@ def check_settings(s) -> None:
   for key, got, valid in (("families", s.families, FAMILIES),
                           ("interventions", s.interventions, SWEEP_INTERVENTIONS),
                           ("estimands", s.estimands, ESTIMANDS)):
+    valid = tuple(valid)  # names, not a registry's functions
     bad = [g for g in got if g not in valid]
     # No family is fine when the sweep computes optimised masks only.
     if bad or not (got or (key == "families" and s.optimised)):
-      raise ValueError(f"config.sweep.{key} has {bad or 'nothing'}; valid are {valid}.")
+      close = [m for g in bad for m in difflib.get_close_matches(str(g), valid, n=1)]
+      hint = f" Did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"config.sweep.{key} has {bad or 'nothing'}; valid are "
+                       f"{list(valid)}.{hint}")
   sweep_optimised.check_settings(s)
   if s.targets not in TARGETS:
     raise ValueError(f"config.sweep.targets is {s.targets!r}; valid are {TARGETS}.")

@@ -10,6 +10,7 @@ and so does not depend on the target.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, ClassVar
 
 import jax
@@ -19,6 +20,8 @@ import numpy as np
 from cejax import effects, extremal, latent, masks, meaningful, metrics, saliency
 from cejax.jobs.common import mask_sources, sliding_geometry
 from cejax.jobs.evaluators.common import Context, Inputs, Model, field
+
+_log = logging.getLogger(__name__)
 
 MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
                "gradient_x_input", "smoothgrad", "integrated_gradients", "cam", "grad_cam",
@@ -33,10 +36,15 @@ class Maps:
   as float16; the other evaluators of a chunk see float32). ``completeness_gap``: for
   integrated gradients, ``|sum of attributions - (logit_t(x) - logit_t(0))|`` relative
   to ``|logit_t(x) - logit_t(0)|`` per image (the quadrature's error; empty without IG).
+  ``gradient_ratio``: for the optimised masks (``extremal_perturbation``, ``ce_optimal``),
+  ``(n, K, 2)`` their objective's gradient norm over the area term's at the first and
+  last iteration (``extremal.gradient_ratio``; a dead objective is below
+  ``extremal.DEAD_RATIO``).
   """
 
   maps: dict[str, Any] = field(dtype=np.float16)
   completeness_gap: dict[str, Any] = field()
+  gradient_ratio: dict[str, Any] = field()
 
 
 def check_methods(methods) -> tuple[str, ...]:
@@ -65,9 +73,16 @@ def latent_effects(model: Model, image, target, *, settings):
 
 
 def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
-                 methods=MAP_METHODS) -> dict[str, jax.Array]:
+                 methods=MAP_METHODS, diagnostics: dict | None = None) -> dict[str, jax.Array]:
   """Every attribution map in ``methods`` for a batch, ``{name: (n, h, w)}``; the masks
-  of the CE maps, occlusion and RISE from ``mask_spec`` (``config.masks``)."""
+  of the CE maps, occlusion and RISE from ``mask_spec`` (``config.masks``). The
+  optimised masks' gradient ratios (``extremal.gradient_ratio``) go into
+  ``diagnostics`` when a dict is given."""
+  diagnostics = {} if diagnostics is None else diagnostics
+
+  def optimised_map(name, result):
+    diagnostics[name] = _ratio(result)
+    return extremal.saliency(result)
   shape = images.shape[1:3]
   window, stride = sliding_geometry(mask_spec, shape)
   sources = mask_sources(mask_spec, shape, key=jax.random.fold_in(key, 0))
@@ -123,16 +138,23 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
       "occlusion": lambda: saliency.occlusion(logits_fn, images, targets, window=window,
                                               stride=stride, **chunked),
       # Optimised masks: the sum of each image's masks over the areas (TorchRay's map).
-      "extremal_perturbation": lambda: extremal.saliency(extremal.extremal_perturbation(
-          logits_fn, images, targets, **optimised)),
-      "ce_optimal": lambda: extremal.saliency(extremal.ce_optimal_mask(
+      "extremal_perturbation": lambda: optimised_map(
+          "extremal_perturbation", extremal.extremal_perturbation(
+              logits_fn, images, targets, progress=False, **optimised)),
+      "ce_optimal": lambda: optimised_map("ce_optimal", extremal.ce_optimal_mask(
           logits_fn, images, targets, estimand="expected", intervention="zero",
-          activation=model.activation, **optimised)),
+          activation=model.activation, progress=False, **optimised)),
       "meaningful_perturbation": lambda: meaningful.meaningful_perturbation(
           logits_fn, images, targets, key=k4, iterations=settings.meaningful_iterations,
           activation=model.activation),
   }
   return {name: methods_fns[name]() for name in MAP_METHODS if name in methods}
+
+
+def _ratio(result):
+  """``extremal.gradient_ratio`` in JAX (traced inside the maps' program)."""
+  area = result.area_grad
+  return jnp.where(area > 0, result.reward_grad / jnp.where(area > 0, area, 1), jnp.inf)
 
 
 class MapsEvaluator:
@@ -148,9 +170,14 @@ class MapsEvaluator:
     settings = context.settings
     methods = check_methods(settings.methods if methods is None else methods)
     self._box_shape = context.box_shape
-    self._compute = jax.jit(lambda x, t, k: compute_maps(
-        context.model, x, t, key=k, settings=settings, mask_spec=context.masks,
-        methods=methods))
+
+    def compute(x, t, k):
+      diagnostics = {}
+      maps = compute_maps(context.model, x, t, key=k, settings=settings,
+                          mask_spec=context.masks, methods=methods, diagnostics=diagnostics)
+      return maps, diagnostics
+
+    self._compute = jax.jit(compute)
 
     logits_fn = context.model.logits_fn
 
@@ -163,7 +190,8 @@ class MapsEvaluator:
 
   def evaluate(self, inputs: Inputs, earlier, *, key) -> Maps:
     del earlier
-    maps = dict(self._compute(inputs.images, inputs.target, key))
+    maps, ratios = self._compute(inputs.images, inputs.target, key)
+    maps = dict(maps)
     n, h, w = inputs.images.shape[:3]
     box_shape = self._box_shape or (h / 5, w / 5)
     # The chance rows: scored by the same code as every method (metrics.chance_maps).
@@ -172,12 +200,26 @@ class MapsEvaluator:
     gaps = ({"integrated_gradients": self._gap(inputs.images, inputs.target,
                                                maps["integrated_gradients"])}
             if "integrated_gradients" in maps else {})
-    return Maps(maps=maps, completeness_gap=gaps)
+    return Maps(maps=maps, completeness_gap=gaps, gradient_ratio=ratios)
 
   def summarize(self, results, inputs: Inputs) -> dict[str, Any]:
-    """IG's completeness gap: mean with a 95 % bootstrap interval, and the median."""
+    """IG's completeness gap: mean with a 95 % bootstrap interval, and the median; the
+    optimised masks' gradient diagnostics: the median ratio at the first and the last
+    iteration and the share of masks with a dead objective (warned about in the log)."""
     del inputs
     gaps = results[self.name].completeness_gap
-    return {"methods": {m: {"completeness_gap": metrics.bootstrap_interval(g),
-                            "completeness_gap_median": float(np.median(g))}
-                        for m, g in gaps.items()}}
+    out = {m: {"completeness_gap": metrics.bootstrap_interval(g),
+               "completeness_gap_median": float(np.median(g))} for m, g in gaps.items()}
+    for m, ratio in (results[self.name].gradient_ratio or {}).items():
+      ratio = np.asarray(ratio, np.float64)
+      dead = float((ratio < extremal.DEAD_RATIO).any(-1).mean())
+      out.setdefault(m, {}).update(
+          gradient_ratio_median=[float(np.median(ratio[..., 0])),
+                                 float(np.median(ratio[..., 1]))],
+          dead_objective_share=dead)
+      if dead:
+        _log.warning("%s: %.0f%% of the optimised masks had a dead objective (the "
+                     "objective's gradient below %g of the area term's): they are shaped "
+                     "by the area constraint, not by the model.", m, 100 * dead,
+                     extremal.DEAD_RATIO)
+    return {"methods": out}
