@@ -48,8 +48,20 @@ def model():
 
 def programs():
   """``{name: (kind, thunk)}``: ``"lower"`` thunks are traced whole, ``"run"`` thunks run."""
-  from cejax import (attacks, autoencoder, counterfactual, defenses, effects, extremal,
-                     incremental, latent, masks, meaningful, metrics, saliency)
+  from cejax import (
+    attacks,
+    autoencoder,
+    counterfactual,
+    defenses,
+    effects,
+    extremal,
+    incremental,
+    latent,
+    masks,
+    meaningful,
+    metrics,
+    saliency,
+  )
   from cejax.models import densenet
 
   logits_fn, features_fn, classify_fn = model()
