@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cejax.jobs import common
+from cejax.jobs import cli
 from cejax.jobs import config as config_lib
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,7 @@ flags.DEFINE_integer("worker", 0, "This process's index in [0, num_workers): it 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-@common.user_errors_exit
+@cli.user_errors_exit
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -52,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run_app(main)  # names a mistyped --config.x.y; --help exits with 0
+  cli.run_app(main)  # names a mistyped --config.x.y; --help exits with 0

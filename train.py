@@ -8,7 +8,7 @@ Any config field can be overridden, e.g. ``--config.train.num_epochs=2``.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cejax.jobs import common, training
+from cejax.jobs import cli, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
@@ -18,7 +18,7 @@ flags.DEFINE_bool("fresh", False, "Start the workdir over (delete its checkpoint
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-@common.user_errors_exit
+@cli.user_errors_exit
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run_app(main)  # names a mistyped --config.x.y; --help exits with 0
+  cli.run_app(main)  # names a mistyped --config.x.y; --help exits with 0

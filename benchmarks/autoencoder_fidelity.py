@@ -1,6 +1,6 @@
 """Fidelity of the paper's autoencoder inserted into a trained classifier.
 
-Trains ``cejax.autoencoder.FeatureAutoencoder`` on the training images' features at a
+Trains ``cejax.forwards.autoencoder.FeatureAutoencoder`` on the training images' features at a
 stage of the frozen model, then measures on test images how closely the classifier
 with the autoencoder inserted reproduces the original predictions::
 
@@ -33,9 +33,9 @@ def main():
   sys.path.insert(0, root)
   import importlib.util
 
-  from cejax import autoencoder
-  from cejax.jobs import checkpoint
   from cejax.data import pipeline
+  from cejax.forwards import autoencoder
+  from cejax.jobs import checkpoint
 
   spec = importlib.util.spec_from_file_location("cfg", os.path.join(root, args.config))
   cfg = importlib.util.module_from_spec(spec)

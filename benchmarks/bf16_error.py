@@ -1,5 +1,5 @@
 """How far bf16 CE maps are from float32 ones: the same sweep run twice on a trained
-model, with ``sweep.precision`` exact (float32) and bf16 (bfloat16), compared map by map.
+model, with ``config.precision`` exact (float32) and bf16 (bfloat16), compared map by map.
 
     python benchmarks/bf16_error.py --workdir runs/synthetic --num-images 100 \
         --out benchmarks/results_bf16_error_DATE.json
@@ -40,7 +40,7 @@ def main():
     for dtype in ("float32", "bfloat16"):
       config = sweep_config.get_config()
       config.sweep.num_images = args.num_images
-      config.sweep.precision = {"float32": "exact", "bfloat16": "bf16"}[dtype]
+      config.precision = {"float32": "exact", "bfloat16": "bf16"}[dtype]
       out = Path(tmp) / dtype
       speed[dtype] = sweep.run(config, Path(args.workdir), out=out, progress=False)
       results[dtype] = sweep.load(out)

@@ -5,7 +5,7 @@ whose cause is known.
     python benchmarks/ce_optimal_study.py --workdir runs/synthetic \
         --json benchmarks/results_ce_optimal_study_DATE.json
 
-``extremal.ce_optimal_mask`` optimises a smooth mask against TorchRay's area constraint.
+``ce_optimal.ce_optimal_mask`` optimises a smooth mask against TorchRay's area constraint.
 Which *objective* it follows is separate from the *estimand* it reports, and this study
 chooses the defaults. Per variant:
 
@@ -75,7 +75,8 @@ def objective_range(logits_fn, images, targets, objective, *, activation):
   import jax
   import jax.numpy as jnp
 
-  from cejax import estimands, extremal
+  from cejax import estimands
+  from cejax.optimised import extremal
 
   fn = extremal.resolve_objective(objective)
   clean = logits_fn(images)
@@ -110,7 +111,7 @@ def score(masks, regions, boxes, effect, changed) -> dict:
 
 
 def gradient_summary(result) -> dict:
-  from cejax import extremal
+  from cejax.optimised import extremal
 
   ratio = extremal.gradient_ratio(result)[:, 0]  # (n, 2): one area
   return {"ratio_median": [float(np.median(ratio[:, 0])), float(np.median(ratio[:, 1]))],
@@ -125,7 +126,7 @@ def run_variant(logits_fn, images, targets, boxes, variant, *, iterations, activ
 
   import jax.numpy as jnp
 
-  from cejax import extremal
+  from cejax.optimised import ce_optimal
 
   objective, start, game, weight = variant
   scale = None
@@ -134,13 +135,13 @@ def run_variant(logits_fn, images, targets, boxes, variant, *, iterations, activ
                             activation=activation) / np.maximum(logit_range, 1e-6)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the study records the dead objectives itself
-    result = extremal.ce_optimal_mask(
+    result = ce_optimal.ce_optimal_mask(
         logits_fn, images, targets, areas=(AREA,), estimand="expected", objective=objective,
         variant=game, start=start, activation=activation, iterations=iterations, step=STEP,
         sigma=SIGMA, batch_size=batch_size, mesh=mesh, regul_scale=scale)
   regions = result.regions[:, 0]
   # The study's common yardstick: the cause, whatever the game. Deleting the hard region.
-  effect = extremal.region_effects(logits_fn, images, result.regions, targets,
+  effect = ce_optimal.region_effects(logits_fn, images, result.regions, targets,
                                    intervention="zero", estimand="expected",
                                    activation=activation)[:, 0]
   after = logits_fn(images * (1 - regions[..., None]))

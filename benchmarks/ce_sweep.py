@@ -54,7 +54,8 @@ def main():
   from flax import nnx
 
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-  from cejax import effects, interventions, latent, masks, sharding
+  from cejax import effects, interventions, masks, sharding
+  from cejax.forwards import latent
   from cejax.jobs import checkpoint
   from cejax.models import densenet
 

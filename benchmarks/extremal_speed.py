@@ -55,11 +55,12 @@ def main():
   import jax.numpy as jnp
   import numpy as np
   import torch
-
   import torch_extremal_reference as reference
-  from cejax import extremal, sharding
-  from cejax.jobs import checkpoint, convert
   from torch_densenet import TorchDenseNet, randomize
+
+  from cejax import sharding
+  from cejax.jobs import checkpoint, convert
+  from cejax.optimised import extremal
 
   areas = [0.025, 0.05, 0.1, 0.2]
   torch.manual_seed(0)

@@ -171,7 +171,8 @@ def main(argv=None) -> dict:
     cfg["budget_s"] = args.budget_s
   import torch
 
-  from cejax import effects, incremental, masks
+  from cejax import effects, masks
+  from cejax.forwards import incremental
   from cejax.jobs import convert, throughput
 
   rec = Record(Path(args.out), cfg["budget_s"])
@@ -317,7 +318,8 @@ def main(argv=None) -> dict:
                   torch_sweep(f, b, v), need_s=60 if variant.startswith("compile") else 30)
   # Extremal perturbations: cejax (all images' areas as one batch) against the PyTorch
   # reference one image at a time, the same weights, images and iterations.
-  from cejax import extremal, precision
+  from cejax import precision
+  from cejax.optimised import extremal
 
   areas = (0.025, 0.05, 0.1, 0.2)
   n_ext, iterations = cfg["extremal_images"], cfg["extremal_iterations"]

@@ -1,4 +1,4 @@
-"""Incremental recompute (``cejax.incremental``) against the full-forward sweep
+"""Incremental recompute (``cejax.forwards.incremental``) against the full-forward sweep
 (``effects.causal_effect``): DenseNet-121, the paper's 10 x 10 grid, zero fill, one
 image, side by side in one process, the masks sharded over one XLA CPU device per core.
 
@@ -38,7 +38,8 @@ def main():
   import jax.numpy as jnp
   from flax import nnx
 
-  from cejax import effects, incremental, masks, sharding
+  from cejax import effects, masks, sharding
+  from cejax.forwards import incremental
   from cejax.models import densenet
 
   model = densenet.DenseNet121(num_classes=14, in_channels=3, rngs=nnx.Rngs(0))

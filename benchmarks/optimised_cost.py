@@ -37,9 +37,10 @@ def main():
   jax.config.update("jax_num_cpu_devices", args.devices)
   import jax.numpy as jnp
 
-  from cejax import extremal, sharding
+  from cejax import sharding
   from cejax.data import pipeline
   from cejax.jobs import checkpoint
+  from cejax.optimised import extremal
   from configs import synthetic_eval_optimised
 
   config = synthetic_eval_optimised.get_config()

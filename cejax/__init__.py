@@ -1,132 +1,85 @@
 """cejax: causal effects of interventions on images and features, in JAX.
 
-The library, one name per line (Optax's style). Each name has one public home: its
-module (``cejax.masks.grid``) and, for the names below, this package
-(``cejax.grid``). Modules whose names start with ``_`` are private.
+The public face, one name per line (Optax's style); the code lives in rooms by role:
 
 - ``cejax.effects``: the engine (``causal_effect`` for every forward path, ``ce_map``);
 - ``cejax.masks``, ``cejax.interventions``, ``cejax.estimands``: what is intervened on,
   with what, and how the effect is measured;
-- ``cejax.incremental``, ``cejax.latent``: forward paths beside full forward passes;
-- ``cejax.precision``: the precision policy (exact float32 products by default);
-- ``cejax.saliency``, ``cejax.attacks``, ``cejax.defenses``, ``cejax.metrics``,
-  ``cejax.filters``, ``cejax.sharding``, ``cejax.adapters``, ``cejax.types``,
-  ``cejax.models``, ``cejax.autoencoder``.
+- ``cejax.forwards``: the forward paths (full, incremental, latent);
+- ``cejax.optimised``: masks found by ``jax.grad`` (extremal perturbations, CE-optimal
+  masks, minimal counterfactual regions, meaningful perturbations);
+- ``cejax.attacks``: gradient attacks and (``cejax.attacks.defenses``) input defenses;
+- ``cejax.saliency``: the attribution baselines; ``cejax.metrics``: localization,
+  faithfulness, chance levels and statistics;
+- ``cejax.precision``, ``cejax.sharding``, ``cejax.filters``, ``cejax.adapters``,
+  ``cejax.types``, ``cejax.models``, ``cejax.data``.
 
 The jobs (training, checkpoints, analysis, sweep, weight import) live in ``cejax.jobs``
 and are imported on their own: ``import cejax`` imports no Orbax, TFDS or matplotlib.
-``cejax.load_logits_fn`` loads ``cejax.jobs.checkpoint`` when first used.
+``cejax.load_logits_fn`` loads ``cejax.jobs.checkpoint`` when first used. Modules whose
+names start with ``_`` are private.
 """
 
-from cejax._deprecation import Lazy as _Lazy
-from cejax._deprecation import deprecated_names as _deprecated_names
-from cejax._deprecation import install as _install
-
-_install()  # old module paths (cejax.sweep, ...) for one release
-
-from cejax import adapters as adapters  # noqa: E402
-from cejax import attacks as attacks  # noqa: E402
-from cejax import defenses as defenses  # noqa: E402
-from cejax import effects as effects  # noqa: E402
-from cejax import estimands as estimands  # noqa: E402
-from cejax import filters as filters  # noqa: E402
-from cejax import incremental as incremental  # noqa: E402
-from cejax import interventions as interventions  # noqa: E402
-from cejax import latent as latent  # noqa: E402
-from cejax import masks as masks  # noqa: E402
-from cejax import metrics as metrics  # noqa: E402
-from cejax import precision as precision  # noqa: E402
-from cejax import saliency as saliency  # noqa: E402
-from cejax import sharding as sharding  # noqa: E402
-from cejax import types as types  # noqa: E402
-from cejax.attacks import AttackResult as AttackResult  # noqa: E402
-from cejax.attacks import PixelSpace as PixelSpace  # noqa: E402
-from cejax.effects import CEResult as CEResult  # noqa: E402
-from cejax.effects import Forward as Forward  # noqa: E402
-from cejax.effects import FullForward as FullForward  # noqa: E402
-from cejax.effects import causal_effect as causal_effect  # noqa: E402
-from cejax.effects import ce_map as ce_map  # noqa: E402
-from cejax.estimands import ACTIVATIONS as ACTIVATIONS  # noqa: E402
-from cejax.estimands import ESTIMANDS as ESTIMANDS  # noqa: E402
-from cejax.estimands import Estimand as Estimand  # noqa: E402
-from cejax.estimands import activate as activate  # noqa: E402
-from cejax.interventions import INTERVENTIONS as INTERVENTIONS  # noqa: E402
-from cejax.interventions import Blur as Blur  # noqa: E402
-from cejax.interventions import Constant as Constant  # noqa: E402
-from cejax.interventions import GaussianNoise as GaussianNoise  # noqa: E402
-from cejax.interventions import ImageMean as ImageMean  # noqa: E402
-from cejax.interventions import ImageSet as ImageSet  # noqa: E402
-from cejax.interventions import Intervention as Intervention  # noqa: E402
-from cejax.interventions import Reference as Reference  # noqa: E402
-from cejax.interventions import intervene as intervene  # noqa: E402
-from cejax.latent import LatentInterventions as LatentInterventions  # noqa: E402
-from cejax.latent import latent_interventions as latent_interventions  # noqa: E402
-from cejax.masks import ArrayMasks as ArrayMasks  # noqa: E402
-from cejax.masks import Boxes as Boxes  # noqa: E402
-from cejax.masks import Grid as Grid  # noqa: E402
-from cejax.masks import MaskSource as MaskSource  # noqa: E402
-from cejax.masks import RiseMasks as RiseMasks  # noqa: E402
-from cejax.masks import SlidingWindows as SlidingWindows  # noqa: E402
-from cejax.masks import boxes as boxes  # noqa: E402
-from cejax.masks import grid as grid  # noqa: E402
-from cejax.masks import rise as rise  # noqa: E402
-from cejax.masks import sliding_windows as sliding_windows  # noqa: E402
-from cejax.masks import to_array as to_array  # noqa: E402
-from cejax.sharding import mask_mesh as mask_mesh  # noqa: E402
+from cejax import adapters as adapters
+from cejax import attacks as attacks
+from cejax import effects as effects
+from cejax import estimands as estimands
+from cejax import filters as filters
+from cejax import interventions as interventions
+from cejax import masks as masks
+from cejax import metrics as metrics
+from cejax import optimised as optimised
+from cejax import precision as precision
+from cejax import saliency as saliency
+from cejax import sharding as sharding
+from cejax import types as types
+from cejax.attacks import AttackResult as AttackResult
+from cejax.attacks import PixelSpace as PixelSpace
+from cejax.attacks import defenses as defenses
+from cejax.effects import CEResult as CEResult
+from cejax.effects import Forward as Forward
+from cejax.effects import causal_effect as causal_effect
+from cejax.effects import ce_map as ce_map
+from cejax.estimands import ACTIVATIONS as ACTIVATIONS
+from cejax.estimands import ESTIMANDS as ESTIMANDS
+from cejax.estimands import Estimand as Estimand
+from cejax.estimands import activate as activate
+from cejax.forwards import incremental as incremental
+from cejax.forwards import latent as latent
+from cejax.forwards.full import FullForward as FullForward
+from cejax.forwards.latent import LatentInterventions as LatentInterventions
+from cejax.forwards.latent import latent_interventions as latent_interventions
+from cejax.interventions import INTERVENTIONS as INTERVENTIONS
+from cejax.interventions import Blur as Blur
+from cejax.interventions import Constant as Constant
+from cejax.interventions import GaussianNoise as GaussianNoise
+from cejax.interventions import ImageMean as ImageMean
+from cejax.interventions import ImageSet as ImageSet
+from cejax.interventions import Intervention as Intervention
+from cejax.interventions import Reference as Reference
+from cejax.interventions import intervene as intervene
+from cejax.masks import ArrayMasks as ArrayMasks
+from cejax.masks import Boxes as Boxes
+from cejax.masks import Grid as Grid
+from cejax.masks import MaskSource as MaskSource
+from cejax.masks import RiseMasks as RiseMasks
+from cejax.masks import SlidingWindows as SlidingWindows
+from cejax.masks import boxes as boxes
+from cejax.masks import grid as grid
+from cejax.masks import rise as rise
+from cejax.masks import sliding_windows as sliding_windows
+from cejax.masks import to_array as to_array
+from cejax.sharding import mask_mesh as mask_mesh
 
 
-def _load_logits_fn(*args, **kwargs):
-  from cejax.jobs.checkpoint import load_logits_fn
+def load_logits_fn(*args, **kwargs):
+  """``cejax.jobs.checkpoint.load_logits_fn``: the trained model of a workdir as a pure
+  ``images -> logits`` function, and its run description (imports the jobs on first
+  use)."""
+  from cejax.jobs.checkpoint import load_logits_fn as load
 
-  return load_logits_fn(*args, **kwargs)
+  return load(*args, **kwargs)
 
-
-_load_logits_fn.__doc__ = """``cejax.jobs.checkpoint.load_logits_fn``: the trained model of a
-workdir as a pure ``images -> logits`` function, and its run description."""
-
-
-def _old_latent_causal_effect(prefix_fn, suffix_fn, image, interventions_, **kwargs):
-  return causal_effect(latent.forward(prefix_fn, suffix_fn), image, interventions_, **kwargs)
-
-
-def _old_compile_once(*, static_argnames, validate=None):
-  import inspect
-
-  from cejax._compile import jit
-
-  def wrap(fn):
-    names = [n for n in inspect.signature(fn).parameters if n not in static_argnames]
-
-    def prepare(arguments):
-      if validate is not None:
-        validate(arguments)
-      return arguments
-
-    return jit(fn, data=names, prepare=prepare)
-
-  return wrap
-
-
-def __getattr__(name):
-  if name == "load_logits_fn":
-    return _load_logits_fn
-  return _old(name)
-
-
-_old = _deprecated_names(__name__, {
-    "checkpoint": ("cejax.jobs.checkpoint", _Lazy("cejax.jobs.checkpoint")),
-    "compile_once": ("cejax._compile.jit (internal); jax.jit for your own functions",
-                     _old_compile_once),
-    "grid_masks": ("cejax.to_array(cejax.grid(...))", _Lazy("cejax.masks",
-                                                                       "grid_masks")),
-    "sliding_window_masks": ("cejax.to_array(cejax.sliding_windows(...))",
-                             _Lazy("cejax.masks", "sliding_window_masks")),
-    "box_masks": ("cejax.to_array(cejax.boxes(...))",
-                  _Lazy("cejax.masks", "box_masks")),
-    "rise_masks": ("cejax.rise", rise),
-    "latent_causal_effect": ("cejax.causal_effect(cejax.latent.forward(prefix_fn, "
-                             "suffix_fn), ...)", _old_latent_causal_effect),
-})
 
 __all__ = (
     "ACTIVATIONS",
@@ -172,6 +125,7 @@ __all__ = (
     "mask_mesh",
     "masks",
     "metrics",
+    "optimised",
     "precision",
     "rise",
     "saliency",

@@ -37,8 +37,6 @@ Memory is bounded by ``batch_size``: items are processed ``batch_size`` at a tim
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
@@ -49,7 +47,7 @@ import cejax._validation as validation
 from cejax import estimands, interventions, sharding
 from cejax import masks as masks_lib
 from cejax._compile import jit, output_shape
-from cejax._deprecation import Lazy, deprecated_names
+from cejax.forwards.full import FullForward
 from cejax.types import Effects, Image, LogitsFn, PRNGKey
 
 
@@ -94,58 +92,6 @@ class Forward(Protocol):
   def setup(self, image) -> tuple[jax.Array, Any]: ...
 
   def logits(self, context, indices, keys) -> tuple[jax.Array, jax.Array]: ...
-
-
-def masks_ok(masks, image):
-  """``(b,)``: each mask lies in [0, 1] and the image is finite (the NaN contract)."""
-  return ((masks >= 0) & (masks <= 1)).all((1, 2)) & jnp.isfinite(image).all()
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class FullForward:
-  """Full forward passes of the masked images through ``logits_fn``.
-
-  Attributes:
-    logits_fn: pure ``images (n, h, w, c) -> logits (n, k)``; hashable (a function).
-    masks: the mask source (set by ``prepare``).
-    intervention: what fills the masks (set by ``prepare``).
-  """
-
-  logits_fn: Callable = dataclasses.field(metadata=dict(static=True))
-  masks: Any = None
-  intervention: Any = None
-
-  @property
-  def num(self) -> int:
-    return self.masks.num
-
-  def prepare(self, what, *, image, intervention) -> FullForward:
-    intervention = interventions.resolve("zero" if intervention is None else intervention)
-    interventions.check_fill(intervention, image)
-    return FullForward(self.logits_fn, masks_lib.as_source(what, image.shape[:2]),
-                       intervention)
-
-  def setup(self, image):
-    return self.logits_fn(image[None])[0], image
-
-  def logits(self, image, indices, keys):
-    fill = self.intervention.fill
-    chunk = self.masks(indices)
-    # Materialise the masks and the image: XLA then fuses the blend x (1 - m) + v m the
-    # same way in every program (one device or a mesh, one chunk or many), so soft
-    # masks with a non-zero fill round identically whatever the device count.
-    chunk, image = jax.lax.optimization_barrier((chunk, image))
-    if keys is None:
-      value = fill(image, None)
-      logits = self.logits_fn(jax.vmap(lambda m: interventions.intervene(image, m, value))(
-          chunk))
-    else:
-      x = jax.vmap(lambda m, ks: jax.vmap(lambda k: interventions.intervene(
-          image, m, fill(image, k)))(ks))(chunk, keys)
-      b, d = keys.shape
-      logits = self.logits_fn(x.reshape(b * d, *x.shape[2:])).reshape(b, d, -1)
-    return logits, masks_ok(chunk, image)
 
 
 def draw_keys(key, indices, num_draws):
@@ -317,24 +263,4 @@ def ce_map(effects: Effects, masks, *, weighting: str = "coverage",
   cov = coverage.reshape(coverage.shape + (1,) * (acc.ndim - 2))
   return jnp.where(cov > 0, acc / jnp.where(cov > 0, cov, 1.0), 0.0)
 
-
-__getattr__ = deprecated_names(__name__, {
-    **{n: (f"cejax.interventions.{n}", getattr(interventions, n)) for n in (
-        "INTERVENTIONS", "Blur", "Constant", "GaussianNoise", "ImageMean", "ImageSet",
-        "Intervention", "Reference", "intervene")},
-    **{n: (f"cejax.estimands.{n}", getattr(estimands, n)) for n in (
-        "ACTIVATIONS", "ESTIMANDS", "Estimand", "activate", "check_activation")},
-    "check_estimand": ("cejax.estimands.resolve", estimands.resolve),
-    "estimand_value": ("cejax.estimands.ESTIMANDS[name](...)",
-                       lambda name, *args: estimands.resolve(name)(*args)),
-    "sweep": ("cejax.sharding.map_chunks", sharding.map_chunks),
-    "padded_size": ("cejax.sharding.padded_size", sharding.padded_size),
-    "check_masks": ("cejax.masks.as_source", lambda m, shape: masks_lib.as_source(m, shape)),
-    **{n: (f"cejax.latent.{n}", Lazy("cejax.latent", n)) for n in (
-        "LatentInterventions", "intervene_latent", "latent_interventions")},
-    "latent_causal_effect": ("effects.causal_effect(latent.forward(prefix_fn, suffix_fn), "
-                             "...)", Lazy("cejax.latent", "latent_causal_effect")),
-})
-
-__all__ = ["CEResult", "Forward", "FullForward", "causal_effect", "ce_map", "draw_keys",
-           "masks_ok"]
+__all__ = ["CEResult", "Forward", "causal_effect", "ce_map", "draw_keys"]

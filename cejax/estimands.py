@@ -28,8 +28,6 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from cejax._deprecation import deprecated_names
-
 ACTIVATIONS = ("softmax", "sigmoid")
 
 
@@ -119,13 +117,6 @@ def resolve(estimand) -> Callable:
     return estimand
   raise ValueError(f"Unknown estimand {estimand!r}; valid estimands are {list(ESTIMANDS)} "
                    "or a callable (see Estimand).")
-
-
-__getattr__ = deprecated_names(__name__, {
-    "check_estimand": ("estimands.resolve", resolve),
-    "estimand_value": ("estimands.ESTIMANDS[name](...)",
-                       lambda name, *args: resolve(name)(*args)),
-})
 
 __all__ = ["ACTIVATIONS", "ESTIMANDS", "Estimand", "activate", "check_activation", "expected",
            "kl", "logit", "per_class", "probability", "resolve", "take_class"]

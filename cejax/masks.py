@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax._deprecation import deprecated_names
 from cejax._validation import check_mask_range
 from cejax.types import Masks, PRNGKey
 
@@ -379,21 +378,6 @@ def rise(key: PRNGKey, *, num: int, shape, cells: int = 8, p: float = 0.5) -> Ri
 
 # --- the old names, for one release ---------------------------------------------------
 
-def _dense(family):
-  return lambda *args, **kwargs: to_array(family(*args, **kwargs))
-
-
-__getattr__ = deprecated_names(__name__, {
-    "grid_masks": ("masks.to_array(masks.grid(...))", _dense(grid)),
-    "sliding_window_masks": ("masks.to_array(masks.sliding_windows(...))",
-                             _dense(sliding_windows)),
-    "box_masks": ("masks.to_array(masks.boxes(...))", _dense(boxes)),
-    "rise_masks": ("masks.rise", rise),
-    "is_recipe": ("isinstance(x, masks.MaskSource)", lambda m: not isinstance(
-        m, (jax.Array, np.ndarray)) and isinstance(m, MaskSource)),
-    "num_masks": ("masks.as_source(x).num", lambda m: as_source(m).num),
-    "mask_shape": ("masks.as_source(x).shape", lambda m: tuple(as_source(m).shape)),
-})
 
 __all__ = ["ArrayMasks", "Boxes", "Grid", "MaskSource", "RiseMasks", "SlidingWindows",
            "as_source", "boxes", "grid", "grid_cells", "rise", "rise_cell_size", "rise_grid",

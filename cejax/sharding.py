@@ -17,8 +17,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from cejax._deprecation import deprecated_names
-
 
 def mask_mesh(devices=None, *, axis: str = "masks") -> jax.sharding.Mesh:
   """A 1-D mesh named ``axis`` over ``devices`` (default: every device of every process)."""
@@ -95,15 +93,5 @@ def shard_batch(fn: Callable, mesh: jax.sharding.Mesh, *, axis: str | None = Non
 
   return wrapped
 
-
-def _sweep(chunk_fn, num, data=None, *, batch_size, mesh=None, axis=None, args=()):
-  if data is not None:
-    raise ValueError("sharding.sweep's data= is gone: close over the data and index it "
-                     "with the chunk's indices (sharding.map_chunks).")
-  return map_chunks(lambda indices, *a: chunk_fn(indices, None, *a), num,
-                    batch_size=batch_size, mesh=mesh, axis=axis, args=args)
-
-
-__getattr__ = deprecated_names(__name__, {"sweep": ("sharding.map_chunks", _sweep)})
 
 __all__ = ["map_chunks", "mask_mesh", "padded_size", "shard_batch"]

@@ -28,9 +28,10 @@ def get_config():
   s.families = ()
   s.optimised = ("counterfactual",)
   s.interventions = ("zero",)
-  s.extremal_iterations = 300
-  s.extremal_step = 2
-  s.extremal_sigma = 6.0
-  s.counterfactual_bisection = 3
-  s.optimised_batch_size = 10  # per device: the network sees 40 masks a call, not 4
+  o = config.optimised
+  o.iterations = 300
+  o.step = 2
+  o.sigma = 6.0
+  o.counterfactual_bisection = 3
+  o.batch_size = 10  # per device: the network sees 40 masks a call, not 4
   return config

@@ -25,6 +25,6 @@ def get_config():
   config.analysis.evaluators = ("maps", "localization")
   config.analysis.methods = ("extremal_perturbation", "ce_optimal",
                              "meaningful_perturbation")
-  config.analysis.extremal_step = 2
-  config.analysis.extremal_sigma = 6.0
+  config.optimised.step = 2
+  config.optimised.sigma = 6.0
   return config

@@ -48,21 +48,11 @@ def model():
 
 def programs():
   """``{name: (kind, thunk)}``: ``"lower"`` thunks are traced whole, ``"run"`` thunks run."""
-  from cejax import (
-    attacks,
-    autoencoder,
-    counterfactual,
-    defenses,
-    effects,
-    extremal,
-    incremental,
-    latent,
-    masks,
-    meaningful,
-    metrics,
-    saliency,
-  )
+  from cejax import attacks, effects, masks, metrics, saliency
+  from cejax.attacks import defenses
+  from cejax.forwards import autoencoder, incremental, latent
   from cejax.models import densenet
+  from cejax.optimised import ce_optimal, counterfactual, extremal, meaningful
 
   logits_fn, features_fn, classify_fn = model()
   image = jnp.asarray(np.random.default_rng(1).normal(size=(H, W, C)), jnp.float32)
@@ -132,7 +122,7 @@ def programs():
           logits_fn, images, images[..., 0], targets, step=40)),
       "extremal.extremal_perturbation": ("lower", lambda: extremal.extremal_perturbation(
           logits_fn, images, targets, **optimised).masks),
-      "extremal.ce_optimal_mask": ("lower", lambda: extremal.ce_optimal_mask(
+      "ce_optimal.ce_optimal_mask": ("lower", lambda: ce_optimal.ce_optimal_mask(
           logits_fn, images, targets, **optimised).effect),
       "meaningful.meaningful_perturbation": ("lower", lambda: (
           meaningful.meaningful_perturbation(logits_fn, images, targets, key=key,

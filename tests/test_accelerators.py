@@ -22,8 +22,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from random_networks import random_densenet
 
-from cejax import attacks, effects, incremental, masks, saliency, sharding
-from cejax.jobs import sweep_plan, training
+from cejax import attacks, effects, masks, saliency, sharding
+from cejax.forwards import incremental
+from cejax.jobs import training
+from cejax.jobs.sweep import plan as sweep_plan
 from cejax.models import densenet
 
 PLATFORMS = ("cuda", "tpu")
@@ -77,9 +79,9 @@ def test_the_sweeps_per_image_program_lowers(tiny):
   settings = ml_collections.ConfigDict(dict(path="auto", batch_size=4))
   spec = ml_collections.ConfigDict(dict(grid_cells=4, window=0, stride=0, rise_masks=8,
                                         rise_cells=4, rise_p=0.5))
-  from cejax.jobs import common
+  from cejax.jobs import mask_spec
 
-  sources = common.mask_sources(spec, (SIZE, SIZE), key=jax.random.key(0))
+  sources = mask_spec.mask_sources(spec, (SIZE, SIZE), key=jax.random.key(0))
   forward_of, _ = sweep_plan.forwards(logits_fn, model, (SIZE, SIZE, 1), settings, sources,
                                  platform="cpu")
   stacked = sweep_plan.StackedEstimand(("expected", "probability"), all_targets=True)

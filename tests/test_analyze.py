@@ -70,9 +70,9 @@ def test_analyze_writes_a_complete_report(trained_tiny):
   import numpy as np
 
   from cejax.data import pipeline
-  from cejax.jobs import checkpoint, common
+  from cejax.jobs import checkpoint, store
 
-  stored = common.load_tree(out / "chunks" / "0000.npz")["maps"]["maps"]["ce_grid"][0]
+  stored = store.load_tree(out / "chunks" / "0000.npz")["maps"]["maps"]["ce_grid"][0]
   logits_fn, _ = checkpoint.load_logits_fn(workdir)
   data = config.copy_and_resolve_references().data
   x = np.asarray(pipeline.load_dataset(data).batch("test", [0])["image"][0], np.float64)

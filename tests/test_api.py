@@ -47,7 +47,7 @@ def test_no_module_uses_another_modules_private_names():
 def test_unknown_config_keys_name_the_closest_valid_key():
   import pytest
 
-  from cejax.jobs import config, training
+  from cejax.jobs import config
   from configs import chexnet, smoke, synthetic_eval
 
   for module in (smoke, chexnet, synthetic_eval):  # every shipped config is valid
@@ -60,7 +60,7 @@ def test_unknown_config_keys_name_the_closest_valid_key():
   typo = smoke.get_config()
   typo.train.learnig_rate = 0.1
   with pytest.raises(ValueError, match=r"Did you mean config\.train\.learning_rate\?"):
-    training.validate_config(typo)
+    config.validate(typo, "train")
   extra = smoke.get_config()
   extra.model.overrides.growth_rate = 8  # a declared DenseNet constructor argument
   config.check_keys(extra, config.base_config())

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from compile_count import Compilations
 
-from cejax import attacks, defenses, sharding
+from cejax import attacks, sharding
+from cejax.attacks import defenses
 from cejax.data import pipeline
 from cejax.jobs import checkpoint
 

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cejax import autoencoder, effects, latent
+from cejax import effects
 from cejax.data import pipeline
+from cejax.forwards import autoencoder, latent
 from cejax.jobs import checkpoint
 
 

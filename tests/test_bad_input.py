@@ -13,7 +13,8 @@ import pytest
 from compile_count import Compilations
 from conftest import ROOT
 
-from cejax import attacks, counterfactual, effects, extremal, masks, metrics
+from cejax import attacks, effects, masks, metrics
+from cejax.optimised import ce_optimal, counterfactual, extremal
 
 K = 5
 
@@ -42,7 +43,7 @@ def test_a_channels_first_image_is_named_as_such():
   with pytest.raises(ValueError, match=r"looks channels-first .*moveaxis"):
     effects.causal_effect(_logits_fn, image, masks.grid(shape=(64, 64), n=4))
   with pytest.raises(ValueError, match="looks channels-first"):
-    extremal.ce_optimal_mask(_logits_fn, jnp.zeros((2, 3, 32, 32)), jnp.zeros(2, jnp.int32))
+    ce_optimal.ce_optimal_mask(_logits_fn, jnp.zeros((2, 3, 32, 32)), jnp.zeros(2, jnp.int32))
   with pytest.raises(ValueError, match="looks channels-first"):
     attacks.fgsm(_logits_fn, jnp.zeros((2, 3, 32, 32)), jnp.zeros(2, jnp.int32), eps=0.1,
                  space=attacks.PixelSpace())
@@ -62,12 +63,11 @@ def test_a_target_out_of_range_is_refused_before_the_model_compiles():
 def test_a_mistyped_sweep_estimand_lists_names_and_the_closest():
   """Once listed ``<function expected at 0x...>`` for the valid values."""
   from cejax.jobs import config as config_lib
-  from cejax.jobs import sweep_plan
 
-  s = config_lib.base_config().sweep
-  s.estimands = ("expectd",)
+  config = config_lib.base_config()
+  config.sweep.estimands = ("expectd",)
   with pytest.raises(ValueError) as error:
-    sweep_plan.check_settings(s)
+    config_lib.validate(config, "sweep")
   message = str(error.value)
   assert "Did you mean 'expected'?" in message and "'probability'" in message
   assert "<function" not in message
@@ -95,10 +95,10 @@ def test_long_optimisations_show_progress_and_it_never_changes_the_result(capfd)
   of progress; their bar counts every iteration of every chunk of images."""
   logits_fn, images = _box_model(), jnp.ones((2, 16, 16, 1))
   kwargs = dict(areas=(0.1,), iterations=120, step=2, sigma=3.0)
-  shown = extremal.ce_optimal_mask(logits_fn, images, jnp.zeros(2, jnp.int32), **kwargs)
+  shown = ce_optimal.ce_optimal_mask(logits_fn, images, jnp.zeros(2, jnp.int32), **kwargs)
   err = capfd.readouterr().err
   assert "optimised masks" in err and "240/240" in err  # 2 chunks x 120 iterations
-  quiet = extremal.ce_optimal_mask(logits_fn, images, jnp.zeros(2, jnp.int32),
+  quiet = ce_optimal.ce_optimal_mask(logits_fn, images, jnp.zeros(2, jnp.int32),
                                    progress=False, **kwargs)
   assert "optimised masks" not in capfd.readouterr().err
   for got, want in zip(quiet, shown, strict=True):
@@ -115,12 +115,12 @@ def test_a_dead_objective_is_diagnosed_and_warned_about():
   logits_fn, images = _box_model(), jnp.ones((1, 16, 16, 1))
   kwargs = dict(areas=(0.1,), iterations=20, step=2, sigma=3.0, start=1.0)
   with pytest.warns(UserWarning, match="1 of 1 masks .* shaped by the area constraint"):
-    dead = extremal.ce_optimal_mask(logits_fn, images, jnp.zeros(1, jnp.int32),
+    dead = ce_optimal.ce_optimal_mask(logits_fn, images, jnp.zeros(1, jnp.int32),
                                     objective="probability", **kwargs)
   assert extremal.dead_objective(dead).all()
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    alive = extremal.ce_optimal_mask(logits_fn, images, jnp.zeros(1, jnp.int32),
+    alive = ce_optimal.ce_optimal_mask(logits_fn, images, jnp.zeros(1, jnp.int32),
                                      objective="log_odds", **kwargs)
   assert not extremal.dead_objective(alive).any()
   assert extremal.gradient_ratio(alive)[0, 0, 0] > 1e3 * extremal.gradient_ratio(dead)[0, 0, 0]
@@ -134,14 +134,14 @@ def test_gradient_norms_equal_finite_differences_of_the_recorded_terms():
   kwargs = dict(areas=(0.2,), iterations=1, step=2, sigma=3.0, objective="log_odds",
                 progress=False)
   init = np.random.default_rng(0).uniform(0.3, 0.7, (1, 1, 4, 4)).astype(np.float32)
-  result = extremal.ce_optimal_mask(logits_fn, image, jnp.zeros(1, jnp.int32), init=init,
+  result = ce_optimal.ce_optimal_mask(logits_fn, image, jnp.zeros(1, jnp.int32), init=init,
                                     **kwargs)
   eps = 3e-3  # small: the area term has kinks where two mask values swap ranks
   reward_fd, area_fd = np.zeros(16), np.zeros(16)
   for i in range(16):
     step = np.zeros(16, np.float32)
     step[i] = eps
-    ends = [extremal.ce_optimal_mask(logits_fn, image, jnp.zeros(1, jnp.int32),
+    ends = [ce_optimal.ce_optimal_mask(logits_fn, image, jnp.zeros(1, jnp.int32),
                                      init=init + sign * step.reshape(1, 1, 4, 4), **kwargs)
             for sign in (1, -1)]
     reward_fd[i] = (ends[0].reward[0, 0, 0] - ends[1].reward[0, 0, 0]) / (2 * eps)

@@ -7,9 +7,10 @@ import numpy as np
 import scipy.ndimage
 import scipy.stats
 
-from cejax import cxr_metrics, metrics
+from cejax import metrics
 from cejax.jobs.evaluators import localization
 from cejax.jobs.evaluators.common import Inputs
+from cejax.metrics import chestxray
 
 
 def test_chance_maps_are_noise_a_centred_gaussian_and_random_boxes():
@@ -69,7 +70,7 @@ def test_noise_scores_t_iobb_near_one_against_small_boxes_and_is_marked():
   boxes = jnp.zeros((n, 64, 64), bool).at[:, 20:32, 36:48].set(True)
   noise = metrics.chance_maps(jax.random.key(1), num=n, shape=(64, 64),
                               box_shape=(12, 12))["chance_noise"]
-  iobb = cxr_metrics.t_iobb(noise, boxes)
+  iobb = chestxray.t_iobb(noise, boxes)
   assert all(float(v.mean()) > 0.95 for v in iobb.values())
   assert float(metrics.pointing_game(noise, boxes).mean()) < 0.2
   perfect = boxes.astype(jnp.float32)
@@ -79,10 +80,10 @@ def test_noise_scores_t_iobb_near_one_against_small_boxes_and_is_marked():
       mass={m: metrics.mass_in_box(x, boxes) for m, x in (("box", perfect),
                                                           ("chance_noise", noise))},
       iou={m: metrics.iou(x, boxes) for m, x in (("box", perfect), ("chance_noise", noise))},
-      iobb={m: cxr_metrics.best_iobb(x, boxes) for m, x in (("box", perfect),
+      iobb={m: chestxray.best_iobb(x, boxes) for m, x in (("box", perfect),
                                                             ("chance_noise", noise))},
       otsu_iou={m: jnp.zeros(n) for m in ("box", "chance_noise")},
-      hit={m: cxr_metrics.hit(x, boxes) for m, x in (("box", perfect), ("chance_noise", noise))},
+      hit={m: chestxray.hit(x, boxes) for m, x in (("box", perfect), ("chance_noise", noise))},
       curves={c: {m: jnp.zeros(n) for m in ("box", "chance_noise")} for c in metrics.CURVES})
   summary = localization.LocalizationEvaluator.summarize(
       localization.LocalizationEvaluator.__new__(localization.LocalizationEvaluator),
@@ -106,7 +107,7 @@ def test_flat_maps_are_t_iobb_misses_in_the_summary():
   once dropped it from the denominator (T(IoBB) 1.0 here instead of 0.5)."""
   boxes = jnp.zeros((2, 8, 8), bool).at[:, 2:5, 2:5].set(True)
   maps = jnp.zeros((2, 8, 8)).at[0, 3, 3].set(1.0)  # image 0: inside; image 1: flat
-  iobb = cxr_metrics.best_iobb(maps, boxes)
+  iobb = chestxray.best_iobb(maps, boxes)
   np.testing.assert_array_equal(iobb, [1.0, 0.0])
   zeros = {"m": jnp.zeros(2)}
   loc = localization.Localization(pointing=zeros, mass=zeros, iou=zeros,

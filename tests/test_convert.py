@@ -166,7 +166,8 @@ def test_imported_chexnet_layout_analyzes_real_chestxray14_images(tmp_path, ches
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads((workdir / "analysis" / "metrics.json").read_text())
   assert summary["num_images"] == 4 and summary["num_with_box"] >= 1
-  assert set(summary["methods"]) == {"ce_grid", "grad_cam"}
+  assert set(summary["methods"]) == {"ce_grid", "grad_cam", "chance_noise", "chance_center",
+                                     "chance_box"}
   for row in summary["methods"].values():
     assert 0 <= row["pointing"][0] <= 1 and 0 <= row["deletion_zero"][0] <= 1
   run = json.loads((workdir / "run.json").read_text())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from cejax import cxr_metrics
+from cejax.metrics import chestxray
 
 EIGHT = np.ones((3, 3), int)  # 8-connected regions
 
@@ -49,7 +49,7 @@ def test_boxes_around_regions_equal_scipy():
     labels, count = scipy.ndimage.label(binary, structure=EIGHT)
     want = sorted((s[0].start, s[1].start, s[0].stop - 1, s[1].stop - 1)
                   for s in scipy.ndimage.find_objects(labels))
-    boxes = np.asarray(cxr_metrics.region_boxes(jax.numpy.asarray(binary)))
+    boxes = np.asarray(chestxray.region_boxes(jax.numpy.asarray(binary)))
     got = sorted(tuple(int(v) for v in b) for b in boxes if b[0] <= b[2])
     assert got == want and count == len(want) > 0
 
@@ -64,12 +64,12 @@ def test_t_iobb_is_wang_et_als_detected_box_rule():
       for s in scipy.ndimage.find_objects(labels):
         best = max(best, g[s].sum() / g[s].size)  # intersection over the detected box
     want.append(best)
-  np.testing.assert_allclose(cxr_metrics.best_iobb(maps, gt), want, rtol=1e-6)
-  got = cxr_metrics.t_iobb(maps, gt, levels=(0.1, 0.25, 0.5))
+  np.testing.assert_allclose(chestxray.best_iobb(maps, gt), want, rtol=1e-6)
+  got = chestxray.t_iobb(maps, gt, levels=(0.1, 0.25, 0.5))
   for level, hits in got.items():
     np.testing.assert_array_equal(hits, (np.array(want) > level).astype(np.float32))
   # A flat map detects nothing: a miss that counts (Wang et al.), not a NaN left out.
-  flat = cxr_metrics.t_iobb(np.ones((1, 8, 8)), np.ones((1, 8, 8), bool), levels=(0.1,))
+  flat = chestxray.t_iobb(np.ones((1, 8, 8)), np.ones((1, 8, 8), bool), levels=(0.1,))
   assert float(flat[0.1][0]) == 0.0
 
 
@@ -80,10 +80,10 @@ def test_otsu_threshold_equals_scikit_image():
   u8 = np.stack([_uint8(m) for m in maps])
   assert (u8.min((1, 2)) == 0).all() and (u8.max((1, 2)) >= 254).all()  # 255*m rounds first
   want = [float(skimage_filters.threshold_otsu(u)) for u in u8]
-  np.testing.assert_array_equal(jax.jit(cxr_metrics.otsu_threshold)(u8), want)
-  np.testing.assert_array_equal(jax.vmap(cxr_metrics.otsu_threshold)(u8), want)
+  np.testing.assert_array_equal(jax.jit(chestxray.otsu_threshold)(u8), want)
+  np.testing.assert_array_equal(jax.vmap(chestxray.otsu_threshold)(u8), want)
   flat = np.full((5, 6), 7, np.uint8)
-  assert float(cxr_metrics.otsu_threshold(flat)) == skimage_filters.threshold_otsu(flat)
+  assert float(chestxray.otsu_threshold(flat)) == skimage_filters.threshold_otsu(flat)
 
 
 def test_otsu_iou_and_hit_rate_are_chexlocalizes():
@@ -96,7 +96,7 @@ def test_otsu_iou_and_hit_rate_are_chexlocalizes():
     want_iou.append((region & g).sum() / (region | g).sum())
     x, y = np.unravel_index(np.argmax(m), m.shape)  # their hit rate: argmax in the mask
     want_hit.append(float(g[x, y]))
-  np.testing.assert_allclose(cxr_metrics.otsu_iou(maps, gt), want_iou, rtol=1e-6)
-  np.testing.assert_array_equal(cxr_metrics.hit(maps, gt), want_hit)
+  np.testing.assert_allclose(chestxray.otsu_iou(maps, gt), want_iou, rtol=1e-6)
+  np.testing.assert_array_equal(chestxray.hit(maps, gt), want_hit)
   assert want_hit == [1.0, 0.0] * 3 and 0 < np.mean(want_iou) < 1  # the cases differ
-  assert np.isnan(cxr_metrics.otsu_iou(np.zeros((1, 8, 8)), np.ones((1, 8, 8), bool))[0])
+  assert np.isnan(chestxray.otsu_iou(np.zeros((1, 8, 8)), np.ones((1, 8, 8), bool))[0])

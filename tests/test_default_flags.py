@@ -13,7 +13,8 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np
 from flax import nnx
-from cejax import effects, incremental, interventions, masks, sharding
+from cejax import effects, interventions, masks, sharding
+from cejax.forwards import incremental
 from cejax.models import densenet
 
 assert jax.config.jax_default_matmul_precision is None  # JAX's default, not the suite's

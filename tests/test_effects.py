@@ -11,7 +11,8 @@ from flax import nnx
 from jax import test_util as jtu
 from random_networks import random_densenet
 
-from cejax import effects, estimands, interventions, latent, masks
+from cejax import effects, estimands, interventions, masks
+from cejax.forwards import latent
 from cejax.jobs import checkpoint
 from cejax.models import densenet
 

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from conftest import smoke_config
 
-from cejax import attacks, defenses, effects, latent, masks, metrics
+from cejax import attacks, effects, masks, metrics
+from cejax.attacks import defenses
 from cejax.data import pipeline
-from cejax.jobs import analysis, common, evaluators
+from cejax.forwards import latent
+from cejax.jobs import analysis, evaluators, store
+from cejax.jobs import config as config_lib
 
 
 def test_the_progress_bar_names_the_stage_that_is_computing():
@@ -54,8 +57,8 @@ def test_store_round_trips_nested_results_and_names_a_corrupt_file(tmp_path):
   tree = {"inputs": {"index": np.arange(3)},
           "localization": {"curves": {"deletion_zero": {"ce_grid": np.ones(3, np.float32)}},
                            "pointing": {"ce/odd name": np.zeros(3)}}}
-  common.save_tree(tmp_path / "0000.npz", tree)
-  back = common.load_tree(tmp_path / "0000.npz")
+  store.save_tree(tmp_path / "0000.npz", tree)
+  back = store.load_tree(tmp_path / "0000.npz")
   assert jax.tree.structure(back) == jax.tree.structure(tree)
   jax.tree.map(np.testing.assert_array_equal, back, tree)
   # Plain numpy reads the file too: leaves plus the JSON structure naming them.
@@ -64,25 +67,25 @@ def test_store_round_trips_nested_results_and_names_a_corrupt_file(tmp_path):
     np.testing.assert_array_equal(raw[names["inputs"]["index"]], np.arange(3))
   (tmp_path / "0001.npz").write_bytes(b"not a zip file")
   with pytest.raises(ValueError, match="0001.npz is not a readable cejax results file"):
-    common.load_tree(tmp_path / "0001.npz")
+    store.load_tree(tmp_path / "0001.npz")
   assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
 def test_record_settings_refuses_other_settings_and_fresh_discards(tmp_path):
   out = tmp_path / "analysis"
-  common.record_settings(out, {"rise_masks": 64, "seed": 0})
+  store.record_settings(out, {"rise_masks": 64, "seed": 0})
   (out / "chunks").mkdir()
   (out / "chunks" / "0000.npz").write_bytes(b"x")
-  common.record_settings(out, {"rise_masks": 64, "seed": 0})  # same settings: resume
+  store.record_settings(out, {"rise_masks": 64, "seed": 0})  # same settings: resume
   assert (out / "chunks" / "0000.npz").exists()
   with pytest.raises(ValueError, match=r"different settings \(\['rise_masks'\]\): "
                                        "rise_masks: 64 there, 32 now. Pass --fresh"):
-    common.record_settings(out, {"rise_masks": 32, "seed": 0})
+    store.record_settings(out, {"rise_masks": 32, "seed": 0})
   assert json.loads((out / "settings.json").read_text())["rise_masks"] == 64
   with pytest.raises(ValueError, match="--fresh with several workers"):
-    common.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True, num_workers=2)
+    store.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True, num_workers=2)
   assert (out / "chunks" / "0000.npz").exists()
-  common.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True)
+  store.record_settings(out, {"rise_masks": 32, "seed": 0}, fresh=True)
   assert not (out / "chunks").exists()
   assert json.loads((out / "settings.json").read_text())["rise_masks"] == 32
 
@@ -303,29 +306,30 @@ def test_ce_rise_map_is_the_coverage_weighted_mean_effect(setup):
 def test_optimised_mask_methods_are_the_library_calls(setup):
   """The analysis' optimised-mask maps: the sum over areas of extremal perturbations and
   of CE-optimal masks (expected CE, zero fill), and meaningful perturbations' map."""
-  from cejax import extremal, meaningful
+  from cejax.optimised import ce_optimal, extremal, meaningful
   config, model, _, _ = setup
   s = config.analysis.copy_and_resolve_references()
-  s.extremal_areas, s.extremal_iterations, s.meaningful_iterations = (0.1, 0.3), 4, 3
-  s.extremal_step, s.extremal_sigma = 2, 6.0
+  o = config.optimised.copy_and_resolve_references()
+  o.areas, o.iterations, o.meaningful_iterations, o.step, o.sigma = (0.1, 0.3), 4, 3, 2, 6.0
   inputs = _inputs(setup, n=2)
   key = jax.random.key(5)
   got = evaluators.compute_maps(model, inputs.images, inputs.target, key=key, settings=s,
                                 mask_spec=config.masks,
                                 methods=("extremal_perturbation", "ce_optimal",
-                                         "meaningful_perturbation"))
+                                         "meaningful_perturbation"), optimised=o)
   kw = dict(areas=(0.1, 0.3), iterations=4, step=2, sigma=6.0, batch_size=2)
   ep = extremal.extremal_perturbation(model.logits_fn, inputs.images, inputs.target, **kw)
   np.testing.assert_allclose(got["extremal_perturbation"], ep.masks.sum(1), atol=1e-5)
-  ce = extremal.ce_optimal_mask(model.logits_fn, inputs.images, inputs.target, **kw)
+  ce = ce_optimal.ce_optimal_mask(model.logits_fn, inputs.images, inputs.target, **kw)
   np.testing.assert_allclose(got["ce_optimal"], ce.masks.sum(1), atol=1e-5)
   k4 = jax.random.split(jax.random.fold_in(key, 1), 4)[3]
   mp = meaningful.meaningful_perturbation(model.logits_fn, inputs.images, inputs.target,
                                           key=k4, iterations=3)
   np.testing.assert_allclose(got["meaningful_perturbation"], mp, atol=1e-5)
-  s.extremal_areas = (0.0,)
-  with pytest.raises(ValueError, match="extremal_areas"):
-    analysis.check_settings(s)
+  bad = config.copy_and_resolve_references()
+  bad.optimised.areas = (0.0,)
+  with pytest.raises(ValueError, match="config.optimised.areas"):
+    config_lib.validate(bad, "analysis")
 
 
 def test_localization_curves_of_stacked_methods_equal_one_call_per_method():
@@ -333,8 +337,9 @@ def test_localization_curves_of_stacked_methods_equal_one_call_per_method():
   stacked along the image axis; each image is scored on its own, so the scores are
   those of one call per method (deletion/insertion, the pointing game, mass, IoU,
   best IoBB, Otsu IoU, hit), bit for bit."""
-  from cejax import cxr_metrics, metrics
+  from cejax import metrics
   from cejax.jobs.evaluators import localization
+  from cejax.metrics import chestxray
 
   w = jax.random.normal(jax.random.key(0), (12 * 10 * 2, 3))
   logits_fn = lambda x: jnp.tanh(x.reshape(len(x), -1) @ w) * 3.0  # noqa: E731
@@ -356,8 +361,8 @@ def test_localization_curves_of_stacked_methods_equal_one_call_per_method():
     for curve, v in want.items():
       np.testing.assert_array_equal(got.curves[curve][name], v, err_msg=(name, curve))
     for field, fn in (("pointing", metrics.pointing_game), ("mass", metrics.mass_in_box),
-                      ("iou", metrics.iou), ("iobb", cxr_metrics.best_iobb),
-                      ("otsu_iou", cxr_metrics.otsu_iou), ("hit", cxr_metrics.hit)):
+                      ("iou", metrics.iou), ("iobb", chestxray.best_iobb),
+                      ("otsu_iou", chestxray.otsu_iou), ("hit", chestxray.hit)):
       np.testing.assert_array_equal(getattr(got, field)[name],
                                     np.asarray(jax.jit(fn)(m, boxes), np.float32),
                                     err_msg=field)

@@ -1,6 +1,6 @@
 """Optimised masks against references nobody here wrote or a closed form: TorchRay's
 extremal perturbations as a PyTorch reference written from its documented algorithm
-(``torch_extremal_reference``, by a helper that never saw cejax.extremal), a linear
+(``torch_extremal_reference``, by a helper that never saw cejax.optimised.extremal), a linear
 model whose best deletion is known, a model with a known causal box, one device against
 four."""
 
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cejax import counterfactual, extremal, meaningful, sharding, smooth_masks
+from cejax import sharding
+from cejax.optimised import ce_optimal, counterfactual, extremal, meaningful, smooth_masks
 
 torch = pytest.importorskip("torch")
 import torch_extremal_reference as reference  # noqa: E402  (needs torch)
@@ -187,12 +188,12 @@ def test_delete_mask_of_a_linear_model_covers_its_largest_weights():
                 intervention="zero", iterations=150, step=4, sigma=8.0)
 
   def iou(result):
-    region = np.asarray(extremal.hard_region(result.masks[0, 0], disk.mean())) > 0
+    region = np.asarray(smooth_masks.hard_region(result.masks[0, 0], disk.mean())) > 0
     return (region & disk).sum() / (region | disk).sum()
 
-  assert iou(extremal.ce_optimal_mask(_linear_logit(weights), image, jnp.array([0]),
+  assert iou(ce_optimal.ce_optimal_mask(_linear_logit(weights), image, jnp.array([0]),
                                       **kwargs)) >= 0.9
-  broken = extremal.ce_optimal_mask(_linear_logit(weights), image, jnp.array([0]),
+  broken = ce_optimal.ce_optimal_mask(_linear_logit(weights), image, jnp.array([0]),
                                     regul_weight=0.0, **kwargs)  # no area constraint
   assert iou(broken) < 0.5
 
@@ -269,7 +270,7 @@ def test_bad_input_is_named():
   with pytest.raises(ValueError, match=r"\(n, h, w, c\)"):
     extremal.extremal_perturbation(logits_fn, image[0], jnp.array([0]))
   with pytest.raises(ValueError, match="per_class"):
-    extremal.ce_optimal_mask(logits_fn, image, jnp.array([0]), estimand="per_class")
+    ce_optimal.ce_optimal_mask(logits_fn, image, jnp.array([0]), estimand="per_class")
   with pytest.raises(ValueError, match="step must be a positive integer"):
     extremal.extremal_perturbation(logits_fn, image, jnp.array([0]), step=2.5)
   with pytest.raises(ValueError, match="sigma=1.0 is too small for step=5"):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from cejax.jobs import analysis, common, sweep, training
+from cejax.jobs import analysis, store, sweep, training
 from cejax.jobs import config as config_lib
 
 pytestmark = pytest.mark.xdist_group("trained_smoke")
@@ -245,8 +245,8 @@ def test_a_full_disk_names_the_file_removes_the_temporary_and_resumes(
 def test_files_get_the_mode_of_the_umask(tmp_path):
   old = os.umask(0o022)
   try:
-    common.write_json_atomic(tmp_path / "a.json", {"x": 1})
-    common.save_tree(tmp_path / "t.npz", {"a": np.zeros(2)})
+    store.write_json_atomic(tmp_path / "a.json", {"x": 1})
+    store.save_tree(tmp_path / "t.npz", {"a": np.zeros(2)})
   finally:
     os.umask(old)
   for name in ("a.json", "t.npz"):

@@ -1,4 +1,4 @@
-"""Incremental recompute (``cejax.incremental``): the region arithmetic against
+"""Incremental recompute (``cejax.forwards.incremental``): the region arithmetic against
 brute-force activation differences and exhaustive positions, and the effects against
 the full-forward sweep (``effects.causal_effect``) for every estimand, batch size,
 border masks and odd image sizes. On several devices and processes the sweep tests
@@ -14,10 +14,11 @@ from conftest import abstract_densenet
 from flax import nnx
 from random_networks import random_densenet
 
-from cejax import effects, incremental, interventions, masks
+from cejax import effects, interventions, masks
 from cejax.estimands import ESTIMANDS
-from cejax.incremental import AxisOp, Plan
-from cejax.jobs import sweep_plan
+from cejax.forwards import incremental
+from cejax.forwards.incremental import AxisOp, Plan
+from cejax.jobs.sweep import plan as sweep_plan
 from cejax.models import densenet
 
 

@@ -22,7 +22,8 @@ from flax import nnx
 from jax.lax import Precision
 from test_effects import C, H, W, make_logits_fn
 
-from cejax import attacks, effects, incremental, latent, masks, precision, saliency
+from cejax import attacks, effects, masks, precision, saliency
+from cejax.forwards import incremental, latent
 from cejax.models import densenet
 
 WANT = {"exact": Precision.HIGHEST, "tf32": Precision.HIGH, "bf16": Precision.DEFAULT}

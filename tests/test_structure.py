@@ -5,17 +5,16 @@ import ast
 import dataclasses
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_effects import C, H, W, make_logits_fn
 
 import cejax
 from cejax import effects, interventions, masks
+from cejax.forwards import full
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +44,7 @@ class OneAtATime:
     chunk = self.masks(indices)
     logits = jax.lax.map(lambda m: self.logits_fn((image * (1 - m[..., None]))[None])[0],
                          chunk)
-    return logits, effects.masks_ok(chunk, image)
+    return logits, full.masks_ok(chunk, image)
 
 
 def test_a_new_forward_plugs_into_the_engine_and_gets_everything_else():
@@ -102,56 +101,6 @@ def test_a_users_random_intervention_works_or_gets_a_clear_error():
   assert isinstance(DeclaredNoise(), interventions.Intervention)
 
 
-def test_old_paths_work_for_one_release_with_a_deprecation_warning():
-  from cejax.jobs import sweep
-
-  logits_fn = make_logits_fn()
-  image = jax.random.normal(jax.random.key(1), (H, W, C))
-  with pytest.warns(DeprecationWarning, match="cejax.effects.Blur is deprecated"):
-    blur = effects.Blur
-  assert blur is interventions.Blur
-  with pytest.warns(DeprecationWarning, match="use masks.to_array"):
-    dense = masks.grid_masks(shape=(H, W), n=3)
-  np.testing.assert_array_equal(dense, masks.to_array(masks.grid(shape=(H, W), n=3)))
-  with pytest.warns(DeprecationWarning, match="sharding.sweep"):
-    old_sweep = cejax.sharding.sweep
-  out = old_sweep(lambda i, data, x: x[i], 5, batch_size=2, args=(jnp.arange(5.0) * 2,))
-  np.testing.assert_array_equal(out, np.arange(5.0) * 2)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")  # the engine's own path is not deprecated
-    assert effects.causal_effect is cejax.causal_effect
-  # The old parallel function is the engine with the latent forward.
-  identity = lambda x: x  # noqa: E731  (the image itself is the "stage")
-  inter = cejax.latent_interventions(channels=[0, 1], values=[0.0, 0.5])
-  with pytest.warns(DeprecationWarning, match="latent_causal_effect is deprecated"):
-    old_latent = effects.latent_causal_effect
-  np.testing.assert_array_equal(
-      old_latent(identity, logits_fn, image, inter).effects,
-      effects.causal_effect(cejax.latent.forward(identity, logits_fn), image, inter).effects)
-  # A moved module is the new module itself (one object, one set of classes).
-  sys.modules.pop("cejax.sweep", None)
-  with pytest.warns(DeprecationWarning, match="cejax.sweep is deprecated.*cejax.jobs.sweep"):
-    import cejax.sweep as moved
-  assert moved is sweep and moved.__spec__.name == "cejax.jobs.sweep"
-  sys.modules.pop("cejax.evaluators.common", None)
-  sys.modules.pop("cejax.evaluators", None)
-  with pytest.warns(DeprecationWarning):
-    from cejax.evaluators.common import Inputs
-  from cejax.jobs.evaluators.common import Inputs as new_inputs
-  assert Inputs is new_inputs
-
-
-def test_old_entry_points_of_moved_modules_still_run():
-  for old, new in (("cejax.sweep", "cejax.jobs.sweep"),
-                   ("cejax.convert", "cejax.jobs.convert")):
-    proc = subprocess.run([sys.executable, "-m", old, "--help"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
-    # absl's --help exits 1 after printing the flags, argparse's 0.
-    assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert f"use python -m {new}" in proc.stderr
-    assert "--workdir" in proc.stdout + proc.stderr
-
-
 def test_the_core_imports_no_job_dependency():
   proc = subprocess.run([sys.executable, "-c", (
       "import sys, cejax; cejax.causal_effect; "
@@ -202,13 +151,11 @@ def test_every_config_loads_and_passes_the_jobs_checks():
   and sweep settings pass their checks (nothing is run)."""
   import importlib
 
-  from cejax.jobs import analysis, sweep_plan
   from cejax.jobs import config as config_lib
 
   names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
   assert "synthetic_eval_optimised" in names
   for name in names:
     config = importlib.import_module(f"configs.{name}").get_config()
-    config_lib.check_keys(config, config_lib.base_config())
-    analysis.check_settings(config.analysis)
-    sweep_plan.check_settings(config.sweep)
+    for job in ("train", "analysis", "sweep"):
+      config_lib.validate(config, job)

@@ -19,7 +19,9 @@ from conftest import ROOT
 
 from cejax import effects, interventions
 from cejax.data import pipeline
-from cejax.jobs import checkpoint, sweep, sweep_plan, throughput
+from cejax.jobs import checkpoint, sweep, throughput
+from cejax.jobs import config as config_lib
+from cejax.jobs.sweep import plan as sweep_plan
 
 pytestmark = pytest.mark.xdist_group("trained_smoke")
 
@@ -136,8 +138,8 @@ def test_changed_settings_corrupt_chunks_and_bad_keys_are_refused(trained_smoke,
   with pytest.raises(ValueError, match=r"different settings \(\['masks.rise_masks'\]\): "
                                        "masks.rise_masks: 10 there, 12 now"):
     sweep.run(changed, trained_smoke[1], out=tmp_path, progress=False)
-  changed.masks.rise_masks, changed.sweep.precision = 10, "bf16"
-  with pytest.raises(ValueError, match=r"job.precision: 'exact' there, 'bf16' now"):
+  changed.masks.rise_masks, changed.precision = 10, "bf16"
+  with pytest.raises(ValueError, match=r"compute.precision: 'exact' there, 'bf16' now"):
     sweep.run(changed, trained_smoke[1], out=tmp_path, progress=False)
   chunk = tmp_path / "chunks" / "00000.npz"
   chunk.write_bytes(b"corrupt")
@@ -147,9 +149,10 @@ def test_changed_settings_corrupt_chunks_and_bad_keys_are_refused(trained_smoke,
   bad.sweep.families = ("grid", "windows")
   with pytest.raises(ValueError, match=r"config.sweep.families has \['windows'\]"):
     sweep.run(bad, trained_smoke[1], out=tmp_path / "other", progress=False)
-  bad.sweep.families, bad.sweep.precision = ("grid",), "float16"
-  with pytest.raises(ValueError, match=r"precision: Unknown precision 'float16'; valid are"):
-    sweep_plan.check_settings(bad.sweep)
+  bad.sweep.families, bad.precision = ("grid",), "float16"
+  with pytest.raises(ValueError, match=r"config.precision: Unknown precision 'float16'; "
+                                       "valid are"):
+    config_lib.validate(bad, "sweep")
 
 
 def test_bfloat16_compute_runs_the_network_in_bfloat16(trained_smoke):
@@ -186,7 +189,7 @@ WORKER = textwrap.dedent("""
     port, pid, workdir, out, overrides, die = sys.argv[1:7]
     if pid == die:  # killed (SIGKILL) when about to write its first chunk
       import os, signal
-      from cejax.jobs import common as store
+      from cejax.jobs import store
       store.save_tree = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                process_id=int(pid), initialization_timeout=120)
@@ -266,9 +269,9 @@ def test_auto_batch_size_is_the_largest_that_fits_by_memory_analysis(trained_smo
   config = smoke.get_config()  # batch_size takes an int or "auto"
   config.sweep.batch_size = "big"
   with pytest.raises(ValueError, match="batch_size must be a positive int or 'auto'"):
-    sweep_plan.check_settings(config.sweep)
+    config_lib.validate(config, "sweep")
   config.sweep.batch_size = "auto"
-  sweep_plan.check_settings(config.sweep)
+  config_lib.validate(config, "sweep")
   # The job resolves "auto" per device before its first image, on the program it runs:
   # 16 grid masks on 2 devices take 8 each (a larger batch would only run padding).
   auto = _config(trained_smoke)
@@ -292,7 +295,7 @@ def test_optimised_masks_are_the_library_calls_and_changed_settings_are_refused(
   and minimal_counterfactual return for the same images (called here directly), and
   changed optimised settings are refused. (Chunks are written, verified and resumed the
   same way whatever they hold: the resume tests above.)"""
-  from cejax import counterfactual, extremal
+  from cejax.optimised import ce_optimal, counterfactual, extremal
 
   config, workdir = trained_smoke
   config = config.copy_and_resolve_references()
@@ -300,9 +303,9 @@ def test_optimised_masks_are_the_library_calls_and_changed_settings_are_refused(
   s.num_images, s.chunk_size, s.families, s.interventions = 2, 2, ("grid",), ("zero",)
   s.estimands = ("expected", "per_class")  # ce_optimal takes the scalar one
   s.optimised = ("extremal", "ce_optimal", "counterfactual")
-  s.extremal_areas, s.extremal_iterations, s.extremal_step = (0.1, 0.3), 3, 4
-  s.extremal_sigma, s.counterfactual_bisection = 4.0, 0
-  s.optimised_batch_size = 2
+  o = config.optimised
+  o.areas, o.iterations, o.step, o.sigma, o.counterfactual_bisection = (0.1, 0.3), 3, 4, 4.0, 0
+  o.batch_size = 2
   config.masks.grid_cells = 4
   summary = sweep.run(config, workdir, out=tmp_path, devices=jax.devices()[:2],
                       progress=False)
@@ -326,7 +329,7 @@ def test_optimised_masks_are_the_library_calls_and_changed_settings_are_refused(
   np.testing.assert_array_equal(got.optimised["extremal"]["final_reward"],
                                 want.reward[..., -1])
   assert set(got.optimised["ce_optimal"]["zero"]) == {"expected"}
-  want = extremal.ce_optimal_mask(logits_fn, images, targets, intervention="zero",
+  want = ce_optimal.ce_optimal_mask(logits_fn, images, targets, intervention="zero",
                                   estimand="expected", **common)
   np.testing.assert_array_equal(got.optimised["ce_optimal"]["zero"]["expected"]["masks"],
                                 want.masks)
@@ -337,24 +340,25 @@ def test_optimised_masks_are_the_library_calls_and_changed_settings_are_refused(
     np.testing.assert_array_equal(cf[name], getattr(want, name), err_msg=name)
 
   changed = config.copy_and_resolve_references()
-  changed.sweep.extremal_iterations = 5
-  with pytest.raises(ValueError, match=r"job.extremal_iterations: 3 there, 5 now"):
+  changed.optimised.iterations = 5
+  with pytest.raises(ValueError, match=r"job.optimised_settings.iterations: 3 there, 5 now"):
     sweep.run(changed, workdir, out=tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(optimised=("extremal", "gradcam")), r"config.sweep.optimised has \['gradcam'\]"),
-    (dict(optimised=("extremal",), targets="all"), "targets must be 'predicted'"),
-    (dict(optimised=("ce_optimal",), estimands=("per_class",)), "estimands has none"),
-    (dict(optimised=("extremal",), extremal_areas=(0.1, 1.5)), "extremal_areas must be"),
-    (dict(optimised=("extremal",), extremal_iterations=0), "extremal_iterations must be"),
-    (dict(optimised=("extremal",), optimised_batch_size=0), "optimised_batch_size must be"),
-    (dict(families=()), r"config.sweep.families has nothing"),
+@pytest.mark.parametrize("change,optimised,message", [
+    (dict(optimised=("extremal", "gradcam")), {}, r"config.sweep.optimised has \['gradcam'\]"),
+    (dict(optimised=("extremal",), targets="all"), {}, "targets must be 'predicted'"),
+    (dict(optimised=("ce_optimal",), estimands=("per_class",)), {}, "estimands has none"),
+    (dict(optimised=("extremal",)), dict(areas=(0.1, 1.5)), "optimised.areas must be"),
+    (dict(optimised=("extremal",)), dict(iterations=0), "optimised.iterations must be"),
+    (dict(optimised=("extremal",)), dict(batch_size=0), "optimised.batch_size must be"),
+    (dict(families=()), {}, r"config.sweep.families has nothing"),
 ])
-def test_bad_optimised_settings_are_named(change, message):
+def test_bad_optimised_settings_are_named(change, optimised, message):
   from cejax.jobs import config as config_lib
 
-  s = config_lib.base_config().sweep
-  s.update(change)
+  config = config_lib.base_config()
+  config.sweep.update(change)
+  config.optimised.update(optimised)
   with pytest.raises(ValueError, match=message):
-    sweep_plan.check_settings(s)
+    config_lib.validate(config, "sweep")

@@ -9,6 +9,7 @@ from conftest import smoke_config
 
 from cejax import data
 from cejax.jobs import checkpoint, training
+from cejax.jobs import config as config_lib
 
 
 def _params(workdir, step="latest"):
@@ -129,4 +130,4 @@ def test_unknown_config_key_lists_valid_ones(data_dir):
   config.train.lerning_rate = 0.1  # a typo a user could make in a config file
   with pytest.raises(ValueError, match=r"lerning_rate\. Did you mean config\.train\."
                                        r"learning_rate\? Valid keys of config\.train"):
-    training.validate_config(config)
+    config_lib.validate(config, "train")

@@ -3,7 +3,7 @@ resumable, then a summary and a report.
 
 Images are processed in chunks of ``analysis.chunk_size``; the evaluators' per-image
 results of a chunk (``cejax.jobs.evaluators``) are written atomically to
-``<out>/chunks/NNNN.npz`` (``common.save_chunk``: with the chunk's number, image ids,
+``<out>/chunks/NNNN.npz`` (``store.save_chunk``: with the chunk's number, image ids,
 run and checksum), so a killed run resumes where it stopped, and several processes can
 share the chunks (``worker``/``num_workers``). ``<out>/settings.json`` records the run
 (``run_identity.run_record``: settings, masks, data, weights, compute, code); a run with
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from cejax import precision
-from cejax.jobs import checkpoint, common, evaluators, report, run_identity
+from cejax.jobs import checkpoint, evaluators, mask_spec, report, run_identity, store
 from cejax.jobs import config as config_lib
 from cejax.jobs.evaluators import common as ev_common
 
@@ -77,7 +77,7 @@ def run_chunks(chosen, dataset, *, model: ev_common.Model, space, out_dir: Path,
                indices: Sequence[tuple[str, int]], key, identity: str, progress=None,
                worker: int = 0, num_workers: int = 1) -> tuple[list[Path], int]:
   """Analyzes ``indices`` (``(split, index)`` pairs, see ``image_list``) chunk by chunk,
-  keeping chunks already on disk that prove to be this run's (``common.check_chunk``:
+  keeping chunks already on disk that prove to be this run's (``store.check_chunk``:
   readable, checksum, chunk number, image ids, ``identity``) and recomputing, with a
   warning naming the file, any other. Results are numbered by position in
   ``indices``; chunk ``c`` uses the key ``fold_in(key, c)``.
@@ -93,13 +93,13 @@ def run_chunks(chosen, dataset, *, model: ev_common.Model, space, out_dir: Path,
   chunk_dir = Path(out_dir) / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
   size = settings.chunk_size
-  paths = [chunk_dir / f"{c:04d}.npz" for c in common.chunks(len(indices), size)]
+  paths = [chunk_dir / f"{c:04d}.npz" for c in store.chunks(len(indices), size)]
   computed = 0
-  for c, positions in common.chunks(len(indices), size, worker=worker,
+  for c, positions in store.chunks(len(indices), size, worker=worker,
                                     num_workers=num_workers).items():
     path, idx = paths[c], np.asarray(positions)
     ids = chunk_ids(indices, positions)
-    why = (common.check_chunk(path, chunk=c, ids=ids, identity=identity)
+    why = (store.check_chunk(path, chunk=c, ids=ids, identity=identity)
            if path.exists() else "missing")
     if why is not None:
       if why != "missing":
@@ -110,7 +110,7 @@ def run_chunks(chosen, dataset, *, model: ev_common.Model, space, out_dir: Path,
                                         index=np.resize(idx, size))
       results = evaluate_chunk(chosen, inputs, key=jax.random.fold_in(key, c),
                                progress=progress)
-      common.save_chunk(path, {name: ev_common.to_stored(ev_common.take(r, len(idx)))
+      store.save_chunk(path, {name: ev_common.to_stored(ev_common.take(r, len(idx)))
                                for name, r in results.items() if r is not None},
                         chunk=c, ids=ids, identity=identity)
       computed += 1
@@ -124,20 +124,20 @@ def load_results(paths, evaluator_classes, *, indices=None, chunk_size=None,
   """All chunks' results, concatenated: ``(inputs, {evaluator name: result})``.
 
   With ``indices``, ``chunk_size`` and ``identity`` (what ``run_chunks`` was given),
-  every chunk is verified first (``common.check_chunk``).
+  every chunk is verified first (``store.check_chunk``).
 
   Raises:
     ValueError: a chunk that is damaged or not this run's, naming the file.
   """
   if identity is not None:
-    plan = common.chunks(len(indices), chunk_size)
+    plan = store.chunks(len(indices), chunk_size)
     for path in paths:
       c = int(Path(path).stem)
-      why = common.check_chunk(path, chunk=c, ids=chunk_ids(indices, plan[c]),
+      why = store.check_chunk(path, chunk=c, ids=chunk_ids(indices, plan[c]),
                                identity=identity)
       if why is not None:
         raise ValueError(f"{why}; rerun the analysis to recompute it.")
-  parts = [common.load_tree(p) for p in paths]
+  parts = [store.load_tree(p) for p in paths]
   tree = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
   inputs = ev_common.from_stored(ev_common.Inputs, tree["inputs"])
   results = {cls.name: ev_common.from_stored(cls.result_type, tree[cls.name])
@@ -164,19 +164,6 @@ def summarize(chosen, inputs: ev_common.Inputs,
   for ev in chosen:
     _merge(summary, ev.summarize(results, inputs))
   return summary
-
-
-def check_settings(settings) -> None:
-  """Raises ``ValueError`` naming a bad ``config.analysis`` count or precision."""
-  for key in ("num_images", "chunk_size", "meaningful_iterations"):
-    value = settings[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"config.analysis.{key} must be an integer >= 1, got {value!r}.")
-  common.check_extremal_settings(settings, "analysis")
-  try:
-    precision.check(settings.precision)
-  except ValueError as e:
-    raise ValueError(f"config.analysis.precision: {e}") from None
 
 
 def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
@@ -208,15 +195,11 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
 
   from cejax.data import pipeline
 
-  if "analysis" not in config:
-    raise ValueError("The config has no 'analysis' section; see cejax/jobs/config.py.")
-  config_lib.check_keys(config, config_lib.base_config())
+  config_lib.validate(config, "analysis")  # the whole config, once, before anything else
   settings = config.analysis
-  check_settings(settings)
-  common.check_mask_spec(config.masks)
   chosen_classes = evaluators.select(settings.evaluators)
   out = Path(out or Path(workdir) / "analysis")
-  dtype = precision.compute_dtype(settings.precision)
+  dtype = precision.compute_dtype(config.precision)
   graphdef, params, stats, run = checkpoint.load_model(workdir, compute_dtype=dtype)
   data = run_identity.resolve_data(config.data, run.get("data"),
                              base=config_lib.base_config().data,
@@ -232,7 +215,7 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   if not indices:
     raise ValueError(f"Split {settings.split!r} of {data.name} has no images.")
   shape = dataset.batch(indices[0][0], [indices[0][1]])["image"].shape[1:3]
-  common.check_mask_spec(config.masks, shape)
+  mask_spec.check_fits(config.masks, shape)  # a fact of the data, not the config
   box_shape = ev_common.mean_box_shape(
       (_batch(dataset, indices[i:i + 256]) for i in range(0, len(indices), 256)), shape)
 
@@ -243,18 +226,21 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   space = ev_common.pixel_space(dataset.normalization)
   chosen = build(chosen_classes, ev_common.Context(
       model=model, settings=settings, space=space, masks=config.masks, random_model=rand,
-      box_shape=box_shape))
+      box_shape=box_shape, optimised=config.optimised))
+  optimised = set(settings.methods) & set(evaluators.OPTIMISED_METHODS)
+  job = dict(settings.to_dict(), **(
+      {"optimised_settings": config.optimised.to_dict()} if optimised else {}))
   record = run_identity.run_record(
-      job=settings.to_dict(), masks=config.masks.to_dict(), data=data, dataset=dataset,
+      job=job, masks=config.masks.to_dict(), data=data, dataset=dataset,
       weights=run_identity.weights_fingerprint(params, stats), step=run["step"],
-      compute={"precision": settings.precision, "compute_dtype": dtype,
+      compute={"precision": config.precision, "compute_dtype": dtype,
                "batch_size": settings.batch_size})
-  common.record_settings(out, record, fresh=fresh, num_workers=num_workers)
+  store.record_settings(out, record, fresh=fresh, num_workers=num_workers)
   identity = run_identity.identity_of(record)
-  mine = common.chunks(len(indices), settings.chunk_size, worker=worker,
+  mine = store.chunks(len(indices), settings.chunk_size, worker=worker,
                        num_workers=num_workers)
   with tqdm(total=sum(map(len, mine.values())), unit="image", desc=f"analyze (worker {worker})",
-            disable=not progress) as bar, precision.policy(settings.precision):
+            disable=not progress) as bar, precision.policy(config.precision):
     paths, computed = run_chunks(
         chosen, dataset, model=model, space=space, out_dir=out, settings=settings,
         indices=indices, key=jax.random.key(settings.seed), identity=identity, progress=bar,

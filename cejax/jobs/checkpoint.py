@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from cejax.jobs.common import write_json_atomic
+from cejax.jobs.store import write_json_atomic
 from cejax.models import densenet
 
 _log = logging.getLogger(__name__)

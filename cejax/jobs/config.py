@@ -29,11 +29,18 @@ MOVED_KEYS = {
     "config.sweep.stride": "config.masks.stride",
     "config.analysis.window_div": "config.masks.window (in pixels: image size / window_div)",
     "config.analysis.stride_div": "config.masks.stride (in pixels: image size / stride_div)",
-    "config.sweep.compute_dtype": "config.sweep.precision ('bf16' runs the network in "
+    "config.sweep.compute_dtype": "config.precision ('bf16' runs the network in "
                                   "bfloat16, 'exact' in float32)",
     "config.sweep.incremental": "config.sweep.path ('auto', 'incremental' or 'full')",
     "config.analysis.deletion_steps": "config.analysis.deletion_step (pixels per step; 0: "
                                       "one image row, Petsiuk et al.'s rule)",
+    # One precision and one section of optimised-mask settings for every job.
+    **{f"config.{job}.precision": "config.precision" for job in ("train", "analysis", "sweep")},
+    **{f"config.{job}.extremal_{key}": f"config.optimised.{key}"
+       for job in ("analysis", "sweep") for key in ("areas", "iterations", "step", "sigma")},
+    "config.analysis.meaningful_iterations": "config.optimised.meaningful_iterations",
+    "config.sweep.counterfactual_bisection": "config.optimised.counterfactual_bisection",
+    "config.sweep.optimised_batch_size": "config.optimised.batch_size",
 }
 
 
@@ -148,9 +155,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.best_metric = "accuracy"  # validation metric that picks the best checkpoint
   config.train.log_every_steps = 20
   config.train.eval_batch_size = 250
-  # cejax.precision of the training programs ("exact", "tf32", "bf16"); the network's
-  # own dtype is config.model.dtype.
-  config.train.precision = "exact"
+
+  # cejax.precision of every job's programs: "exact" (float32 products on every
+  # backend), "tf32", or "bf16" (the analysis and the sweep then build the network in
+  # bfloat16, weights float32; training keeps config.model.dtype); errors of each in
+  # results/RESULTS.md.
+  config.precision = "exact"
 
   # The masks of both jobs (analysis and sweep): one specification, in pixels.
   config.masks = ml_collections.ConfigDict()
@@ -177,19 +187,10 @@ def base_config() -> ml_collections.ConfigDict:
                              "grad_cam", "grad_cam_pp", "smooth_grad_cam_pp", "rise",
                              "occlusion")
   config.analysis.batch_size = 64  # masks per forward call
-  config.analysis.precision = "exact"  # cejax.precision: "exact", "tf32" or "bf16"
   config.analysis.latent_stage = "block2"
   config.analysis.noise_samples = 50  # SmoothGrad and Smooth Grad-CAM++ (Smilkov: ~50)
   config.analysis.noise_level = 0.15  # noise std / image range (Smilkov: 10-20 %)
   config.analysis.ig_steps = 50  # Gauss-Legendre nodes (Captum's default)
-  # Optimised masks (methods "extremal_perturbation", "ce_optimal"; cejax.extremal):
-  # TorchRay's benchmark areas and iterations, its mask step and smoothing at 224 px
-  # (scale them with the image: 2 and 6.0 at 64 px).
-  config.analysis.extremal_areas = (0.025, 0.05, 0.1, 0.2)
-  config.analysis.extremal_iterations = 800
-  config.analysis.extremal_step = 7
-  config.analysis.extremal_sigma = 21.0
-  config.analysis.meaningful_iterations = 500  # Fong and Vedaldi's deletion game
   config.analysis.deletion_step = 0  # pixels per deletion step; 0: one image row (Petsiuk)
   config.analysis.attacks = ("fgsm", "bim", "pgd")
   config.analysis.epsilons = (2 / 255, 8 / 255)
@@ -217,24 +218,190 @@ def base_config() -> ml_collections.ConfigDict:
   config.sweep.estimands = ("expected",)  # any of cejax.estimands.ESTIMANDS
   config.sweep.targets = "predicted"  # or "all": every class / finding
   config.sweep.save_effects = False  # also keep the per-mask effects
-  # cejax.precision: "exact" (float32 products on every backend), "tf32", or "bf16" (the
-  # network in bfloat16, weights float32); errors of each in benchmarks/RESULTS.md.
-  config.sweep.precision = "exact"
   # Which forward each mask family takes: "auto" (the rule per platform in
-  # cejax.jobs.sweep_plan.AUTO_PATH: incremental recompute where it applies on CPUs, full
+  # cejax.jobs.sweep.plan.AUTO_PATH: incremental recompute where it applies on CPUs, full
   # forward passes on GPUs and TPUs), or "incremental" / "full" for every family.
   config.sweep.path = "auto"
-  # Optimised masks per image beside the families (cejax.jobs.sweep_optimised): any of
-  # "extremal", "ce_optimal", "counterfactual"; TorchRay's areas, iterations and mask
-  # step and smoothing at 224 px (scale the last two with the image: 2 and 6.0 at 64 px).
+  # Optimised masks per image beside the families (cejax.jobs.sweep.optimised): any of
+  # "extremal", "ce_optimal", "counterfactual"; their settings: config.optimised.
   config.sweep.optimised = ()
-  config.sweep.extremal_areas = (0.025, 0.05, 0.1, 0.2)
-  config.sweep.extremal_iterations = 800
-  config.sweep.extremal_step = 7
-  config.sweep.extremal_sigma = 21.0
-  config.sweep.counterfactual_bisection = 3  # bisection steps after the area grid
-  # Images optimised at a time per device (each with its areas). The masks are the same
-  # bits on any mesh at one value; the network's rounding may depend on its batch, so
-  # they differ between values at float round-off. Larger is faster on CPUs.
-  config.sweep.optimised_batch_size = 1
+
+  # The optimised masks of both jobs (the analysis' methods "extremal_perturbation",
+  # "ce_optimal", "meaningful_perturbation"; the sweep's config.sweep.optimised):
+  # TorchRay's benchmark areas and iterations, its mask step and smoothing at 224 px
+  # (scale the last two with the image: 2 and 6.0 at 64 px).
+  config.optimised = ml_collections.ConfigDict()
+  config.optimised.areas = (0.025, 0.05, 0.1, 0.2)
+  config.optimised.iterations = 800
+  config.optimised.step = 7
+  config.optimised.sigma = 21.0
+  config.optimised.meaningful_iterations = 500  # Fong and Vedaldi's deletion game
+  config.optimised.counterfactual_bisection = 3  # bisection steps after the area grid
+  # The sweep's images optimised at a time per device (each with its areas; the analysis
+  # optimises each chunk's images as one batch). The masks are the same bits on any mesh
+  # at one value; the network's rounding may depend on its batch, so they differ between
+  # values at float round-off. Larger is faster on CPUs.
+  config.optimised.batch_size = 1
   return config
+
+
+# --- one validation pass per job ---------------------------------------------------------
+
+def _integer(value, *, minimum: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _names(key: str, got, valid, *, allow_empty: bool = False) -> None:
+  """Every name in ``got`` is one of ``valid`` (and there is one), or a ``ValueError``
+  naming the bad ones, the valid ones and the closest."""
+  valid = tuple(valid)
+  bad = [g for g in got if g not in valid]
+  if bad or not (got or allow_empty):
+    close = [m for g in bad for m in difflib.get_close_matches(str(g), valid, n=1)]
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"{key} has {bad or 'nothing'}; valid are {list(valid)}.{hint}")
+
+
+def check_precision(config) -> None:
+  from cejax import precision
+
+  try:
+    precision.check(config.precision)
+  except ValueError as e:
+    raise ValueError(f"config.precision: {e}") from None
+
+
+def check_masks(config) -> None:
+  """``config.masks``: positive sizes, a probability; whether the families fit an image
+  size is ``mask_spec.check_fits`` (it depends on the data)."""
+  spec = config.masks
+  for key in ("grid_cells", "rise_masks", "rise_cells"):
+    if not _integer(spec[key], minimum=1):
+      raise ValueError(f"config.masks.{key} must be a positive integer, got {spec[key]!r}.")
+  if not (_number(spec.rise_p) and 0.0 < spec.rise_p < 1.0):
+    raise ValueError(f"config.masks.rise_p must be in (0, 1), got {spec.rise_p!r}.")
+  for key in ("window", "stride"):
+    if not _integer(spec[key], minimum=0):
+      raise ValueError(f"config.masks.{key} must be an integer >= 0 (0: the default "
+                       f"fraction of the image), got {spec[key]!r}.")
+
+
+def check_optimised(config) -> None:
+  """``config.optimised``: the optimised masks' areas, iterations, step and smoothing,
+  the meaningful perturbations' iterations, the counterfactual's bisection and the
+  sweep's per-device batch."""
+  o = config.optimised
+  areas = tuple(o.areas)
+  if not areas or not all(_number(a) and 0 < a <= 1 for a in areas):
+    raise ValueError(f"config.optimised.areas must be fractions in (0, 1], got {areas!r}.")
+  for key in ("iterations", "step", "meaningful_iterations", "batch_size"):
+    if not _integer(o[key], minimum=1):
+      raise ValueError(f"config.optimised.{key} must be an integer >= 1, got {o[key]!r}.")
+  if not _integer(o.counterfactual_bisection, minimum=0):
+    raise ValueError("config.optimised.counterfactual_bisection must be an integer >= 0, "
+                     f"got {o.counterfactual_bisection!r}.")
+  if not (_number(o.sigma) and o.sigma > 0):
+    raise ValueError(f"config.optimised.sigma must be > 0 (pixels), got {o.sigma!r}.")
+
+
+def check_model(config) -> None:
+  from cejax.models import densenet
+
+  if config.model.preset not in densenet.PRESETS:
+    raise ValueError(f"Unknown config.model.preset {config.model.preset!r}; valid "
+                     f"presets are {sorted(densenet.PRESETS)}.")
+
+
+def check_train(config) -> None:
+  t = config.train
+  _names("config.train.optimizer", [t.optimizer], ("adam", "adamw", "sgd"))
+  _names("config.train.schedule", [t.schedule], ("constant", "cosine"))
+  for key in ("batch_size", "checkpoint_every_steps", "log_every_steps", "eval_batch_size",
+              "keep_checkpoints"):
+    if not _integer(t[key], minimum=1):
+      raise ValueError(f"config.train.{key} must be an integer >= 1, got {t[key]!r}.")
+
+
+def check_analysis(config) -> None:
+  """``config.analysis``: counts, the evaluators (and those they require) and the map
+  methods."""
+  from cejax.jobs import evaluators
+  from cejax.jobs.evaluators import maps
+
+  a = config.analysis
+  for key in ("num_images", "chunk_size"):
+    if not _integer(a[key], minimum=1):
+      raise ValueError(f"config.analysis.{key} must be an integer >= 1, got {a[key]!r}.")
+  evaluators.select(a.evaluators)
+  maps.check_methods(a.methods)
+
+
+def check_sweep(config) -> None:
+  """``config.sweep``: families, interventions, estimands, targets, batch, path, sizes,
+  and the optimised masks it adds."""
+  from cejax.estimands import ESTIMANDS
+  from cejax.jobs.sweep import optimised as sweep_optimised
+  from cejax.jobs.sweep import plan as sweep_plan
+
+  s = config.sweep
+  # No family is fine when the sweep computes optimised masks only.
+  _names("config.sweep.families", s.families, sweep_plan.FAMILIES,
+         allow_empty=bool(s.optimised))
+  _names("config.sweep.interventions", s.interventions, sweep_plan.SWEEP_INTERVENTIONS)
+  _names("config.sweep.estimands", s.estimands, ESTIMANDS)
+  _names("config.sweep.optimised", s.optimised, sweep_optimised.OPTIMISED, allow_empty=True)
+  _names("config.sweep.targets", [s.targets], sweep_plan.TARGETS)
+  _names("config.sweep.path", [s.path], sweep_plan.PATHS)
+  if s.optimised and s.targets != "predicted":
+    raise ValueError("config.sweep.optimised masks are for the predicted class; "
+                     f"config.sweep.targets must be 'predicted', got {s.targets!r}.")
+  if "ce_optimal" in s.optimised and not sweep_optimised.scalar_estimands(s):
+    raise ValueError(f"config.sweep.optimised has 'ce_optimal', which reports one of "
+                     f"{sweep_optimised.SCALAR_ESTIMANDS}; config.sweep.estimands has none "
+                     f"({tuple(s.estimands)}).")
+  if s.batch_size != "auto" and not _integer(s.batch_size, minimum=1):
+    raise ValueError(f"config.sweep.batch_size must be a positive int or 'auto', got "
+                     f"{s.batch_size!r}.")
+  if not _integer(s.chunk_size, minimum=1):
+    raise ValueError(f"config.sweep.chunk_size must be an integer >= 1, got "
+                     f"{s.chunk_size!r}.")
+  if not _integer(s.num_images, minimum=0):
+    raise ValueError(f"config.sweep.num_images must be an integer >= 0 (0: the whole "
+                     f"split), got {s.num_images!r}.")
+
+
+# What each job reads, and the one check of each section (declared once, run once).
+SECTION_CHECKS = {"precision": check_precision, "model": check_model, "train": check_train,
+                  "masks": check_masks, "optimised": check_optimised,
+                  "analysis": check_analysis, "sweep": check_sweep}
+JOB_SECTIONS = {
+    "train": ("data", "model", "train", "precision"),
+    "analysis": ("data", "masks", "optimised", "analysis", "precision"),
+    "sweep": ("data", "masks", "optimised", "sweep", "precision"),
+}
+
+
+def validate(config, job: str) -> None:
+  """The whole config of ``job`` (``"train"``, ``"analysis"`` or ``"sweep"``) checked
+  once, up front, before anything is read or written: every key against the schema
+  (``check_keys``), then each section the job reads (``SECTION_CHECKS``).
+
+  Raises:
+    ValueError: a missing section, an unknown key (naming the closest valid one) or a
+      bad value (naming the key and what is valid).
+  """
+  if job not in JOB_SECTIONS:
+    raise ValueError(f"Unknown job {job!r}; valid are {list(JOB_SECTIONS)}.")
+  for section in JOB_SECTIONS[job]:
+    if section not in config:
+      raise ValueError(f"The config has no {section!r} (every field is declared in "
+                       "cejax.jobs.config.base_config).")
+  check_keys(config, base_config())
+  for section in JOB_SECTIONS[job]:
+    if section in SECTION_CHECKS:
+      SECTION_CHECKS[section](config)
+

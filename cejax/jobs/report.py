@@ -294,7 +294,7 @@ def write_report(out_dir: Path, inputs, results, summary, *, settings: dict[str,
     settings, class_names, run: shown in the report.
   """
   out_dir = Path(out_dir)
-  from cejax.jobs.common import write_json_atomic, write_text_atomic
+  from cejax.jobs.store import write_json_atomic, write_text_atomic
 
   loc, det, per = (io.StringIO(newline="") for _ in range(3))
   w = csv.writer(loc)

@@ -1,6 +1,6 @@
 """A run's identity: what decides a job's results, recorded in its ``settings.json`` at
-the start and checked on resume (``common.record_settings``), and carried by every chunk
-(``common.save_chunk``).
+the start and checked on resume (``store.record_settings``), and carried by every chunk
+(``store.save_chunk``).
 
 - ``data_identity``: every data setting that decides the images; ``resolve_data`` takes
   them from the trained run's ``run.json`` unless the user set them.

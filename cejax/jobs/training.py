@@ -30,27 +30,11 @@ from jax.sharding import PartitionSpec as P
 
 from cejax import data, metrics, precision
 from cejax.estimands import check_activation
-from cejax.jobs import checkpoint, common, run_identity
+from cejax.jobs import checkpoint, run_identity, store
 from cejax.jobs import config as config_lib
 from cejax.models import densenet
 
 _log = logging.getLogger(__name__)
-
-def validate_config(config, sections=("data", "model", "train")) -> None:
-  """Raises ValueError for a missing section or any key the base config does not
-  declare (naming the closest valid key; ``cejax.jobs.config``)."""
-  for section in sections:
-    if section not in config:
-      raise ValueError(f"Config lacks the section {section!r}.")
-  config_lib.check_keys(config, config_lib.base_config())
-  try:
-    precision.check(config.train.precision)
-  except ValueError as e:
-    raise ValueError(f"config.train.precision: {e}") from None
-  if config.model.preset not in densenet.PRESETS:
-    raise ValueError(f"Unknown config.model.preset {config.model.preset!r}; valid "
-                     f"presets are {sorted(densenet.PRESETS)}.")
-
 
 def make_optimizer(train_config, *, steps_per_epoch: int) -> optax.GradientTransformation:
   total = max(1, int(train_config.num_epochs * steps_per_epoch))
@@ -218,12 +202,12 @@ def train_and_evaluate(config, workdir, *, devices=None, fresh: bool = False,
     ValueError: a bad config, or a workdir that holds a run of another model or other
       data (nothing is changed; ``fresh`` starts it over).
   """
-  validate_config(config)
+  config_lib.validate(config, "train")  # the whole config, once, before anything else
   if fresh:
     checkpoint.start_over(workdir)
   # Every program the run compiles is traced under the precision policy (exact: float32
   # products on every backend; cejax.precision).
-  with precision.policy(config.train.precision):
+  with precision.policy(config.precision):
     return _train(config, workdir, devices=devices, step_hook=step_hook)
 
 
@@ -320,7 +304,7 @@ def _train(config, workdir, *, devices, step_hook):
                   sharding=sharded)
   ckpt.close()
   if jax.process_index() == 0:
-    common.write_json_atomic(workdir / "test_metrics.json",
+    store.write_json_atomic(workdir / "test_metrics.json",
                                  {"step": best, **test})
   print(f"Test metrics of step {best}: accuracy={test['accuracy']:.4f}"
         + (f", mean_auroc={test['mean_auroc']:.4f}" if "mean_auroc" in test else ""))

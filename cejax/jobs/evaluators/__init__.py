@@ -50,7 +50,13 @@ from cejax.jobs.evaluators.localization import (
     Sanity,
     SanityEvaluator,
 )
-from cejax.jobs.evaluators.maps import MAP_METHODS, Maps, MapsEvaluator, compute_maps
+from cejax.jobs.evaluators.maps import (
+    MAP_METHODS,
+    OPTIMISED_METHODS,
+    Maps,
+    MapsEvaluator,
+    compute_maps,
+)
 
 
 class Evaluator(Protocol):
@@ -98,7 +104,8 @@ __all__ = [
     "ATTACKS", "CE_FEATURES", "EVALUATORS", "MAP_METHODS", "SANITY_METHODS",
     "AttacksEvaluator", "Context", "Defended", "DefensesEvaluator", "DetectionEvaluator",
     "Evaluator", "Inputs", "Localization", "LocalizationEvaluator", "Maps",
-    "MapsEvaluator", "Model", "Sanity", "SanityEvaluator", "UnderAttack", "ce_features",
+    "MapsEvaluator", "Model", "OPTIMISED_METHODS", "Sanity", "SanityEvaluator",
+    "UnderAttack", "ce_features",
     "compute_maps", "detection", "fit_logistic", "make_model", "paired_auroc_interval",
     "pixel_space", "prepare_inputs", "random_model", "select",
 ]

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import attacks, defenses, masks
+from cejax import attacks, masks
+from cejax.attacks import defenses
 from cejax.jobs.evaluators.common import Context, Inputs, Model, confidence, field
 from cejax.jobs.evaluators.maps import expected_ce, latent_effects
 

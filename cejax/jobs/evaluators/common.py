@@ -69,8 +69,9 @@ def pixel_space(normalization) -> PixelSpace:
 class Context:
   """What an evaluator is built from: the model, the ``analysis`` settings, the pixel
   space, the mask specification (``config.masks``), (for the sanity check only) the
-  re-initialised model, and the mean ground-truth box ``(height, width)`` in pixels of
-  the analysed images (the chance rows' random box; ``mean_box_shape``)."""
+  re-initialised model, the mean ground-truth box ``(height, width)`` in pixels of the
+  analysed images (the chance rows' random box; ``mean_box_shape``), and the optimised
+  masks' settings (``config.optimised``)."""
 
   model: Model
   settings: Any
@@ -78,6 +79,7 @@ class Context:
   masks: Any
   random_model: Model | None = None
   box_shape: tuple[float, float] | None = None
+  optimised: Any = None
 
 
 def mean_box_shape(batches, shape) -> tuple[float, float]:

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from cejax import attacks, defenses, effects, masks
+from cejax import attacks, effects, masks
+from cejax.attacks import defenses
 from cejax.jobs.evaluators.adversarial import attack_labels, attack_name, run_attacks
 from cejax.jobs.evaluators.common import Context, Inputs, correct, field
 from cejax.jobs.evaluators.maps import expected_ce

@@ -7,7 +7,7 @@ within (or beyond) the best method's interval (``metrics.uninformative``).
 
 Localization (images with a box): the standard pointing game (Zhang et al.'s
 tolerance scaled to the image, first maximum), mass in box, IoU at half the map's
-range, and the chest X-ray field's metrics (``cejax.cxr_metrics``): Wang et al.'s
+range, and the chest X-ray field's metrics (``cejax.metrics.chestxray``): Wang et al.'s
 T(IoBB), CheXlocalize's Otsu IoU and hit rate; faithfulness (every image): Petsiuk et
 al.'s deletion/insertion AUCs for the substrates of ``metrics.CURVES``, of the
 predicted class as theirs are (of the map's target, the boxed finding, for multi-label
@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import cxr_metrics, metrics
+from cejax import metrics
 from cejax.jobs.evaluators.common import Context, Inputs, field
 from cejax.jobs.evaluators.maps import compute_maps
+from cejax.metrics import chestxray
 
 SANITY_METHODS = ("ce_grid", "gradient", "gradient_x_input", "grad_cam")
 
@@ -72,9 +73,9 @@ def localization(logits_fn, images, maps, boxes, targets, *, activation, step,
       pointing=per_method(metrics.pointing_game(stacked, tiled).astype(jnp.float32)),
       mass=per_method(metrics.mass_in_box(stacked, tiled)),
       iou=per_method(metrics.iou(stacked, tiled)),
-      iobb=per_method(cxr_metrics.best_iobb(stacked, tiled)),
-      otsu_iou=per_method(cxr_metrics.otsu_iou(stacked, tiled)),
-      hit=per_method(cxr_metrics.hit(stacked, tiled)),
+      iobb=per_method(chestxray.best_iobb(stacked, tiled)),
+      otsu_iou=per_method(chestxray.otsu_iou(stacked, tiled)),
+      hit=per_method(chestxray.hit(stacked, tiled)),
       curves={c: per_method(v) for c, v in curves.items()})
 
 
@@ -114,11 +115,11 @@ class LocalizationEvaluator:
       # A flat map (best IoBB 0, or NaN in chunks stored before flat maps were misses)
       # detects nothing: a miss, in the denominator as Wang et al. count it.
       iobb = np.nan_to_num(np.asarray(loc.iobb[m][boxed], np.float64), nan=0.0)
-      row["t_iobb"] = [metrics.bootstrap_interval(iobb > t) for t in cxr_metrics.WANG_LEVELS]
+      row["t_iobb"] = [metrics.bootstrap_interval(iobb > t) for t in chestxray.WANG_LEVELS]
       table[m] = row
     return {"methods": table, "uninformative": metrics.uninformative(table),
             "iou_thresholds": list(metrics.IOU_THRESHOLDS),
-            "iobb_levels": list(cxr_metrics.WANG_LEVELS),
+            "iobb_levels": list(chestxray.WANG_LEVELS),
             "pointing_tolerance_px": metrics.pointing_tolerance(inputs.box.shape[1:3])}
 
 

@@ -17,16 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import effects, extremal, latent, masks, meaningful, metrics, saliency
-from cejax.jobs.common import mask_sources, sliding_geometry
+from cejax import effects, masks, metrics, saliency
+from cejax.forwards import latent
 from cejax.jobs.evaluators.common import Context, Inputs, Model, field
+from cejax.jobs.mask_spec import mask_sources, sliding_geometry
+from cejax.optimised import ce_optimal, extremal, meaningful
 
 _log = logging.getLogger(__name__)
 
+# The optimised masks' methods (their settings: config.optimised).
+OPTIMISED_METHODS = ("extremal_perturbation", "ce_optimal", "meaningful_perturbation")
 MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
                "gradient_x_input", "smoothgrad", "integrated_gradients", "cam", "grad_cam",
-               "grad_cam_pp", "smooth_grad_cam_pp", "rise", "occlusion",
-               "extremal_perturbation", "ce_optimal", "meaningful_perturbation")
+               "grad_cam_pp", "smooth_grad_cam_pp", "rise", "occlusion", *OPTIMISED_METHODS)
 
 
 @jax.tree_util.register_dataclass
@@ -73,11 +76,13 @@ def latent_effects(model: Model, image, target, *, settings):
 
 
 def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
-                 methods=MAP_METHODS, diagnostics: dict | None = None) -> dict[str, jax.Array]:
+                 methods=MAP_METHODS, optimised=None,
+                 diagnostics: dict | None = None) -> dict[str, jax.Array]:
   """Every attribution map in ``methods`` for a batch, ``{name: (n, h, w)}``; the masks
-  of the CE maps, occlusion and RISE from ``mask_spec`` (``config.masks``). The
-  optimised masks' gradient ratios (``extremal.gradient_ratio``) go into
-  ``diagnostics`` when a dict is given."""
+  of the CE maps, occlusion and RISE from ``mask_spec`` (``config.masks``), the
+  optimised masks' settings from ``optimised`` (``config.optimised``). The optimised
+  masks' gradient ratios (``extremal.gradient_ratio``) go into ``diagnostics`` when a
+  dict is given."""
   diagnostics = {} if diagnostics is None else diagnostics
 
   def optimised_map(name, result):
@@ -113,9 +118,9 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
   k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, 1), 4)
   noise = dict(num_samples=settings.noise_samples, sigma=settings.noise_level)
   chunked = dict(batch_size=settings.batch_size, activation=model.activation)
-  optimised = dict(areas=tuple(settings.extremal_areas),
-                   iterations=settings.extremal_iterations, step=settings.extremal_step,
-                   sigma=settings.extremal_sigma, batch_size=len(images))
+  o = optimised
+  optimised = {} if o is None else dict(areas=tuple(o.areas), iterations=o.iterations,
+                                        step=o.step, sigma=o.sigma, batch_size=len(images))
   methods_fns = {
       "ce_sliding": lambda: ce_map("ce_sliding"),
       "ce_grid": lambda: ce_map("ce_grid"),
@@ -141,11 +146,11 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
       "extremal_perturbation": lambda: optimised_map(
           "extremal_perturbation", extremal.extremal_perturbation(
               logits_fn, images, targets, progress=False, **optimised)),
-      "ce_optimal": lambda: optimised_map("ce_optimal", extremal.ce_optimal_mask(
+      "ce_optimal": lambda: optimised_map("ce_optimal", ce_optimal.ce_optimal_mask(
           logits_fn, images, targets, estimand="expected", intervention="zero",
           activation=model.activation, progress=False, **optimised)),
       "meaningful_perturbation": lambda: meaningful.meaningful_perturbation(
-          logits_fn, images, targets, key=k4, iterations=settings.meaningful_iterations,
+          logits_fn, images, targets, key=k4, iterations=o.meaningful_iterations,
           activation=model.activation),
   }
   return {name: methods_fns[name]() for name in MAP_METHODS if name in methods}
@@ -174,7 +179,8 @@ class MapsEvaluator:
     def compute(x, t, k):
       diagnostics = {}
       maps = compute_maps(context.model, x, t, key=k, settings=settings,
-                          mask_spec=context.masks, methods=methods, diagnostics=diagnostics)
+                          mask_spec=context.masks, methods=methods,
+                          optimised=context.optimised, diagnostics=diagnostics)
       return maps, diagnostics
 
     self._compute = jax.jit(compute)

@@ -1,6 +1,6 @@
 """The minimal counterfactual region: per image, the smallest region whose intervention
 ``do(X_M = v)`` changes the decision, found by CE-optimal deletion masks
-(``cejax.extremal``) over a grid of areas refined by bisection.
+(``cejax.optimised.extremal``) over a grid of areas refined by bisection.
 """
 
 from __future__ import annotations
@@ -13,19 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import estimands, extremal, interventions, precision
+from cejax import estimands, interventions, precision
 from cejax._compile import jit
 from cejax._validation import check_channels_last
-from cejax.extremal import (
-  DEFAULT_START,
-  DELETE,
-  Schedule,
-  default_objective,
-  hard_region,
-  objective_of,
-  optimise_in_chunks,
-)
-from cejax.smooth_masks import area_reference, geometry
+from cejax.optimised import extremal
+from cejax.optimised.ce_optimal import DEFAULT_START, default_objective
+from cejax.optimised.extremal import DELETE, Schedule, objective_of, optimise_in_chunks
+from cejax.optimised.smooth_masks import area_reference, geometry, hard_region
 from cejax.types import Images, LogitsFn
 
 
@@ -71,10 +65,10 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
   Areas here are fractions of the image: each is optimised as the same number of
   pixels of the margined mask (``a h w / (out_h out_w)`` in ``ce_optimal_mask``'s terms).
 
-  What the masks optimise is ``objective`` (default ``extremal.default_objective(
+  What the masks optimise is ``objective`` (default ``ce_optimal.default_objective(
   estimand)``: the target's log-odds for ``probability``, which does not saturate where
   a confident model's probability does); ``start`` is the mask parameters' initial
-  value (default ``extremal.DEFAULT_START``). Both as ``extremal.ce_optimal_mask``.
+  value (default ``ce_optimal.DEFAULT_START``). Both as ``ce_optimal.ce_optimal_mask``.
 
   Returns:
     ``Counterfactual`` (numpy arrays). A ``UserWarning`` says where the objective's

@@ -11,8 +11,8 @@ import optax
 
 from cejax import estimands, sharding
 from cejax._compile import jit
-from cejax.extremal import DELETE, check_inputs
-from cejax.smooth_masks import blur_pyramid
+from cejax.optimised.extremal import DELETE, check_inputs
+from cejax.optimised.smooth_masks import blur_pyramid
 from cejax.types import Images, LogitsFn, Maps, PRNGKey, Targets
 
 

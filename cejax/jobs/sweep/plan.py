@@ -7,7 +7,6 @@ these over a data set."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import effects, incremental, interventions, precision
+from cejax import effects, interventions, precision
 from cejax.estimands import ESTIMANDS, activate
-from cejax.jobs import common, sweep_optimised, throughput
+from cejax.forwards import incremental
+from cejax.jobs import mask_spec, throughput
 
-FAMILIES = common.MASK_FAMILIES
+FAMILIES = mask_spec.MASK_FAMILIES
 SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
 TARGETS = ("predicted", "all")
 PATHS = ("auto", "incremental", "full")
@@ -67,43 +67,10 @@ class StackedEstimand:
     return [per.get(n, many) for n in self.names]
 
 
-def check_settings(s) -> None:
-  """Raises ``ValueError`` naming the bad ``sweep`` key and the valid values."""
-  for key, got, valid in (("families", s.families, FAMILIES),
-                          ("interventions", s.interventions, SWEEP_INTERVENTIONS),
-                          ("estimands", s.estimands, ESTIMANDS)):
-    valid = tuple(valid)  # names, not a registry's functions
-    bad = [g for g in got if g not in valid]
-    # No family is fine when the sweep computes optimised masks only.
-    if bad or not (got or (key == "families" and s.optimised)):
-      close = [m for g in bad for m in difflib.get_close_matches(str(g), valid, n=1)]
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ValueError(f"config.sweep.{key} has {bad or 'nothing'}; valid are "
-                       f"{list(valid)}.{hint}")
-  sweep_optimised.check_settings(s)
-  if s.targets not in TARGETS:
-    raise ValueError(f"config.sweep.targets is {s.targets!r}; valid are {TARGETS}.")
-  if s.batch_size != "auto" and (not isinstance(s.batch_size, int) or s.batch_size < 1):
-    raise ValueError(f"config.sweep.batch_size must be a positive int or 'auto', got "
-                     f"{s.batch_size!r}.")
-  try:
-    precision.check(s.precision)
-  except ValueError as e:
-    raise ValueError(f"config.sweep.precision: {e}") from None
-  if s.path not in PATHS:
-    raise ValueError(f"config.sweep.path is {s.path!r}; valid are {PATHS}.")
-  if not isinstance(s.chunk_size, int) or s.chunk_size < 1:
-    raise ValueError(f"config.sweep.chunk_size must be an integer >= 1, got "
-                     f"{s.chunk_size!r}.")
-  if not isinstance(s.num_images, int) or s.num_images < 0:
-    raise ValueError(f"config.sweep.num_images must be an integer >= 0 (0: the whole "
-                     f"split), got {s.num_images!r}.")
-
-
 def mask_sources(config, shape) -> dict[str, Any]:
   """The mask sources of ``config.sweep.families`` for images of ``shape`` (sizes from
   ``config.masks``; ``config.sweep.seed`` draws the RISE masks)."""
-  return common.mask_sources(config.masks, shape, key=jax.random.key(config.sweep.seed),
+  return mask_spec.mask_sources(config.masks, shape, key=jax.random.key(config.sweep.seed),
                              families=config.sweep.families)
 
 
@@ -223,6 +190,6 @@ def flops_per_mask(logits_fn, model, image, sources, paths) -> dict[str, dict[st
 
 
 __all__ = ["AUTO_PATH", "FAMILIES", "PATHS", "StackedEstimand", "batch_usage",
-           "check_settings", "flops_per_mask", "forwards", "image_results", "interventions_of",
+           "flops_per_mask", "forwards", "image_results", "interventions_of",
            "mask_sources",
            "resolve_batch"]

@@ -1,21 +1,4 @@
-"""Gradient-based adversarial attacks, written with ``jax.grad``.
-
-Every attack is a pure function ``attack(logits_fn, images, labels, *, key, ...)``
-with keyword-only hyperparameters, returning an ``AttackResult``. Images and the
-budget live in **pixel space** (``space.low``..``space.high``); the model sees
-``space.normalize(x)``. ``space`` is required: a model trained on normalised inputs
-attacked without its normalisation would be attacked on the wrong input distribution
-without any error, so even a model that takes [0, 1] pixels says so with
-``space=PixelSpace()``. Iterates are clipped to valid pixels.
-
-Labels: int ``(n,)`` classes (``activation="softmax"``) or multi-hot ``(n, k)`` findings
-(``activation="sigmoid"``, multi-label models; targeted attacks then ask for a whole target
-vector, e.g. the true labels with one finding switched on or off).
-
-Steps run in ``lax.fori_loop``; examples are independent, so ``jax.vmap`` over an
-epsilon array gives an epsilon sweep in one call (``epsilon_sweep``) and the batch
-axis shards over devices with ``shard_batch``.
-"""
+"""The gradient attacks (FGSM, I-FGSM, MI-FGSM, PGD, BPDA-PGD): ``cejax.attacks``."""
 
 from __future__ import annotations
 
@@ -24,19 +7,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-import cejax._attack_core as core
-from cejax import sharding
-from cejax._attack_core import AttackResult, PixelSpace, attack_loss, success
-from cejax._deprecation import deprecated_names
-from cejax._minimal_attacks import carlini_wagner_l2, deepfool
+import cejax.attacks._core as core
+from cejax.attacks._core import AttackResult, PixelSpace, attack_loss, success
 from cejax.types import LogitsFn, Pixels
-
-__all__ = ["AttackResult", "PixelSpace", "attack_loss", "bim", "bpda_pgd",
-           "carlini_wagner_l2", "deepfool", "epsilon_sweep", "fgsm", "mifgsm", "pgd",
-           "success", "uniform_in_ball"]
-
-__getattr__ = deprecated_names(__name__, {
-    "shard_batch": ("cejax.sharding.shard_batch", sharding.shard_batch)})
 
 
 @core.attack_program

@@ -41,15 +41,17 @@ from flax import nnx
 
 from cejax import effects, interventions
 from cejax import masks as masks_lib
-from cejax._deprecation import deprecated_names
-from cejax._incremental_plan import (
+from cejax.forwards import full
+from cejax.forwards._incremental_plan import (
   DENSE,
   FULL_FRACTION,
   STEM_CONV,
   STEM_POOL,
   TRANSITION,
+  AxisOp,
   Decision,
   Layer,
+  Plan,
   Step,
   layer_ops,
   macs,
@@ -58,7 +60,6 @@ from cejax._incremental_plan import (
   steps_for,
   support_boxes,
 )
-from cejax._regions import AxisOp, Plan
 from cejax.models import densenet
 
 # --- the walk ----------------------------------------------------------------------
@@ -325,7 +326,7 @@ class IncrementalForward:
       logits = one(chunk[0], starts[0])[None]
     else:
       logits = jax.vmap(one)(chunk, starts)
-    return logits, effects.masks_ok(chunk, image)
+    return logits, full.masks_ok(chunk, image)
 
 
 def forward(model: densenet.DenseNet, *, full_fraction: float = FULL_FRACTION
@@ -346,12 +347,6 @@ def forward(model: densenet.DenseNet, *, full_fraction: float = FULL_FRACTION
 def _causal_effect(model, image, masks, *, full_fraction=FULL_FRACTION, **kwargs):
   return effects.causal_effect(forward(model, full_fraction=full_fraction), image, masks,
                                **kwargs)
-
-
-__getattr__ = deprecated_names(__name__, {
-    "causal_effect": ("effects.causal_effect(incremental.forward(model), image, masks, "
-                      "...)", _causal_effect),
-})
 
 __all__ = ["DENSE", "FULL_FRACTION", "STEM_CONV", "STEM_POOL", "TRANSITION", "AxisOp",
            "Decision", "IncrementalForward", "Layer", "Plan", "Step", "clean_cache",

@@ -1,20 +1,21 @@
 """Optimised masks in the sweep: per chunk of images, beside the mask families, the
-masks that ``cejax.extremal`` and ``cejax.counterfactual`` optimise by ``jax.grad``.
+masks that ``cejax.optimised`` finds by ``jax.grad``.
 
 ``config.sweep.optimised`` names any of:
 
 - ``"extremal"``: extremal perturbations (TorchRay's preserve game, simple reward, blur
-  pyramid, flip jitter), one mask per area of ``extremal_areas``;
+  pyramid, flip jitter), one mask per area of ``config.optimised.areas``;
 - ``"ce_optimal"``: per intervention of ``config.sweep.interventions`` and scalar
   estimand of ``config.sweep.estimands`` (expected, probability, logit, kl), the region
-  of each area whose intervention has the largest effect (``extremal.ce_optimal_mask``
-  with its default objective for that estimand, ``extremal.DEFAULT_OBJECTIVES``);
-- ``"counterfactual"``: per intervention, the smallest region (areas ``extremal_areas``,
-  refined by ``counterfactual_bisection`` bisection steps) whose intervention changes
-  the predicted class (``counterfactual.minimal_counterfactual``).
+  of each area whose intervention has the largest effect (``ce_optimal.ce_optimal_mask``
+  with its default objective for that estimand, ``ce_optimal.DEFAULT_OBJECTIVES``);
+- ``"counterfactual"``: per intervention, the smallest region (areas
+  ``config.optimised.areas``, refined by ``config.optimised.counterfactual_bisection``
+  bisection steps) whose intervention changes the predicted class
+  (``counterfactual.minimal_counterfactual``).
 
 All are for the predicted class (``targets="predicted"``, each image's on its own), the
-chunk's images spread over the devices (``mesh``), ``optimised_batch_size`` images per
+chunk's images spread over the devices (``mesh``), ``config.optimised.batch_size`` images per
 device at a time (default 1) with their areas as one batch: the results do not depend on
 the device count (a sharded run equals one device bit for bit at the same per-device
 batch, ``tests/test_extremal.py``, ``tests/test_sweep.py``).
@@ -37,37 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cejax import counterfactual, extremal
-from cejax.jobs import common
+from cejax.optimised import ce_optimal, counterfactual, extremal
 
 OPTIMISED = ("extremal", "ce_optimal", "counterfactual")
 # The estimands ce_optimal can maximise: one number per image and mask.
 SCALAR_ESTIMANDS = ("expected", "probability", "logit", "kl")
-
-
-def check_settings(s) -> None:
-  """Raises ``ValueError`` naming the bad ``config.sweep`` key and what is valid."""
-  bad = [m for m in s.optimised if m not in OPTIMISED]
-  if bad:
-    raise ValueError(f"config.sweep.optimised has {bad}; valid are {OPTIMISED}.")
-  if not s.optimised:
-    return
-  if s.targets != "predicted":
-    raise ValueError("config.sweep.optimised masks are for the predicted class; "
-                     f"config.sweep.targets must be 'predicted', got {s.targets!r}.")
-  common.check_extremal_settings(s, "sweep")
-  bisection = s.counterfactual_bisection
-  if not isinstance(bisection, int) or isinstance(bisection, bool) or bisection < 0:
-    raise ValueError("config.sweep.counterfactual_bisection must be an integer >= 0, got "
-                     f"{bisection!r}.")
-  batch = s.optimised_batch_size
-  if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-    raise ValueError("config.sweep.optimised_batch_size must be an integer >= 1 (images "
-                     f"per device at a time), got {batch!r}.")
-  if "ce_optimal" in s.optimised and not scalar_estimands(s):
-    raise ValueError(f"config.sweep.optimised has 'ce_optimal', which maximises one of "
-                     f"{SCALAR_ESTIMANDS}; config.sweep.estimands has none "
-                     f"({tuple(s.estimands)}).")
 
 
 def scalar_estimands(s) -> tuple[str, ...]:
@@ -82,21 +57,21 @@ def _predicted_class(logits_fn, image):
   return jnp.argmax(logits_fn(image[None])[0])
 
 
-def chunk_results(logits_fn, images, *, settings, fills, activation,
+def chunk_results(logits_fn, images, *, settings, optimised, fills, activation,
                   mesh=None) -> dict[str, Any]:
   """The optimised masks of a chunk of ``images`` ``(n, h, w, c)``: a tree of numpy
-  arrays (module docstring); ``fills`` maps intervention names to interventions."""
-  s = settings
+  arrays (module docstring); ``settings`` is ``config.sweep``, ``optimised``
+  ``config.optimised``; ``fills`` maps intervention names to interventions."""
+  s, o = settings, optimised
   images = jnp.asarray(images)
   targets = jnp.stack([_predicted_class(logits_fn, x) for x in images])
-  # optimised_batch_size images per device at a time (their areas as one batch), not a
+  # config.optimised.batch_size images per device at a time (their areas as one batch), not a
   # batch that follows the device count: the network's rounding may depend on its batch,
   # so the masks would depend on the mesh too. At a fixed per-device batch every device
   # count groups the same images together (sharding.map_chunks): the same bits.
-  common = dict(areas=tuple(float(a) for a in s.extremal_areas),
-                iterations=s.extremal_iterations, step=s.extremal_step,
-                sigma=float(s.extremal_sigma), batch_size=s.optimised_batch_size,
-                mesh=mesh, progress=False)
+  common = dict(areas=tuple(float(a) for a in o.areas), iterations=o.iterations,
+                step=o.step, sigma=float(o.sigma), batch_size=o.batch_size, mesh=mesh,
+                progress=False)
   out: dict[str, Any] = {"targets": np.asarray(targets)}
   if "extremal" in s.optimised:
     res = extremal.extremal_perturbation(logits_fn, images, targets, **common)
@@ -107,7 +82,7 @@ def chunk_results(logits_fn, images, *, settings, fills, activation,
     for name in s.interventions:
       out["ce_optimal"][name] = {}
       for estimand in scalar_estimands(s):
-        res = extremal.ce_optimal_mask(logits_fn, images, targets, intervention=fills[name],
+        res = ce_optimal.ce_optimal_mask(logits_fn, images, targets, intervention=fills[name],
                                        estimand=estimand, activation=activation, **common)
         out["ce_optimal"][name][estimand] = {
             "masks": np.asarray(res.masks), "final_reward": np.asarray(res.reward[..., -1]),
@@ -116,7 +91,7 @@ def chunk_results(logits_fn, images, *, settings, fills, activation,
     out["counterfactual"] = {}
     for name in s.interventions:
       cf = counterfactual.minimal_counterfactual(
-          logits_fn, images, bisection_steps=s.counterfactual_bisection,
+          logits_fn, images, bisection_steps=o.counterfactual_bisection,
           intervention=fills[name], activation=activation, **common)
       out["counterfactual"][name] = {"area": np.asarray(cf.area),
                                      "mask": np.asarray(cf.mask),
@@ -132,5 +107,5 @@ def _grads(result) -> dict[str, np.ndarray]:
           "area_grad": np.asarray(result.area_grad)}
 
 
-__all__ = ["OPTIMISED", "SCALAR_ESTIMANDS", "check_settings", "chunk_results",
+__all__ = ["OPTIMISED", "SCALAR_ESTIMANDS", "chunk_results",
            "scalar_estimands"]

@@ -1,5 +1,5 @@
 """TorchRay's smooth masks and perturbation pyramid (Fong, Patrick and Vedaldi, ICCV
-2019), as pure functions: the pieces ``cejax.extremal`` optimises over.
+2019), as pure functions: the pieces ``cejax.optimised.extremal`` optimises over.
 
 - ``smooth_masks``: a grid of parameters (one per ``step`` pixels) becomes a smooth mask
   by smooth-max pooling of bumps ``exp(-2 max(d / sigma - 1/2, 0)^2)`` (softmax pooling,
@@ -311,6 +311,17 @@ def area_gap(masks, zeros):
   return jnp.mean((masks - step) ** 2, axis=-1)
 
 
-__all__ = ["PYRAMIDS", "Geometry", "apply_pyramid", "area_gap", "area_reference",
+def hard_region(masks, areas):
+  """The ``round(a h w)`` pixels where each mask is largest (ties: first in row-major
+  order): ``masks (..., h, w)``, ``areas (...)`` -> ``(..., h, w)`` in {0, 1}."""
+  h, w = masks.shape[-2:]
+  flat = masks.reshape(*masks.shape[:-2], h * w)
+  count = jnp.round(jnp.asarray(areas) * h * w).astype(jnp.int32)
+  order = jnp.argsort(-flat, axis=-1, stable=True)
+  ranks = jnp.argsort(order, axis=-1, stable=True)
+  return (ranks < count[..., None]).astype(masks.dtype).reshape(masks.shape)
+
+
+__all__ = ["PYRAMIDS", "Geometry", "apply_pyramid", "area_gap", "area_reference", "hard_region",
            "blur_pyramid", "correlation_matrix", "geometry", "smooth_masks",
            "torchray_gaussian"]

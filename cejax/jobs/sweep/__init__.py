@@ -21,13 +21,13 @@ Output (``<out>``, default ``<workdir>/sweep``): ``settings.json``, the run's re
 (``jobs.run_identity.run_record``: the sweep's settings, the masks, every data setting
 that decides the images, the weights' fingerprint, the resolved batch, precision and
 paths, the code version), and one ``chunks/NNNNN.npz`` per chunk, written atomically
-(``jobs.common.save_chunk``: the arrays plus a JSON structure, readable with numpy
+(``jobs.store.save_chunk``: the arrays plus a JSON structure, readable with numpy
 alone, and a record of the chunk's number, image ids, run and checksum): ``ids``
 (``"split/index"``) and ``maps[family][intervention][estimand]`` of shape ``(n, h, w)``
 (``(n, h, w, k)`` for ``targets="all"``), and ``effects`` likewise ``(n, m[, k])`` with
 ``save_effects``, and with ``config.sweep.optimised`` the optimised masks of the chunk's
 images (``optimised``: extremal perturbations, CE-optimal masks, minimal counterfactual
-regions; ``jobs.sweep_optimised``). Chunks are named by chunk, not by process, so a
+regions; ``jobs.sweep.optimised``). Chunks are named by chunk, not by process, so a
 killed run resumes where it stopped with any number of processes; a resume verifies
 every chunk on disk and recomputes a damaged or foreign one (with a warning naming it);
 settings that differ from the recorded ones are refused, naming each, unless
@@ -53,9 +53,10 @@ import numpy as np
 from flax import nnx
 
 from cejax import precision, sharding
-from cejax._deprecation import deprecated_names
-from cejax.jobs import checkpoint, common, run_identity, sweep_optimised, sweep_plan, throughput
+from cejax.jobs import checkpoint, cli, mask_spec, run_identity, store, throughput
 from cejax.jobs import config as config_lib
+from cejax.jobs.sweep import optimised as sweep_optimised
+from cejax.jobs.sweep import plan as sweep_plan
 
 _log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class _Job:
   flops: dict[str, dict[str, Any]]
   activation: str
   logits_fn: Any  # the full forward (the optimised masks' network)
+  optimised: Any  # config.optimised
 
 
 def _read_record(out: Path) -> dict[str, Any] | None:
@@ -86,10 +88,9 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
   paths and resolves ``batch_size="auto"``: a start that fails here writes nothing."""
   from cejax.data import pipeline
 
-  config_lib.check_keys(config, config_lib.base_config())
-  s = config.sweep
-  sweep_plan.check_settings(s)
-  common.check_mask_spec(config.masks)
+  config_lib.validate(config, "sweep")  # the whole config, once, before anything else
+  # The settings the job hands down: the sweep's section with the one precision.
+  s = ml_collections.ConfigDict(dict(config.sweep.to_dict(), precision=config.precision))
   graphdef, params, stats, run_info = checkpoint.load_model(
       workdir, compute_dtype=precision.compute_dtype(s.precision))
   data = run_identity.resolve_data(config.data, run_info.get("data"),
@@ -105,7 +106,7 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
     raise ValueError(f"Split {s.split!r} of {data.name} has no images.")
   num = count if s.num_images == 0 else min(s.num_images, count)
   image = jnp.asarray(dataset.batch(s.split, [0])["image"][0])
-  common.check_mask_spec(config.masks, image.shape[:2])
+  mask_spec.check_fits(config.masks, image.shape[:2])  # a fact of the data, not the config
   sources = sweep_plan.mask_sources(config, image.shape[:2])
   model = nnx.merge(graphdef, params, stats)
   logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
@@ -115,12 +116,14 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
   batch = sweep_plan.resolve_batch(forward_of, image, sources, settings=s,
                                    activation=activation, num_devices=len(devices),
                                    recorded=_read_record(out))
+  job = dict(config.sweep.to_dict(), **(
+      {"optimised_settings": config.optimised.to_dict()} if s.optimised else {}))
   record = run_identity.run_record(
-      job=s.to_dict(), masks=config.masks.to_dict(), data=data, dataset=dataset,
+      job=job, masks=config.masks.to_dict(), data=data, dataset=dataset,
       weights=run_identity.weights_fingerprint(params, stats), step=run_info["step"],
       compute={"precision": s.precision, "compute_dtype": precision.compute_dtype(
           s.precision), "batch_size": batch, "paths": paths})
-  return _Job(out=out, record=record,
+  return _Job(out=out, record=record, optimised=config.optimised,
               settings=ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch)),
               dataset=dataset, num_images=num, sources=sources, forward_of=forward_of,
               paths=paths, activation=activation, logits_fn=logits_fn,
@@ -138,7 +141,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   share of the chunks).
 
   Everything is validated and resolved before anything is written (``_prepare``);
-  chunks already on disk are verified (``common.check_chunk``) and kept, and a damaged
+  chunks already on disk are verified (``store.check_chunk``) and kept, and a damaged
   or foreign one is recomputed with a warning naming it. The data settings are the
   trained run's, except those in ``explicit_data`` (the command line's ``config.data``
   keys; None: those that differ from the defaults), see ``run_identity.resolve_data``.
@@ -155,12 +158,12 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
   job = _prepare(config, Path(workdir), out, devices, explicit_data)
   s = job.settings
   process, processes = jax.process_index(), jax.process_count()
-  common.record_settings(out, job.record, fresh=fresh, num_workers=processes)
+  store.record_settings(out, job.record, fresh=fresh, num_workers=processes)
   identity = run_identity.identity_of(job.record)
   mesh = sharding.mask_mesh(devices) if len(devices) > 1 else None
   chunk_dir = out / "chunks"
   chunk_dir.mkdir(parents=True, exist_ok=True)
-  mine = common.chunks(job.num_images, s.chunk_size, worker=process, num_workers=processes)
+  mine = store.chunks(job.num_images, s.chunk_size, worker=process, num_workers=processes)
   masks_per_image = len(s.interventions) * sum(src.num for src in job.sources.values())
   flops_per_image = len(s.interventions) * sum(
       src.num * job.flops[f]["flops"] for f, src in job.sources.items())
@@ -175,7 +178,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
     path, idx = chunk_dir / f"{c:05d}.npz", list(positions)
     ids = _chunk_ids(s.split, idx)
     if path.exists():
-      why = common.check_chunk(path, chunk=c, ids=ids, identity=identity)
+      why = store.check_chunk(path, chunk=c, ids=ids, identity=identity)
       if why is None:
         bar.update(len(idx))
         continue
@@ -196,11 +199,12 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
       t_optimised = time.perf_counter()
       with precision.policy(s.precision):
         tree["optimised"] = sweep_optimised.chunk_results(
-            job.logits_fn, images, settings=s, fills=sweep_plan.interventions_of(s),
+            job.logits_fn, images, settings=s, optimised=job.optimised,
+            fills=sweep_plan.interventions_of(s),
             activation=job.activation, mesh=mesh)
       optimised_s += time.perf_counter() - t_optimised
     tree["ids"] = np.asarray(ids)
-    common.save_chunk(path, tree, chunk=c, ids=ids, identity=identity)
+    store.save_chunk(path, tree, chunk=c, ids=ids, identity=identity)
     computed += 1
     done_masks += len(idx) * masks_per_image
     done_flops += len(idx) * flops_per_image
@@ -237,7 +241,7 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
     summary.update(gflops_per_s=done_flops / family_s / 1e9, peak_gflops_per_s=peak / 1e9,
                    fraction_of_peak=done_flops / family_s / peak)
   if computed:
-    common.append_json_line(out / f"throughput-p{process}.jsonl", summary)
+    store.append_json_line(out / f"throughput-p{process}.jsonl", summary)
   return summary
 
 
@@ -250,7 +254,7 @@ class SweepResults:
   maps: dict[str, Any]
   effects: dict[str, Any] | None
   settings: dict[str, Any]
-  optimised: dict[str, Any] | None = None  # cejax.jobs.sweep_optimised.chunk_results
+  optimised: dict[str, Any] | None = None  # cejax.jobs.sweep.optimised.chunk_results
 
   def by_id(self, image_id: str) -> dict[str, Any]:
     """``maps[family][intervention][estimand]`` of one image."""
@@ -283,7 +287,7 @@ def load(out: Path) -> SweepResults:
   job = record["job"]
   count = record["data"]["split_sizes"][job["split"]]
   num = count if job["num_images"] == 0 else min(job["num_images"], count)
-  plan = common.chunks(num, job["chunk_size"])
+  plan = store.chunks(num, job["chunk_size"])
   identity = run_identity.identity_of(record)
   paths = sorted((out / "chunks").glob("*.npz"))
   if not paths:
@@ -294,11 +298,11 @@ def load(out: Path) -> SweepResults:
     if c not in plan:
       raise ValueError(f"{path} is not a chunk of this sweep (its chunks are "
                        f"00000..{len(plan) - 1:05d}.npz).")
-    why = common.check_chunk(path, chunk=c, ids=_chunk_ids(job["split"], plan[c]),
+    why = store.check_chunk(path, chunk=c, ids=_chunk_ids(job["split"], plan[c]),
                              identity=identity)
     if why is not None:
       raise ValueError(f"{why}; delete it (or rerun the sweep, which recomputes it).")
-    parts.append(common.load_tree(path))
+    parts.append(store.load_tree(path))
   tree = jax.tree.map(lambda *a: np.concatenate(a), *parts)
   return SweepResults(ids=[str(i) for i in tree["ids"]], maps=tree["maps"],
                       effects=tree.get("effects"), settings=record,
@@ -334,7 +338,7 @@ def main(argv=None) -> None:
                        "XLA_FLAGS sets a device count. Ignored by GPU and TPU runs.")
   flags.mark_flags_as_required(["config", "workdir"])
 
-  @common.user_errors_exit
+  @cli.user_errors_exit
   def _main(args):
     if len(args) > 1:
       raise app.UsageError(f"Unexpected arguments: {args[1:]}")
@@ -363,17 +367,10 @@ def main(argv=None) -> None:
                   fresh=flags_.fresh, explicit_data=config_lib.explicit_keys(argv_, "data"))
     print(json.dumps(summary, indent=2))
 
-  common.run_app(_main, argv)
+  cli.run_app(_main, argv)
 
 
-if __name__ == "__main__":
-  main()
 
 
-# Names that moved to cejax.jobs.sweep_plan, served here with a warning for one release.
-__getattr__ = deprecated_names(__name__, {
-    name: (f"cejax.jobs.sweep_plan.{name}", getattr(sweep_plan, name))
-    for name in ("AUTO_PATH", "FAMILIES", "PATHS", "StackedEstimand", "check_settings",
-                 "forwards", "image_results", "mask_sources")})
 
 __all__ = ["SweepResults", "load", "main", "run"]

@@ -1,26 +1,23 @@
-"""What every job shares: chunk plans, run settings records, atomic stores, masks.
+"""How jobs keep their work: atomic files, tree files that any numpy user can read,
+chunks that prove themselves, and the record of a run's settings.
 
 - ``chunks``: which images each chunk (the unit of resume) holds, and which chunks a
   worker of several computes.
+- ``write_json_atomic``, ``write_text_atomic``, ``save_tree``/``load_tree``: files
+  written to a temporary name and renamed, so a killed job never leaves half a file. A
+  tree file holds the leaves as ``leaf_0 .. leaf_k`` and the nesting as JSON
+  (``structure``, whose leaves are the array names), so any numpy user can read it
+  with ``np.load``.
+- ``save_chunk``/``check_chunk``: chunks that carry their index, image ids, run and a
+  checksum (what a run is: ``cejax.jobs.run_identity``).
 - ``record_settings``: an output directory holds results of one set of settings.
-- ``write_json_atomic``, ``save_tree``/``load_tree``: files written to a temporary
-  name and renamed, so a killed job never leaves half a file. A tree file holds the
-  leaves as ``leaf_0 .. leaf_k`` and the nesting as JSON (``structure``, whose leaves
-  are the array names), so any numpy user can read it with ``np.load``.
-- ``mask_sources``: the mask families of ``config.masks``, the one mask specification
-  of the analysis and the sweep.
-- Chunks that prove themselves (``save_chunk``/``check_chunk``: index, image ids, run
-  and a checksum in the file); what a run is: ``cejax.jobs.run_identity``.
-- ``user_errors_exit``: the command lines' clear errors.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -29,57 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-
-from cejax import masks
-
-_log = logging.getLogger(__name__)
-
-MASK_FAMILIES = ("grid", "sliding", "rise")
-
-
-def user_errors_exit(main):
-  """Wraps a command-line ``main``: a ``ValueError``, ``OSError`` (``FileNotFoundError``
-  too) or ``FloatingPointError`` (the jobs' errors about settings, files, disks and a
-  diverged loss, each naming what is wrong) ends the program with its message and
-  status 2, not a traceback. ``CEJAX_TRACEBACK=1`` shows the traceback too."""
-  import sys
-
-  @functools.wraps(main)
-  def wrapped(*args, **kwargs):
-    try:
-      return main(*args, **kwargs)
-    except (ValueError, OSError, FloatingPointError) as e:  # FileNotFoundError: OSError
-      if os.environ.get("CEJAX_TRACEBACK"):
-        raise
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-
-  return wrapped
-
-
-_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
-
-
-def run_app(main, argv=None) -> None:
-  """``absl.app.run(main)`` for the command lines: a mistyped ``--config.x.y`` is named
-  before any flag is parsed (``config.check_argv``), and asking for help exits with
-  status 0 (absl's help flags exit with 1, which scripts read as a failure)."""
-  import sys
-
-  from absl import app
-
-  from cejax.jobs import config as config_lib
-
-  argv = list(sys.argv if argv is None else argv)
-  config_lib.check_argv(argv)
-  try:
-    app.run(main, argv=argv)
-  except SystemExit as e:
-    if e.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
-      raise SystemExit(0) from None
-    raise
 
 
 def chunks(num_images: int, chunk_size: int, *, worker: int = 0,
@@ -181,65 +128,6 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def sliding_geometry(spec, shape) -> tuple[int, int]:
-  """The sliding window and stride in pixels: ``spec.window``/``spec.stride``, or
-  image height / 4 and / 16 where they are 0."""
-  h = shape[0]
-  return spec.window or max(1, h // 4), spec.stride or max(1, h // 16)
-
-
-def mask_sources(spec, shape, *, key, families=MASK_FAMILIES) -> dict[str, Any]:
-  """The mask sources of ``families`` for images of ``shape`` (``h, w``), from
-  ``spec`` (``config.masks``: ``grid_cells``, ``window``, ``stride``, ``rise_masks``,
-  ``rise_cells``, ``rise_p``); ``key`` draws the RISE masks."""
-  window, stride = sliding_geometry(spec, shape)
-  made = {
-      "grid": lambda: masks.grid(shape=shape, n=spec.grid_cells),
-      "sliding": lambda: masks.sliding_windows(shape=shape, window=window, stride=stride),
-      "rise": lambda: masks.rise(key, num=spec.rise_masks, shape=shape,
-                                 cells=spec.rise_cells, p=spec.rise_p),
-  }
-  return {f: made[f]() for f in families}
-
-
-def check_mask_spec(spec, shape=None) -> None:
-  """Raises ``ValueError`` naming the bad ``config.masks`` key (with the image shape,
-  also checks that every family can be built)."""
-  for key in ("grid_cells", "rise_masks", "rise_cells"):
-    if not isinstance(spec[key], int) or spec[key] < 1:
-      raise ValueError(f"config.masks.{key} must be a positive integer, got {spec[key]!r}.")
-  if not 0.0 < spec.rise_p < 1.0:
-    raise ValueError(f"config.masks.rise_p must be in (0, 1), got {spec.rise_p!r}.")
-  for key in ("window", "stride"):
-    if not isinstance(spec[key], int) or spec[key] < 0:
-      raise ValueError(f"config.masks.{key} must be an integer >= 0 (0: the default "
-                       f"fraction of the image), got {spec[key]!r}.")
-  if shape is not None:
-    try:
-      mask_sources(spec, shape, key=jax.random.key(0))
-    except ValueError as e:
-      raise ValueError(f"config.masks does not fit {tuple(shape)} images: {e}") from e
-
-
-def check_extremal_settings(settings, section: str) -> None:
-  """Raises ``ValueError`` naming a bad ``config.<section>.extremal_*`` key (the
-  optimised masks' areas, iterations, mask step and smoothing; analysis and sweep)."""
-  def number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-  areas = tuple(settings.extremal_areas)
-  if not areas or not all(number(a) and 0 < a <= 1 for a in areas):
-    raise ValueError(f"config.{section}.extremal_areas must be fractions in (0, 1], got "
-                     f"{areas!r}.")
-  for key in ("extremal_iterations", "extremal_step"):
-    value = settings[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"config.{section}.{key} must be an integer >= 1, got {value!r}.")
-  if not (number(settings.extremal_sigma) and settings.extremal_sigma > 0):
-    raise ValueError(f"config.{section}.extremal_sigma must be > 0 (pixels), got "
-                     f"{settings.extremal_sigma!r}.")
-
-
 def _index(tree, leaves: dict[str, np.ndarray]):
   if isinstance(tree, Mapping):
     return {str(k): _index(v, leaves) for k, v in tree.items()}
@@ -323,3 +211,7 @@ def check_chunk(path: Path, *, chunk: int, ids: list[str], identity: str) -> str
       return (f"{path} holds {key} {shown(key, meta.get(key))} where this run expects "
               f"{shown(key, want)}")
   return None
+
+
+__all__ = ["append_json_line", "check_chunk", "chunks", "load_tree", "record_settings",
+           "save_chunk", "save_tree", "write_json_atomic", "write_text_atomic"]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import cejax._attack_core as core
+import cejax.attacks._core as core
 from cejax.types import LogitsFn, Pixels
 
 

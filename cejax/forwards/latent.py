@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from cejax._compile import output_shape
-from cejax._deprecation import deprecated_names
 
 
 class LatentInterventions(NamedTuple):
@@ -136,17 +135,6 @@ def forward(prefix_fn: Callable, suffix_fn: Callable) -> LatentForward:
   """The latent forward of a model split at a stage (``checkpoint.make_stage_fns``)."""
   return LatentForward(prefix_fn, suffix_fn)
 
-
-def _latent_causal_effect(prefix_fn, suffix_fn, image, interventions, **kwargs):
-  from cejax import effects
-
-  return effects.causal_effect(forward(prefix_fn, suffix_fn), image, interventions, **kwargs)
-
-
-__getattr__ = deprecated_names(__name__, {
-    "latent_causal_effect": ("effects.causal_effect(latent.forward(prefix_fn, suffix_fn), "
-                             "image, interventions, ...)", _latent_causal_effect),
-})
 
 __all__ = ["LatentForward", "LatentInterventions", "forward", "intervene_latent",
            "latent_interventions"]

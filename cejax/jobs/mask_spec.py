@@ -1,0 +1,45 @@
+"""The one mask specification of the analysis and the sweep (``config.masks``): the mask
+families it builds for an image shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from cejax import masks
+
+MASK_FAMILIES = ("grid", "sliding", "rise")
+
+
+def sliding_geometry(spec, shape) -> tuple[int, int]:
+  """The sliding window and stride in pixels: ``spec.window``/``spec.stride``, or
+  image height / 4 and / 16 where they are 0."""
+  h = shape[0]
+  return spec.window or max(1, h // 4), spec.stride or max(1, h // 16)
+
+
+def mask_sources(spec, shape, *, key, families=MASK_FAMILIES) -> dict[str, Any]:
+  """The mask sources of ``families`` for images of ``shape`` (``h, w``), from
+  ``spec`` (``config.masks``: ``grid_cells``, ``window``, ``stride``, ``rise_masks``,
+  ``rise_cells``, ``rise_p``); ``key`` draws the RISE masks."""
+  window, stride = sliding_geometry(spec, shape)
+  made = {
+      "grid": lambda: masks.grid(shape=shape, n=spec.grid_cells),
+      "sliding": lambda: masks.sliding_windows(shape=shape, window=window, stride=stride),
+      "rise": lambda: masks.rise(key, num=spec.rise_masks, shape=shape,
+                                 cells=spec.rise_cells, p=spec.rise_p),
+  }
+  return {f: made[f]() for f in families}
+
+
+def check_fits(spec, shape) -> None:
+  """Raises ``ValueError`` when a family of ``spec`` cannot be built for ``shape`` images
+  (the data's image size; ``config.check_masks`` checked the values themselves)."""
+  try:
+    mask_sources(spec, shape, key=jax.random.key(0))
+  except ValueError as e:
+    raise ValueError(f"config.masks does not fit {tuple(shape)} images: {e}") from e
+
+
+__all__ = ["MASK_FAMILIES", "check_fits", "mask_sources", "sliding_geometry"]
