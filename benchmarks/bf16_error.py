@@ -2,7 +2,7 @@
 model, with ``config.precision`` exact (float32) and bf16 (bfloat16), compared map by map.
 
     python benchmarks/bf16_error.py --workdir runs/synthetic --num-images 100 \
-        --out benchmarks/results_bf16_error_DATE.json
+        --out results/bf16_error_DATE.json
 
 Per map (image x family x intervention x estimand): the max abs error, the float32
 map's max abs value, and the Spearman rank correlation over its pixels (scipy);

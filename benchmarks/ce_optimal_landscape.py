@@ -2,7 +2,7 @@
 effect of zero-filling the true box, everything but the box, and the whole image.
 
     python benchmarks/ce_optimal_landscape.py --workdir runs/synthetic \
-        --json benchmarks/results_ce_optimal_landscape_DATE.json
+        --json results/ce_optimal_landscape_DATE.json
 
 The analysis' ``ce_optimal`` method (``configs/synthetic_eval_optimised.py``) looks for
 the region whose zero fill ``do(X_M = 0)`` most lowers the paper's expected causal

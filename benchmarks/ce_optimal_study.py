@@ -3,7 +3,7 @@ the start, the game and the area weight, measured on the demo model and on toy m
 whose cause is known.
 
     python benchmarks/ce_optimal_study.py --workdir runs/synthetic \
-        --json benchmarks/results_ce_optimal_study_DATE.json
+        --json results/ce_optimal_study_DATE.json
 
 ``ce_optimal.ce_optimal_mask`` optimises a smooth mask against TorchRay's area constraint.
 Which *objective* it follows is separate from the *estimand* it reports, and this study

@@ -3,7 +3,7 @@
     python -m cejax.jobs.sweep --config=configs/synthetic_counterfactual.py \\
         --workdir=runs/synthetic --out=runs/synthetic/counterfactual
     python benchmarks/counterfactual_areas.py --sweep runs/synthetic/counterfactual \\
-        --json benchmarks/results_counterfactual_DATE.json
+        --json results/counterfactual_DATE.json
 
 Reads a sweep's ``counterfactual`` results (``cejax.jobs.sweep.load``: every chunk
 checked against the run) and the same images' boxes, from the data settings the sweep

@@ -9,7 +9,7 @@ same images, same areas (TorchRay's benchmark: 0.025, 0.05, 0.1, 0.2), same iter
 count (fewer than TorchRay's 800, on both sides).
 
     python benchmarks/extremal_speed.py --images 4 --iterations 5 --devices 2 \
-        --json benchmarks/results_extremal_speed_DATE.json
+        --json results/extremal_speed_DATE.json
 
 Times are wall clock of one whole run per side after a warm-up (cejax's warm-up
 compiles; it is reported apart). The masks of the two sides are compared too (max abs

@@ -6,7 +6,7 @@ reported. ``--old DIR`` adds ``import cejax`` from another checkout (e.g. the co
 before a change) for a before/after figure::
 
     git worktree add /tmp/before <commit>
-    python benchmarks/import_time.py --old /tmp/before --out benchmarks/results_import.json
+    python benchmarks/import_time.py --old /tmp/before --out results/import.json
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 image, side by side in one process, the masks sharded over one XLA CPU device per core.
 
     python benchmarks/incremental_sweep.py --sizes 224,448 --devices 2 \
-        --out benchmarks/results_incremental_DATE.json
+        --out results/incremental_DATE.json
 
 Random weights (torchvision's initialisation), 3 channels, 14 classes: the PyTorch
 anchor's network. Rates are masks/s over ``--repeats`` timed

@@ -1,7 +1,7 @@
 """Peak memory of a CE sweep over every stride-1 sliding window at 224 x 224.
 
     python benchmarks/lazy_windows.py --size 224 --window 31 --stride 1 --batch-size 64 \
-        --json benchmarks/results_lazy_windows_2026-11-25.json
+        --json results/lazy_windows_2026-11-25.json
 
 A 31-px window at stride 1 on 224 x 224 is 194^2 = 37,636 masks: 7.6 GB as dense float32
 masks. ``masks.sliding_windows`` is a recipe: each chunk of ``batch_size`` windows is made

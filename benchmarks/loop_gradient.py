@@ -7,7 +7,7 @@ random weights) in an entry computation and ``--steps`` gradient-descent steps i
 ``fori_loop``, through ``densenet.spatial_conv`` (the library) and through ``nnx.Conv``'s
 own call (JAX's transposes), and counts the HWOI convolutions left in each program.
 
-    python benchmarks/loop_gradient.py --json benchmarks/results_loop_gradient_DATE.json
+    python benchmarks/loop_gradient.py --json results/loop_gradient_DATE.json
 """
 
 import argparse

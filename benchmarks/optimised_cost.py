@@ -2,7 +2,7 @@
 perturbations on the demo model, and the projection to the evaluation's images.
 
     python benchmarks/optimised_cost.py --workdir runs/synthetic --devices 2 \
-        --json benchmarks/results_optimised_cost_DATE.json
+        --json results/optimised_cost_DATE.json
 
 Runs ``extremal_perturbation`` (TorchRay's 4 areas, mask step 2 and sigma 6 at 64 px,
 as ``configs/synthetic_eval_optimised.py``) on the first ``--images`` test images of

@@ -2,7 +2,7 @@
 costs on CPU (side by side with JAX's default precision).
 
     python benchmarks/precision_study.py --workdir runs/synthetic \\
-        --out benchmarks/results_precision_DATE.json
+        --out results/precision_DATE.json
 
 For the trained demo model (``--workdir``, its first ``--images`` test images) and a
 DenseNet-121 converted from PyTorch (torchvision's initialisation, 14 classes, 224 px,

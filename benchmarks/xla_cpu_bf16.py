@@ -3,7 +3,7 @@ DenseNet-121 building blocks and of the whole forward pass, under XLA flag varia
 
 Each variant runs in a fresh process (XLA reads ``XLA_FLAGS`` once, at start-up)::
 
-    python benchmarks/xla_cpu_bf16.py --out benchmarks/results_xla_cpu_bf16_DATE.json
+    python benchmarks/xla_cpu_bf16.py --out results/xla_cpu_bf16_DATE.json
 
 Ops (batch 8, DenseNet-121 block-1 shapes): a 1x1 convolution as ``jnp.dot``
 (8*56*56 x 256 -> 128), a 3x3 convolution (8,56,56,128 -> 32), and DenseNet-121's

@@ -22,7 +22,7 @@ sets it, as ``jax.default_matmul_precision("tensorfloat32")`` does), else ``exac
 Because the policy is JAX's setting, JAX's caches key on it: a ``jax.jit`` of your own
 around a cejax call is traced again when the policy changes. A product whose precision
 your model sets itself keeps it. Errors of each mode against a float64 reference:
-``benchmarks/RESULTS.md``.
+``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

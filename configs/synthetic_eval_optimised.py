@@ -12,7 +12,7 @@ then print its table beside the other methods' with ``benchmarks/science_tables.
 TorchRay's 800 iterations x 4 areas, with the mask step and smoothing scaled from 224 px
 to the demo's 64 px (7 -> 2, 21 -> 6). Cost: on a 2-core CPU one iteration of 20 images
 takes about 0.15 s, about 1.2 hours per method for the 680 images
-(``benchmarks/optimised_cost.py``, ``benchmarks/results_optimised_cost_2026-11-30.json``);
+(``benchmarks/optimised_cost.py``, ``results/optimised_cost_2026-11-30.json``);
 two workers (``--num_workers=2 --worker=0`` and ``--worker=1``, one per core) took about
 11 minutes per chunk of 20 images each, about 3 hours for the three methods.
 """

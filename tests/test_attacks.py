@@ -402,7 +402,7 @@ def test_pgd_beats_random_noise_on_the_trained_model_and_is_deterministic(traine
   assert len(x) % 4 == 0
   attack = lambda a, b: attacks.pgd(logits_fn, a, b, key=jax.random.key(0), eps=eps,
                                     steps=steps, space=space).images
-  np.testing.assert_allclose(attacks.shard_batch(attack, mesh)(x, y), res.images, atol=1e-6)
+  np.testing.assert_allclose(sharding.shard_batch(attack, mesh)(x, y), res.images, atol=1e-6)
 
 
 @pytest.mark.xdist_group("trained_tiny")

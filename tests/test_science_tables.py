@@ -1,5 +1,6 @@
-"""The README's science tables are the output of benchmarks/science_tables.py on the
-committed evaluation record the README names (no number typed by hand)."""
+"""The science tables of the documentation (docs/science.md) are the output of
+benchmarks/science_tables.py on the committed records they name (no number typed by
+hand)."""
 
 import json
 import re
@@ -8,15 +9,15 @@ import sys
 from conftest import ROOT
 
 
-def test_readme_tables_equal_the_committed_records_output():
+def test_science_tables_equal_the_committed_records_output():
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import science_tables
 
-  readme = (ROOT / "README.md").read_text()
+  page = (ROOT / "docs" / "science.md").read_text()
   found = list(re.finditer(r"<!-- science-tables: python benchmarks/science_tables\.py "
-                           r"(benchmarks/results_science_[\w-]+\.json) -->\n(.*?)"
-                           r"<!-- /science-tables -->", readme, re.S))
-  assert found, "README.md has no science-tables markers naming a record"
+                           r"(results/science_[\w-]+\.json) -->\n(.*?)"
+                           r"<!-- /science-tables -->", page, re.S))
+  assert found, "docs/science.md has no science-tables markers naming a record"
   for match in found:
     record = json.loads((ROOT / match.group(1)).read_text())
     assert match.group(2) == science_tables.tables(record), match.group(1)
@@ -28,7 +29,7 @@ def test_a_run_without_attacks_prints_no_attack_table():
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import science_tables
 
-  path = ROOT / "benchmarks/results_science_optimised_2026-11-30.json"
+  path = ROOT / "results/science_optimised_2026-11-30.json"
   record = json.loads(path.read_text())
   assert record["metrics"]["detection"] == {} and record["metrics"]["attack_success"] == {}
   printed = science_tables.tables(record)

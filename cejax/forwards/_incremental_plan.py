@@ -176,7 +176,7 @@ def layer_ops(model: densenet.DenseNet, image_shape) -> list[tuple[Layer, AxisOp
 
 
 # Above this fraction of a map, a patch costs about what the full map does (and more
-# in copies): from there on the network runs in full (benchmarks/RESULTS.md).
+# in copies): from there on the network runs in full (docs/benchmarks.md).
 FULL_FRACTION = 0.6
 
 

@@ -98,7 +98,7 @@ def _conv_by_shifts(conv: nnx.Conv):
   """``_conv_valid`` for a stride-1 convolution as one matrix product over all kernel
   taps and a sum of shifted slices: a patch is small and its convolution has few output
   channels, where XLA:CPU's convolution runs well below its matrix-product rate
-  (benchmarks/RESULTS.md, incremental recompute)."""
+  (docs/benchmarks.md, incremental recompute)."""
   def fn(x):
     dtype = conv.dtype or x.dtype
     kh, kw, c, k = conv.kernel.shape

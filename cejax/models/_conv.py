@@ -7,7 +7,7 @@ convolutions to its canonical ``HWIO`` form only in a program's entry computatio
 ``fori_loop`` body -- extremal perturbations, PGD, any optimisation over the input --
 they fell back to a generic loop: three input-gradient steps of DenseNet-121 (batch 4,
 224 px) in a ``fori_loop`` took 9.7 s, 2.4 s with this module
-(``benchmarks/loop_gradient.py``, benchmarks/RESULTS.md).
+(``benchmarks/loop_gradient.py``, docs/benchmarks.md).
 
 ``conv`` is ``lax.conv_general_dilated`` forward. Its VJP is JAX's own, except that the
 input's cotangent is computed with the kernel reversed and transposed to ``HWIO``

@@ -8,7 +8,7 @@ traced so far (jax-ml/jax#40041; upstream drops that part of the message). Traci
 DenseNet's construction or its training step is then quadratic in its depth: in a
 fresh process, DenseNet-201 under ``nnx.eval_shape`` took 9.7 s instead of 1.5 s, and
 tracing DenseNet-121's training step 12.4 s instead of 5.5 s
-(``benchmarks/model_build_time.py``, benchmarks/RESULTS.md).
+(``benchmarks/model_build_time.py``, docs/benchmarks.md).
 
 ``short_sharding_errors`` gives that ``AttributeError`` a short message while cejax's
 models are built or called. Nothing else changes: ``getattr(tracer, "sharding", d)``

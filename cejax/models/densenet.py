@@ -61,7 +61,7 @@ def pointwise(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   """A bias-free 1x1 convolution as a matrix product over the channel axis.
 
   Same parameters and the same math as ``conv(x)``; XLA:CPU runs the dot about twice
-  as fast as a 1x1 convolution (benchmarks/RESULTS.md), and most of DenseNet's FLOPs
+  as fast as a 1x1 convolution (docs/benchmarks.md), and most of DenseNet's FLOPs
   are in 1x1 convolutions.
   """
   dtype = conv.dtype or x.dtype

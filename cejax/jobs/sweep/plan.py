@@ -25,7 +25,7 @@ SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
 TARGETS = ("predicted", "all")
 PATHS = ("auto", "incremental", "full")
 # The forward a family takes under path="auto", per platform, and why. CPUs: measured
-# (benchmarks/RESULTS.md, DenseNet-121, 10 x 10 grid, 2 cores: 1.56x the full forward at
+# (docs/benchmarks.md, DenseNet-121, 10 x 10 grid, 2 cores: 1.56x the full forward at
 # 224 px, 2.50x at 448). GPUs and TPUs: declared until measured there (benchmarks/
 # gpu_run.py measures both paths): a batched full forward keeps the matrix units busy,
 # while the incremental walk runs many small patch products at per-mask offsets.

@@ -1,0 +1,108 @@
+"""The documentation site builds without a warning, and every Python example in it runs.
+
+Each ```python block of ``docs/**/*.md`` and of ``README.md`` is run as it is written, in
+a fresh interpreter (``sys.executable -c``) with the repository root as the working
+directory, two at a time. The blocks inherit the suite's XLA flags (``conftest.py`` sets
+them in this process's environment). A failing block is reported by its file and line.
+"""
+
+import concurrent.futures
+import functools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+# Blocks run two at a time (the machines the suite runs on have two cores or more), and
+# one example may take at most this long.
+WORKERS = 2
+TIMEOUT_S = 120
+
+pytestmark = pytest.mark.xdist_group("docs")
+
+_FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>[^`\n]*)$")
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+  """The ```python blocks of a Markdown file: ``(line of the opening fence, code)``.
+
+  A fence closes on a line of the same character, at least as long (CommonMark); blocks
+  whose info string is anything but ``python`` (``bash``, ``{eval-rst}``) are skipped.
+  A fence may be indented (inside a list item): its indentation is cut from the code.
+  """
+  blocks, lines, i = [], path.read_text().splitlines(), 0
+  while i < len(lines):
+    opening = _FENCE.match(lines[i])
+    if not opening:
+      i += 1
+      continue
+    fence, info = opening["fence"], opening["info"].strip()
+    start, body = i + 1, []
+    i += 1
+    while i < len(lines):
+      closing = _FENCE.match(lines[i])
+      if (closing and closing["fence"][0] == fence[0] and len(closing["fence"]) >= len(fence)
+          and not closing["info"].strip()):
+        break
+      body.append(lines[i][len(opening["indent"]):] if lines[i].startswith(
+          opening["indent"]) else lines[i])
+      i += 1
+    i += 1
+    if info.split(None, 1)[:1] == ["python"]:
+      blocks.append((start, "\n".join(body) + "\n"))
+  return blocks
+
+
+def _sources() -> list[Path]:
+  return [*sorted(DOCS.rglob("*.md")), ROOT / "README.md"]
+
+
+BLOCKS = [(path.relative_to(ROOT).as_posix(), line, code) for path in _sources()
+          if "_build" not in path.parts for line, code in python_blocks(path)]
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
+  try:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=TIMEOUT_S)
+  except subprocess.TimeoutExpired as e:
+    return subprocess.CompletedProcess(e.cmd, -1, e.stdout or "",
+                                       f"timed out after {TIMEOUT_S} s\n{e.stderr or ''}")
+
+
+@functools.cache
+def _results() -> dict[tuple[str, int], subprocess.CompletedProcess]:
+  """Every block run once, ``WORKERS`` at a time (the first test to ask runs them all)."""
+  with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+    futures = {(name, line): pool.submit(_run, code) for name, line, code in BLOCKS}
+    return {where: future.result() for where, future in futures.items()}
+
+
+def test_docs_have_python_examples():
+  names = {name for name, _, _ in BLOCKS}
+  assert any(name.startswith("docs/guides/") for name in names), names
+
+
+@pytest.mark.parametrize(("name", "line"), [(name, line) for name, line, _ in BLOCKS],
+                         ids=[f"{name}:{line}" for name, line, _ in BLOCKS])
+def test_python_block_runs(name, line):
+  result = _results()[(name, line)]
+  assert result.returncode == 0, (
+      f"The ```python block at {name}:{line} failed (exit status {result.returncode}).\n"
+      f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}")
+
+
+def test_site_builds_without_warnings(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS),
+       str(tmp_path / "html")], cwd=ROOT, text=True, capture_output=True, timeout=600)
+  assert result.returncode == 0, (
+      f"sphinx-build failed (exit status {result.returncode}):\n{result.stdout[-6000:]}\n"
+      f"{result.stderr[-6000:]}")
+  assert (tmp_path / "html" / "index.html").exists()
