@@ -57,8 +57,9 @@ def ci(v, digits=2) -> str:
 
 
 def _title(s: dict, metric: str, title: str) -> str:
-  """A column title, marked where uniform noise is within the best method's interval
-  (``metrics.uninformative``, recorded by the analysis)."""
+  """A column title, marked where uniform noise reaches the best method's interval
+  (``cejax.metrics.uninformative`` of the record's rows: the library's rule, applied to
+  the recorded means and intervals)."""
   return f"{title} {MARK}" if s.get("uninformative", {}).get(metric) is True else title
 
 
@@ -73,14 +74,17 @@ def _note(s: dict, metrics: tuple[str, ...]) -> list[str]:
   if not any(any(flags[m]) if isinstance(flags.get(m), list) else flags.get(m)
              for m in metrics):
     return []
-  return ["", f"{MARK} Uninformative for these maps: uniform noise scores within (or "
-          "beyond) the best method's 95 % interval, so the column does not separate the "
+  return ["", f"{MARK} Uninformative for these maps: uniform noise's 95 % interval reaches "
+          "the best method's (or noise scores better), so the column does not separate the "
           "methods from chance."]
 
 
 def tables(record: dict) -> str:
-  """The README's tables, as markdown."""
-  s = record["metrics"]
+  """The science tables, as markdown."""
+  from cejax import metrics
+
+  s = dict(record["metrics"])
+  s["uninformative"] = metrics.uninformative(s["methods"])
   out = [f"{s['num_images']} images, {s['num_with_box']} with a box; clean accuracy "
          f"{s['clean_accuracy']:.3f}; pointing tolerance {s['pointing_tolerance_px']:.2f} px; "
          f"`{record['record']['command']}` at commit {record['record']['commit']}, "

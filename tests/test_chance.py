@@ -45,6 +45,9 @@ def _row(mean, lo=None, hi=None):
 
 
 def test_a_column_is_uninformative_where_noise_reaches_the_best_methods_interval():
+  """Intervals that overlap do not separate noise from the best method, whichever mean
+  lies in the other's interval (T(IoBB) at 0.5 on the evaluation: noise 0.998 [0.99,
+  1.00] against the gradient's 1.00 [1.00, 1.00])."""
   rows = {
       "good": {"pointing": _row(0.9, 0.85, 0.95), "deletion_zero": _row(0.2, 0.18, 0.22),
                "t_iobb": [_row(1.0, 1.0, 1.0), _row(0.6, 0.55, 0.65)]},
@@ -60,6 +63,10 @@ def test_a_column_is_uninformative_where_noise_reaches_the_best_methods_interval
   assert flags == {"pointing": True, "deletion_zero": False, "t_iobb": [True, False]}
   rows["chance_noise"]["deletion_zero"] = _row(0.19)  # beyond the best: uninformative too
   assert metrics.uninformative(rows)["deletion_zero"] is True
+  rows["chance_noise"]["pointing"] = _row(0.8, 0.75, 0.86)  # mean below, intervals overlap
+  assert metrics.uninformative(rows)["pointing"] is True
+  rows["chance_noise"]["pointing"] = _row(0.8, 0.75, 0.84)  # apart
+  assert metrics.uninformative(rows)["pointing"] is False
   assert metrics.uninformative({"good": rows["good"]}) == {}  # no chance row, no flags
 
 

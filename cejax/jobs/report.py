@@ -207,9 +207,9 @@ def metrics_table(summary) -> str:
           + "<th>rank corr. with random model &darr;</th></tr>")
   note = ""
   if any(summary.get("uninformative", {}).values()):
-    note = (f"<p class=note>{UNINFORMATIVE} Uninformative for these maps: uniform noise "
-            "scores within (or beyond) the best method's 95 % interval (at some level, for "
-            "T(IoBB) and T(IoU)), so the column does not separate the methods from "
+    note = (f"<p class=note>{UNINFORMATIVE} Uninformative for these maps: uniform noise's "
+            "95 % interval reaches the best method's, or noise scores better (at some level, "
+            "for T(IoBB) and T(IoU)), so the column does not separate the methods from "
             "chance.</p>")
   dead = {m: row["dead_objective_share"] for m, row in summary["methods"].items()
           if row.get("dead_objective_share")}

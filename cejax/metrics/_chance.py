@@ -53,9 +53,8 @@ LOWER_IS_BETTER = ("deletion_zero", "deletion_blur")
 
 def uninformative(rows: dict, *, chance: str = "chance_noise") -> dict:
   """Which metric columns do not separate methods from chance: those where the
-  ``chance`` row's mean lies within the 95 % interval of the best other method (the
-  largest mean, or the smallest for ``LOWER_IS_BETTER``), or beyond it (noise scoring
-  better than every method).
+  ``chance`` row's 95 % interval overlaps the best other method's (the largest mean, or
+  the smallest for ``LOWER_IS_BETTER``), or where noise scores better than it.
 
   Args:
     rows: ``{method: {metric: (mean, lo, hi) or [(mean, lo, hi), ...] per level}}``.
@@ -86,10 +85,10 @@ def uninformative(rows: dict, *, chance: str = "chance_noise") -> dict:
         break
       if metric in LOWER_IS_BETTER:
         best = min(candidates, key=lambda v: v[0])
-        flags.append(bool(level[0] <= best[2]))
+        flags.append(bool(level[1] <= best[2]))  # noise's low end reaches the best's high
       else:
         best = max(candidates, key=lambda v: v[0])
-        flags.append(bool(level[0] >= best[1]))
+        flags.append(bool(level[2] >= best[1]))  # noise's high end reaches the best's low
     if flags is not None:
       out[metric] = flags if _is_list_of_intervals(noise) else flags[0]
   return out

@@ -2,8 +2,8 @@
 
 Every table carries the chance rows of ``metrics.chance_maps`` (uniform noise, a centred
 Gaussian, a random box of the mean box size), scored by the same code, and each metric
-a 95 % bootstrap interval over images; ``summarize`` names the columns where noise is
-within (or beyond) the best method's interval (``metrics.uninformative``).
+a 95 % bootstrap interval over images; ``summarize`` names the columns where noise's
+interval reaches the best method's (``metrics.uninformative``).
 
 Localization (images with a box): the standard pointing game (Zhang et al.'s
 tolerance scaled to the image, first maximum), mass in box, IoU at half the map's
