@@ -46,7 +46,7 @@ class FeatureAutoencoder(nnx.Module):
 
 
 def total_variation(x) -> jax.Array:
-  """Anisotropic TV per map, averaged: mean |dx| + mean |dy| over ``(n, h, w, c)``."""
+  """Anisotropic TV per map, averaged: ``mean |dx| + mean |dy|`` over ``(n, h, w, c)``."""
   return (jnp.abs(x[:, 1:] - x[:, :-1]).mean() + jnp.abs(x[:, :, 1:] - x[:, :, :-1]).mean())
 
 
