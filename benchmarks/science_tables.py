@@ -1,6 +1,6 @@
 """Prints the README's science tables (markdown) from one committed evaluation record.
 
-    python benchmarks/science_tables.py results/science_2026-11-29.json
+    python benchmarks/science_tables.py results/science_2026-12-07.json
 
 The README prints two records: the evaluation's (``configs/synthetic_eval.py``) and the
 optimised masks' (``configs/synthetic_eval_optimised.py``, no attack table).
