@@ -1,14 +1,15 @@
-"""Prints the README's science tables (markdown) from one committed evaluation record.
+"""Prints the science tables (markdown) from one committed evaluation record.
 
     python benchmarks/science_tables.py results/science_2026-12-07.json
 
-The README prints two records: the evaluation's (``configs/synthetic_eval.py``) and the
-optimised masks' (``configs/synthetic_eval_optimised.py``, no attack table).
+The science page (``docs/science.md``) prints two records: the evaluation's
+(``configs/synthetic_eval.py``) and the optimised masks'
+(``configs/synthetic_eval_optimised.py``, no attack table).
 
 The record is the evaluation's ``metrics.json`` with how it was made (``record``:
 command, config, commit, date, machine); ``--make OUT --from METRICS`` writes one from a
 run's ``metrics.json``. Every number printed comes from the record, and
-``tests/test_science_tables.py`` checks that the README's tables, between its
+``tests/test_science_tables.py`` checks that the page's tables, between its
 ``science-tables`` markers, are exactly this script's output.
 """
 
