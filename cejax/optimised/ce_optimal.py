@@ -18,7 +18,7 @@ import numpy as np
 
 from cejax import estimands
 from cejax._compile import jit
-from cejax.optimised.extremal import DELETE, PRESERVE, extremal_perturbation
+from cejax.optimised.extremal import DELETE, DUAL, PRESERVE, extremal_perturbation
 from cejax.optimised.smooth_masks import area_reference, geometry, hard_region
 from cejax.types import Images, LogitsFn, Targets
 
@@ -63,7 +63,11 @@ class CEOptimalResult(NamedTuple):
 # estimand saturates. A callable estimand is optimised as it is.
 DEFAULT_OBJECTIVES = {"expected": "log_odds", "probability": "log_odds",
                       "logit": "logit", "kl": "kl"}
-DEFAULT_START = 1.0  # TorchRay's
+# The initial mask parameter of each game by default (the study's best pointing per
+# game). TorchRay starts every game from 1; in the delete game that intervenes on the
+# whole image, where a confident model's objective is flat, and the smooth mask is
+# above 1 inside the image, so clamped: only the area term moves the mask at first.
+DEFAULT_START = {DELETE: 0.0, PRESERVE: 1.0, DUAL: 1.0}
 
 
 def default_objective(estimand):
@@ -100,8 +104,8 @@ def ce_optimal_mask(logits_fn: LogitsFn, images: Images, targets: Targets, *,
   With the default ``delete`` variant, ``masks`` mark the region intervened on (1 = set
   to the intervention's value). ``preserve`` finds the region that, kept while
   everything else is intervened on, keeps the prediction best. The optimisation starts
-  from ``start`` (mask parameters; default ``DEFAULT_START``, nothing intervened on;
-  TorchRay starts from 1).
+  from ``start`` (mask parameters; default ``DEFAULT_START[variant]``: 0 for ``delete``,
+  nothing intervened on; 1 for ``preserve`` and ``dual``, TorchRay's start).
 
   Unlike TorchRay there is no flip jitter by default: it assumes a mirror-invariant
   model, and a chest X-ray model is not one (the heart is on one side); the answer is
@@ -124,7 +128,7 @@ def ce_optimal_mask(logits_fn: LogitsFn, images: Images, targets: Targets, *,
     raise ValueError("the per_class estimand gives a vector per mask; report one class "
                      "with 'probability' (sigmoid for one finding) instead.")
   if "init" not in settings:
-    start = DEFAULT_START if start is None else float(start)
+    start = DEFAULT_START.get(variant, 1.0) if start is None else float(start)
     if not 0 <= start <= 1:
       raise ValueError(f"start must lie in [0, 1] (a mask parameter), got {start}.")
     settings["init"] = jnp.float32(start)

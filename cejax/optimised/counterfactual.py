@@ -68,7 +68,8 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
   What the masks optimise is ``objective`` (default ``ce_optimal.default_objective(
   estimand)``: the target's log-odds for ``probability``, which does not saturate where
   a confident model's probability does); ``start`` is the mask parameters' initial
-  value (default ``ce_optimal.DEFAULT_START``). Both as ``ce_optimal.ce_optimal_mask``.
+  value (default ``ce_optimal.DEFAULT_START['delete']``, 0). Both as
+  ``ce_optimal.ce_optimal_mask``.
 
   Returns:
     ``Counterfactual`` (numpy arrays). A ``UserWarning`` says where the objective's
@@ -86,7 +87,7 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
   if threshold is not None and not 0 < threshold < 1:
     raise ValueError(f"threshold must lie in (0, 1) (a probability), got {threshold}.")
   objective = default_objective(estimand) if objective is None else objective
-  start = DEFAULT_START if start is None else float(start)
+  start = DEFAULT_START[DELETE] if start is None else float(start)
   if not 0 <= start <= 1:
     raise ValueError(f"start must lie in [0, 1] (a mask parameter), got {start}.")
   fill = interventions.resolve(intervention)
