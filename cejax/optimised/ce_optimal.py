@@ -86,7 +86,8 @@ def ce_optimal_mask(logits_fn: LogitsFn, images: Images, targets: Targets, *,
                     estimand: Any = "expected", objective: Any = None,
                     variant: str = DELETE, start: float | None = None,
                     activation: str = "softmax", iterations: int = 800,
-                    jitter: bool = False, **settings) -> CEOptimalResult:
+                    jitter: bool = False, ties: str = "symmetric",
+                    **settings) -> CEOptimalResult:
   """The region of each area whose intervention ``do(X_M = v)`` has the largest causal
   effect: ``extremal_perturbation`` with a cejax intervention, an optimised objective
   and a reported estimand.
@@ -107,6 +108,10 @@ def ce_optimal_mask(logits_fn: LogitsFn, images: Images, targets: Targets, *,
   from ``start`` (mask parameters; default ``DEFAULT_START[variant]``: 0 for ``delete``,
   nothing intervened on; 1 for ``preserve`` and ``dual``, TorchRay's start).
 
+  The area term's gradient at tied mask values is split evenly among them
+  (``ties="symmetric"``, ``smooth_masks.area_gap``): every start is a flat mask, and
+  TorchRay's stable-sort rule grows it from its last rows first.
+
   Unlike TorchRay there is no flip jitter by default: it assumes a mirror-invariant
   model, and a chest X-ray model is not one (the heart is on one side); the answer is
   for the image as it is. Areas are TorchRay's: fractions of the mask with its margin
@@ -117,6 +122,7 @@ def ce_optimal_mask(logits_fn: LogitsFn, images: Images, targets: Targets, *,
       or a callable (``estimands.Estimand``); default ``default_objective(estimand)``.
     estimand: what ``effect`` reports (a scalar estimand or callable).
     start: initial mask parameter in [0, 1] (or ``init=`` an array).
+    ties: ``"symmetric"`` or ``"stable"`` (TorchRay's), as ``smooth_masks.area_gap``.
     Others: as ``extremal_perturbation``.
 
   Returns:
@@ -137,7 +143,7 @@ def ce_optimal_mask(logits_fn: LogitsFn, images: Images, targets: Targets, *,
   result = extremal_perturbation(logits_fn, images, targets, areas=areas, variant=variant,
                                  perturbation=intervention, reward=objective,
                                  activation=activation, iterations=iterations,
-                                 jitter=jitter, **settings)
+                                 jitter=jitter, ties=ties, **settings)
   images = jnp.asarray(images)
   h, w = images.shape[1:3]
   g = geometry((h, w), step=settings.get("step", 7), sigma=settings.get("sigma", 21.0))

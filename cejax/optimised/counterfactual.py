@@ -68,8 +68,8 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
   What the masks optimise is ``objective`` (default ``ce_optimal.default_objective(
   estimand)``: the target's log-odds for ``probability``, which does not saturate where
   a confident model's probability does); ``start`` is the mask parameters' initial
-  value (default ``ce_optimal.DEFAULT_START['delete']``, 0). Both as
-  ``ce_optimal.ce_optimal_mask``.
+  value (default ``ce_optimal.DEFAULT_START['delete']``, 0). Both, and the area term's
+  symmetric gradient at ties, as ``ce_optimal.ce_optimal_mask``.
 
   Returns:
     ``Counterfactual`` (numpy arrays). A ``UserWarning`` says where the objective's
@@ -114,7 +114,7 @@ def minimal_counterfactual(logits_fn: LogitsFn, images: Images, *,
   full = g.shape_out[0] * g.shape_out[1]
 
   settings = objective_of(dict(perturbation=fill, reward=objective, activation=activation,
-                                num_levels=8, max_blur=20.0))
+                                num_levels=8, max_blur=20.0, ties="symmetric"))
   schedule = Schedule(int(iterations), 0.01, 0.9, 0.9, 300.0, 1.0035, bool(jitter))
 
   def optimise(area_per_image):  # (n, K) image fractions -> soft masks (n, K, h, w), ...

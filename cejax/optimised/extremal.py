@@ -63,6 +63,7 @@ from cejax.optimised.smooth_masks import (
   PYRAMIDS,
   Geometry,
   apply_pyramid,
+  TIES,
   area_gap,
   area_reference,
   blur_pyramid,
@@ -154,6 +155,7 @@ class Objective(NamedTuple):
   activation: str
   num_levels: int
   max_blur: float
+  ties: str = "stable"  # the area term's gradient at tied mask values (area_gap)
 
 
 def _perturber(objective: Objective, image):
@@ -232,7 +234,8 @@ class _Energy(NamedTuple):
     """``(n, K)``: the area term (``<= 0``) of the margined masks ``full``."""
     n, num_areas = self.zeros.shape
     scale = 1.0 if self.regul_scale is None else self.regul_scale[:, None]
-    return -area_gap(full.reshape(n, num_areas, -1), self.zeros) * (weight * scale)
+    gap = area_gap(full.reshape(n, num_areas, -1), self.zeros, ties=self.objective.ties)
+    return -gap * (weight * scale)
 
 
 def _iterate(e: _Energy, schedule: Schedule, carry, xs):
@@ -382,8 +385,11 @@ def objective_of(a) -> Objective:
       raise ValueError("the per_class estimand gives a vector per mask; optimise one "
                        "class with 'probability' (sigmoid for one finding) instead.")
     resolve_objective(reward)
+  ties = a.get("ties", "stable")
+  if ties not in TIES:
+    raise ValueError(f"ties must be one of {TIES}, got {ties!r}.")
   return Objective(perturbation, reward, estimands.check_activation(a["activation"]),
-                   int(a["num_levels"]), float(a["max_blur"]))
+                   int(a["num_levels"]), float(a["max_blur"]), ties)
 
 
 def _prepare(a):
@@ -516,7 +522,7 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
                           regul_weight: float = 300.0, regul_growth: float = 1.0035,
                           batch_size: int = 1, mesh: jax.sharding.Mesh | None = None,
                           progress: bool = True, init=None,
-                          regul_scale=None) -> ExtremalResult:
+                          regul_scale=None, ties: str = "stable") -> ExtremalResult:
   """Extremal perturbations (Fong et al., 2019; TorchRay's definition, module docstring).
 
   Args:
@@ -544,6 +550,8 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
       = ``geometry(...).shape_in``); TorchRay starts from ones (the default).
     regul_scale: ``(n,)`` a factor on each image's area weight (default 1), e.g. to
       scale the area term to a reward's range.
+    ties: the area term's gradient where mask values tie (``smooth_masks.area_gap``):
+      ``"stable"`` (TorchRay's) or ``"symmetric"``.
 
   Returns:
     ``ExtremalResult`` with masks ``(n, K, h, w)`` and the gradient diagnostics. Called
@@ -558,7 +566,7 @@ def extremal_perturbation(logits_fn: LogitsFn, images: Images, targets: Targets,
                     variant=variant, iterations=iterations, perturbation=perturbation,
                     reward=reward, activation=activation, step=step, sigma=sigma,
                     num_levels=num_levels, max_blur=max_blur, batch_size=batch_size,
-                    progress=progress, mesh=mesh))
+                    progress=progress, mesh=mesh, ties=ties))
   images, g = a["images"], a["mask_geometry"]
   schedule = Schedule(int(iterations), float(learning_rate), float(momentum),
                       float(momentum), float(regul_weight), float(regul_growth), bool(jitter))

@@ -286,9 +286,21 @@ def _kth_smallest(keys, k):
   return jax.lax.fori_loop(0, 8 * keys.dtype.itemsize, halve, (lo, hi))[0]
 
 
-def area_gap(masks, zeros):
+TIES = ("stable", "symmetric")
+
+
+def area_gap(masks, zeros, *, ties: str = "stable"):
   """``mean((sort(m) - r)^2)`` over the last axis of ``masks (..., m)``, ``r`` the step
   vector with ``zeros (...)`` leading zeros: TorchRay's area constraint.
+
+  Its value is the same for either ``ties`` rule; they differ in the gradient where
+  values tie at the step's edge. ``"stable"`` sends the step's 1s to the last of the
+  tied entries in position order, as the gradient of a stable sort does (TorchRay's).
+  ``"symmetric"`` gives every tied entry the mean of their gradients: the area term is
+  symmetric in the entries, so this subgradient favours no position. The stable rule
+  makes a flat mask (any constant start) grow from its last rows: on a linear model from
+  a start of 0 the delete mask then settled 0.67 IoU from the optimal region, against
+  0.91 with the symmetric rule (``tests/test_extremal.py``).
 
   Written without the sort (XLA:CPU sorts a 64 px batch slower than the network runs, and
   a sort's gradient is a scatter): entry ``i`` meets the step vector's ``r[rank_i]``,
@@ -303,11 +315,21 @@ def area_gap(masks, zeros):
   keys = _order_keys(masks)
   zeros = jnp.asarray(zeros, jnp.int32)
   threshold = _kth_smallest(keys, zeros)[..., None]
-  ties = keys == threshold
+  ties_at_edge = keys == threshold
   below = jnp.sum(keys < threshold, axis=-1, keepdims=True, dtype=jnp.int32)
-  tied_before = jnp.cumsum(ties, axis=-1, dtype=jnp.int32) - ties
-  ones = (keys > threshold) | (ties & (tied_before >= zeros[..., None] - below))
-  step = jax.lax.stop_gradient(ones.astype(masks.dtype))
+  tied_before = jnp.cumsum(ties_at_edge, axis=-1, dtype=jnp.int32) - ties_at_edge
+  ones = (keys > threshold) | (ties_at_edge & (tied_before >= zeros[..., None] - below))
+  if ties not in TIES:
+    raise ValueError(f"ties must be one of {TIES}, got {ties!r}.")
+  step = ones.astype(masks.dtype)
+  if ties == "symmetric":  # the tied entries' share of the step's 1s
+    share = (jnp.sum(ties_at_edge & ones, -1, keepdims=True, dtype=jnp.int32)
+             / jnp.sum(ties_at_edge, -1, keepdims=True, dtype=jnp.int32)).astype(masks.dtype)
+    target = jax.lax.stop_gradient(jnp.where(ties_at_edge, share, step))
+    exact = jax.lax.stop_gradient(jnp.mean((masks - step) ** 2, axis=-1))
+    symmetric = jnp.mean((masks - target) ** 2, axis=-1)
+    return exact + (symmetric - jax.lax.stop_gradient(symmetric))
+  step = jax.lax.stop_gradient(step)
   return jnp.mean((masks - step) ** 2, axis=-1)
 
 
@@ -322,6 +344,6 @@ def hard_region(masks, areas):
   return (ranks < count[..., None]).astype(masks.dtype).reshape(masks.shape)
 
 
-__all__ = ["PYRAMIDS", "Geometry", "apply_pyramid", "area_gap", "area_reference", "hard_region",
+__all__ = ["PYRAMIDS", "TIES", "Geometry", "apply_pyramid", "area_gap", "area_reference", "hard_region",
            "blur_pyramid", "correlation_matrix", "geometry", "smooth_masks",
            "torchray_gaussian"]
