@@ -218,7 +218,7 @@ def test_delete_mask_of_a_linear_model_covers_its_largest_weights():
   image = jnp.ones((1, size, size, 1))                  # the area constraint keeps it small
   out = smooth_masks.geometry((size, size), step=4, sigma=8.0).shape_out
   kwargs = dict(areas=(disk.sum() / (out[0] * out[1]),), estimand="logit",
-                intervention="zero", iterations=150, step=4, sigma=8.0)
+                intervention="zero", iterations=100, step=4, sigma=8.0)
 
   def iou(result):
     region = np.asarray(smooth_masks.hard_region(result.masks[0, 0], disk.mean())) > 0
@@ -250,7 +250,7 @@ def test_minimal_counterfactual_region_is_the_causal_region_on_any_mesh():
   disk = ((yy - 12) ** 2 + (xx - 18) ** 2 <= 49).astype(np.float32)  # 149 px, 15 %
   images = jnp.ones((2, size, size, 1)).at[1].multiply(0.8)
   kwargs = dict(areas=(0.05, 0.1, 0.2, 0.4), bisection_steps=3, estimand="logit",
-                iterations=60, step=3, sigma=5.0)
+                iterations=30, step=3, sigma=5.0)
   result = counterfactual.minimal_counterfactual(_region_model(jnp.asarray(disk)), images, **kwargs)
   assert result.found.all() and (result.flipped_to == 1).all()
   bound = np.array([0.9, 0.875]) * disk.mean()

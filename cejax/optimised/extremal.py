@@ -61,9 +61,9 @@ from cejax._progress import bar as _bar
 from cejax._validation import check_channels_last, check_floating
 from cejax.optimised.smooth_masks import (
   PYRAMIDS,
+  TIES,
   Geometry,
   apply_pyramid,
-  TIES,
   area_gap,
   area_reference,
   blur_pyramid,

@@ -344,6 +344,6 @@ def hard_region(masks, areas):
   return (ranks < count[..., None]).astype(masks.dtype).reshape(masks.shape)
 
 
-__all__ = ["PYRAMIDS", "TIES", "Geometry", "apply_pyramid", "area_gap", "area_reference", "hard_region",
-           "blur_pyramid", "correlation_matrix", "geometry", "smooth_masks",
+__all__ = ["PYRAMIDS", "TIES", "Geometry", "apply_pyramid", "area_gap", "area_reference",
+           "hard_region", "blur_pyramid", "correlation_matrix", "geometry", "smooth_masks",
            "torchray_gaussian"]
