@@ -82,3 +82,112 @@ def test_bad_input_is_named(pair):
     vit.load_timm(model, state)
   with pytest.raises(ValueError, match="Unknown ViT preset 'vit_huge'"):
     vit.create_vit("vit_huge", rngs=nnx.Rngs(0))
+
+
+# Token interventions (cejax.forwards.tokens) against timm on the reduced sequence.
+
+def _timm_reduced_logits(reference, image, keep):
+  """timm's logits for one image with only the patches ``keep (N,)`` in the sequence."""
+  with torch.no_grad():
+    tokens = reference._pos_embed(reference.patch_embed(_torch(image[None])))
+    index = torch.from_numpy(np.concatenate([[0], 1 + np.flatnonzero(keep)]))
+    return reference.forward_head(reference.norm(reference.blocks(tokens[:, index])))[0].numpy()
+
+
+def _softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _patch_masks(rng, num, dropped_counts):
+  """``(num, 32, 32)`` masks on the 4 x 4 patch grid, mask i dropping ``counts[i]``."""
+  masks = np.zeros((num, 4, 4), np.float32)
+  for mask, count in zip(masks, dropped_counts, strict=True):
+    mask.reshape(-1)[rng.choice(16, count, replace=False)] = 1
+  return np.kron(masks, np.ones((8, 8), np.float32))
+
+
+@pytest.mark.parametrize("counts", ["equal", "different"])
+def test_token_drop_equals_timm_on_each_reduced_sequence(pair, counts):
+  """The paper's expected CE of dropping each mask's patches, against a Python loop over
+  the masks running timm on the sequence without them; with every mask dropping 5
+  patches (no padding) and with 1 to 15 (padding and a key mask)."""
+  import cejax
+  from cejax.forwards import tokens
+
+  reference, model, images = pair
+  rng = np.random.default_rng(4)
+  dropped = [5] * 12 if counts == "equal" else list(rng.integers(1, 16, 12))
+  masks = _patch_masks(rng, 12, dropped)
+  forward = tokens.from_vit(model, mode="drop")
+  got = cejax.causal_effect(forward, jnp.asarray(images[0]), masks, batch_size=5)
+  with torch.no_grad():
+    clean = reference(_torch(images[:1]))[0].numpy()
+  p = _softmax(clean.astype(np.float64))
+  want = [np.sum(p * (_softmax(_timm_reduced_logits(reference, images[0], keep)
+                                .astype(np.float64)) - p))
+          for keep in np.asarray(tokens.patch_keep(jnp.asarray(masks), 8))]
+  np.testing.assert_allclose(np.asarray(got.effects), want, atol=2e-5)
+  assert np.ptp(want) > 1e-3
+  prepared = forward.prepare(masks, image=jnp.asarray(images[0]), intervention=None)
+  assert prepared.length == 16 - min(dropped)
+  assert prepared.padded == (counts == "different")
+  kept = 16 - np.array(dropped)
+  np.testing.assert_allclose(prepared.padding, np.mean(kept.max() - kept) / kept.max())
+  attention = cejax.causal_effect(tokens.from_vit(model, mode="attention"),
+                                  jnp.asarray(images[0]), masks)
+  np.testing.assert_allclose(np.asarray(attention.effects), want, atol=2e-5)
+
+
+def test_a_plain_jax_vit_works_through_the_protocol():
+  """A user's ViT in plain JAX (one attention layer, no Flax): dropping tokens equals the
+  model run on the shortened sequence, written without a key mask."""
+  import cejax
+  from cejax.forwards import tokens
+
+  k = jax.random.split(jax.random.key(0), 4)
+  w_embed = jax.random.normal(k[0], (4 * 4, 8)) * 0.5
+  pos = jax.random.normal(k[1], (1 + 16, 8))
+  w_qkv = jax.random.normal(k[2], (8, 24)) * 0.3
+  w_head = jax.random.normal(k[3], (8, 3))
+
+  def embed(images):
+    n = images.shape[0]
+    patches = images[..., 0].reshape(n, 4, 4, 4, 4).transpose(0, 1, 3, 2, 4).reshape(n, 16, 16)
+    return jnp.broadcast_to(pos[:1], (n, 1, 8)), patches @ w_embed + pos[1:]
+
+  def blocks(t, key_mask=None):
+    q, kk, v = jnp.split(t @ w_qkv, 3, -1)
+    s = jnp.einsum("nqd,nkd->nqk", q, kk)
+    if key_mask is not None:
+      s = jnp.where(key_mask[:, None, :], s, -jnp.inf)
+    return t + jax.nn.softmax(s, -1) @ v
+
+  head = lambda t: t[:, 0] @ w_head  # noqa: E731
+  image = jax.random.normal(jax.random.key(5), (16, 16, 1))
+  masks = _patch_masks(np.random.default_rng(6), 6, [2, 4, 6, 8, 10, 3])
+  masks = np.kron(masks[:, ::8, ::8], np.ones((4, 4), np.float32))  # on the 4 px grid
+  got = cejax.causal_effect(tokens.token_forward(embed, blocks, head, patch_size=4),
+                            image, masks, estimand="logit")
+  prefix, patches = embed(image[None])
+  for effect, mask in zip(np.asarray(got.effects), masks, strict=True):
+    keep = np.flatnonzero(mask[::4, ::4].reshape(-1) < 0.5)
+    short = head(blocks(jnp.concatenate([prefix, patches[:, keep]], 1)))
+    full = head(blocks(jnp.concatenate([prefix, patches], 1)))
+    np.testing.assert_allclose(effect, short[0, got.target] - full[0, got.target],
+                               atol=1e-5)
+
+
+def test_token_forward_bad_input_is_named(pair):
+  import cejax
+  from cejax.forwards import tokens
+
+  _, model, images = pair
+  forward = tokens.from_vit(model)
+  with pytest.raises(ValueError, match="intervention= is for pixel fills"):
+    cejax.causal_effect(forward, jnp.asarray(images[0]), cejax.grid(shape=(32, 32), n=4),
+                        intervention="zero")
+  with pytest.raises(ValueError, match=r"whole number of 8 x 8 patches"):
+    cejax.causal_effect(forward, jnp.zeros((30, 30, 3)), cejax.grid(shape=(30, 30), n=3))
+  with pytest.raises(ValueError, match="mode must be one of"):
+    tokens.from_vit(model, mode="fill")
