@@ -94,19 +94,19 @@ def test_long_optimisations_show_progress_and_it_never_changes_the_result(capfd)
   """ce_optimal_mask and minimal_counterfactual ran 11 minutes on two images with no sign
   of progress; their bar counts every iteration of every chunk of images."""
   logits_fn, images = _box_model(), jnp.ones((2, 16, 16, 1))
-  kwargs = dict(areas=(0.1,), iterations=120, step=2, sigma=3.0)
+  kwargs = dict(areas=(0.1,), iterations=100, step=2, sigma=3.0)  # whole segments
   shown = ce_optimal.ce_optimal_mask(logits_fn, images, jnp.zeros(2, jnp.int32), **kwargs)
   err = capfd.readouterr().err
-  assert "optimised masks" in err and "240/240" in err  # 2 chunks x 120 iterations
+  assert "optimised masks" in err and "200/200" in err  # 2 chunks x 100 iterations
   quiet = ce_optimal.ce_optimal_mask(logits_fn, images, jnp.zeros(2, jnp.int32),
                                    progress=False, **kwargs)
   assert "optimised masks" not in capfd.readouterr().err
   for got, want in zip(quiet, shown, strict=True):
     np.testing.assert_array_equal(got, want)
   counterfactual.minimal_counterfactual(logits_fn, images, areas=(0.1, 0.3),
-                                        bisection_steps=1, iterations=60, step=2, sigma=3.0)
+                                        bisection_steps=1, iterations=50, step=2, sigma=3.0)
   err = capfd.readouterr().err
-  assert "minimal counterfactual" in err and "240/240" in err  # 2 rounds x 2 x 60
+  assert "minimal counterfactual" in err and "200/200" in err  # 2 rounds x 2 x 50
 
 
 def test_a_dead_objective_is_diagnosed_and_warned_about():
