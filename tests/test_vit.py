@@ -191,3 +191,32 @@ def test_token_forward_bad_input_is_named(pair):
     cejax.causal_effect(forward, jnp.zeros((30, 30, 3)), cejax.grid(shape=(30, 30), n=3))
   with pytest.raises(ValueError, match="mode must be one of"):
     tokens.from_vit(model, mode="fill")
+
+
+def test_train_py_trains_a_vit_preset_that_reloads_and_the_analysis_refuses_it(
+    tmp_path, data_dir):
+  """The smoke run with ``config.model.preset = "vit_synthetic"``: trained and
+  checkpointed like a DenseNet, its best checkpoint reloads as the same function, and
+  the analysis names what a ViT run supports instead of failing inside DenseNet code."""
+  import conftest
+
+  import cejax
+  from cejax.jobs import analysis, checkpoint, training
+
+  config = conftest.smoke_config(data_dir)
+  config.model.preset = "vit_synthetic"
+  config.model.overrides.block_config = None
+  config.train.num_epochs = 1
+  training.train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
+  graphdef, params, stats, run = checkpoint.load_model(tmp_path)
+  assert run["preset"] == "vit_synthetic"
+  model = nnx.merge(graphdef, params, stats)
+  assert isinstance(model, vit.VisionTransformer) and model.img_size == 32
+  logits_fn, _ = cejax.load_logits_fn(tmp_path)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
+  np.testing.assert_allclose(logits_fn(images), model(images), atol=1e-5)
+  with pytest.raises(ValueError, match="ViT preset 'vit_synthetic'.*forwards.tokens"):
+    analysis.analyze(config, tmp_path, out=tmp_path / "analysis")
+  config.model.overrides.growth_rate = 8
+  with pytest.raises(ValueError, match=r"overrides \['growth_rate'\] are DenseNet's"):
+    training.train_and_evaluate(config, tmp_path / "other", devices=jax.devices()[:1])

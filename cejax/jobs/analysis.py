@@ -200,6 +200,7 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   chosen_classes = evaluators.select(settings.evaluators)
   out = Path(out or Path(workdir) / "analysis")
   dtype = precision.compute_dtype(config.precision)
+  checkpoint.refuse_vit(checkpoint.read_run(workdir), "analysis")
   graphdef, params, stats, run = checkpoint.load_model(workdir, compute_dtype=dtype)
   data = run_identity.resolve_data(config.data, run.get("data"),
                              base=config_lib.base_config().data,

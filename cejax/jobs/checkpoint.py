@@ -26,7 +26,7 @@ from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from cejax.jobs.store import write_json_atomic
-from cejax.models import densenet
+from cejax.models import densenet, vit
 
 _log = logging.getLogger(__name__)
 
@@ -37,14 +37,37 @@ RUN_FILE = "run.json"
 _RUN_FIELDS = ("preset", "num_classes", "in_channels", "dtype", "overrides", "data")
 
 
-def build_model(run: dict[str, Any], *, seed: int = 0) -> densenet.DenseNet:
+def is_vit(run: dict[str, Any]) -> bool:
+  """Whether a run's model is a Vision Transformer (a preset of ``vit.PRESETS``)."""
+  return run["preset"] in vit.PRESETS
+
+
+def refuse_vit(run: dict[str, Any], job: str) -> None:
+  """Raises ``ValueError`` where ``job`` is given a ViT run: its evaluators are built on
+  DenseNet's stages and CAMs."""
+  if is_vit(run):
+    raise ValueError(
+        f"The {job} runs on DenseNet runs; this run's model is the ViT preset "
+        f"{run['preset']!r}. Load it with cejax.load_logits_fn(workdir) for pixel "
+        "interventions, or with load_model and cejax.forwards.tokens.from_vit for token "
+        "interventions.")
+
+
+def build_model(run: dict[str, Any], *,
+                seed: int = 0) -> densenet.DenseNet | vit.VisionTransformer:
   """The model described by a ``run.json`` dict, freshly initialised."""
+  if is_vit(run):
+    # Built for the run's images (a preset names its patch size and width, not a size).
+    return vit.create_vit(run["preset"], num_classes=run["num_classes"],
+                          in_channels=run["in_channels"], img_size=run["image_size"],
+                          dtype=jnp.dtype(run["dtype"]), rngs=nnx.Rngs(seed),
+                          **run.get("overrides", {}))
   return densenet.create_densenet(
       run["preset"], num_classes=run["num_classes"], in_channels=run["in_channels"],
       dtype=jnp.dtype(run["dtype"]), rngs=nnx.Rngs(seed), **run.get("overrides", {}))
 
 
-def abstract_model(run: dict[str, Any]) -> densenet.DenseNet:
+def abstract_model(run: dict[str, Any]) -> densenet.DenseNet | vit.VisionTransformer:
   """The model of ``run`` with shapes and dtypes only (``nnx.eval_shape``), for weights
   that come from elsewhere: initialising them eagerly compiles and runs every
   initialiser (DenseNet-121 in a fresh process: 14.5 s against 1.0 s,

@@ -309,11 +309,15 @@ def check_optimised(config) -> None:
 
 
 def check_model(config) -> None:
-  from cejax.models import densenet
+  from cejax.models import densenet, vit
 
-  if config.model.preset not in densenet.PRESETS:
+  valid = sorted(densenet.PRESETS) + sorted(vit.PRESETS)
+  if config.model.preset not in valid:
     raise ValueError(f"Unknown config.model.preset {config.model.preset!r}; valid "
-                     f"presets are {sorted(densenet.PRESETS)}.")
+                     f"presets are {valid}.")
+  if config.model.preset in vit.PRESETS and model_overrides(config):
+    raise ValueError(f"config.model.overrides {sorted(model_overrides(config))} are "
+                     f"DenseNet's; the ViT preset {config.model.preset!r} takes none.")
 
 
 def check_train(config) -> None:

@@ -91,6 +91,7 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
   config_lib.validate(config, "sweep")  # the whole config, once, before anything else
   # The settings the job hands down: the sweep's section with the one precision.
   s = ml_collections.ConfigDict(dict(config.sweep.to_dict(), precision=config.precision))
+  checkpoint.refuse_vit(checkpoint.read_run(workdir), "sweep")
   graphdef, params, stats, run_info = checkpoint.load_model(
       workdir, compute_dtype=precision.compute_dtype(s.precision))
   data = run_identity.resolve_data(config.data, run_info.get("data"),
