@@ -106,3 +106,24 @@ def test_site_builds_without_warnings(tmp_path):
       f"sphinx-build failed (exit status {result.returncode}):\n{result.stdout[-6000:]}\n"
       f"{result.stderr[-6000:]}")
   assert (tmp_path / "html" / "index.html").exists()
+
+
+def _index_rows() -> list[str]:
+  """The record files the index table of ``results/README.md`` links to, in order."""
+  text = (ROOT / "results" / "README.md").read_text()
+  table = text.split("## Index", 1)[1].split("\n## ", 1)[0]
+  return [m[1] for line in table.splitlines() if line.startswith("| ")
+          for m in [re.search(r"\]\(([^)]+)\)", line.split("|")[3])] if m]
+
+
+def test_results_index_covers_every_record_and_each_is_cited():
+  """Every file in ``results/`` has a row of the index, every row's record exists, and
+  every record is cited by the README or a docs page (by its file name)."""
+  records = sorted(p.name for p in (ROOT / "results").iterdir() if p.name != "README.md")
+  rows = _index_rows()
+  assert sorted(set(rows)) == records, (
+      f"unindexed: {sorted(set(records) - set(rows))}; "
+      f"indexed but missing: {sorted(set(rows) - set(records))}")
+  pages = [ROOT / "README.md", *DOCS.rglob("*.md")]
+  cited = "\n".join(p.read_text() for p in pages)
+  assert not [r for r in records if r not in cited], "records no page cites"

@@ -29,7 +29,7 @@ def test_a_run_without_attacks_prints_no_attack_table():
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import science_tables
 
-  path = ROOT / "results/science_optimised_2026-11-30.json"
+  path = ROOT / "results/science_optimised_2026-12-07.json"
   record = json.loads(path.read_text())
   assert record["metrics"]["detection"] == {} and record["metrics"]["attack_success"] == {}
   printed = science_tables.tables(record)
