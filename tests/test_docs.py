@@ -1,13 +1,19 @@
 """The documentation site builds without a warning, and every Python example in it runs.
 
-Each ```python block of ``docs/**/*.md`` and of ``README.md`` is run as it is written, in
-a fresh interpreter (``sys.executable -c``) with the repository root as the working
-directory, two at a time. The blocks inherit the suite's XLA flags (``conftest.py`` sets
-them in this process's environment). A failing block is reported by its file and line.
+Each ```python block of ``docs/**/*.md`` and of ``README.md`` is run as it is written,
+with the repository root as the working directory, in a namespace of its own (a name
+one block defines is not seen by the next, so each must be self-contained). Blocks share
+an interpreter, two interpreters at a time, to pay the import of JAX and cejax once per
+interpreter rather than once per block; a block that configures JAX or the process
+(``jax.config.update``, ``os.environ``, ``jax.distributed``), which must come before JAX
+starts, runs in a fresh interpreter of its own. The blocks inherit the suite's XLA flags
+(``conftest.py`` sets them in this process's environment). A failing block is reported
+by its file and line, with its own output.
 """
 
 import concurrent.futures
 import functools
+import json
 import os
 import re
 import subprocess
@@ -66,22 +72,61 @@ BLOCKS = [(path.relative_to(ROOT).as_posix(), line, code) for path in _sources()
           if "_build" not in path.parts for line, code in python_blocks(path)]
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
+# Runs blocks (a JSON list of code strings on stdin) one after another, each in a fresh
+# namespace with its own captured output; prints one JSON result per block.
+_RUNNER = r"""
+import contextlib, io, json, sys, traceback
+results = []
+for code in json.loads(sys.stdin.read()):
+  out, err, status = io.StringIO(), io.StringIO(), 0
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      exec(compile(code, "<block>", "exec"), {"__name__": "__main__"})
+    except SystemExit as e:
+      status = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+      traceback.print_exc()
+      status = 1
+  results.append([status, out.getvalue(), err.getvalue()])
+print("\n" + json.dumps(results))
+"""
+# What must come before JAX starts, or changes the process for the blocks after it.
+_OWN_INTERPRETER = ("jax.config.update", "os.environ", "jax.distributed")
+
+
+def _run(codes: list[str]) -> list[subprocess.CompletedProcess]:
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", ""))
+  timeout = TIMEOUT_S * len(codes)
   try:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=TIMEOUT_S)
+    done = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(codes),
+                          cwd=ROOT, env=env, text=True, capture_output=True,
+                          timeout=timeout)
   except subprocess.TimeoutExpired as e:
-    return subprocess.CompletedProcess(e.cmd, -1, e.stdout or "",
-                                       f"timed out after {TIMEOUT_S} s\n{e.stderr or ''}")
+    failed = subprocess.CompletedProcess(e.cmd, -1, str(e.stdout or ""),
+                                         f"timed out after {timeout} s\n{e.stderr or ''}")
+    return [failed] * len(codes)
+  try:
+    results = json.loads(done.stdout.rstrip().rsplit("\n", 1)[-1])
+  except ValueError:  # the interpreter died: every block of it fails, with its output
+    died = subprocess.CompletedProcess(done.args, done.returncode or -1, done.stdout,
+                                       done.stderr)
+    return [died] * len(codes)
+  return [subprocess.CompletedProcess(done.args, status, out, err)
+          for status, out, err in results]
 
 
 @functools.cache
 def _results() -> dict[tuple[str, int], subprocess.CompletedProcess]:
-  """Every block run once, ``WORKERS`` at a time (the first test to ask runs them all)."""
+  """Every block run once (the first test to ask runs them all): the blocks that may
+  share an interpreter split into ``WORKERS`` interpreters, the others one each."""
+  alone = [b for b in BLOCKS if any(s in b[2] for s in _OWN_INTERPRETER)]
+  shared = [b for b in BLOCKS if b not in alone]
+  groups = [[b] for b in alone] + [shared[i::WORKERS] for i in range(WORKERS)]
+  groups = [g for g in groups if g]
   with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
-    futures = {(name, line): pool.submit(_run, code) for name, line, code in BLOCKS}
-    return {where: future.result() for where, future in futures.items()}
+    futures = [(g, pool.submit(_run, [code for _, _, code in g])) for g in groups]
+    return {(name, line): result for g, future in futures
+            for (name, line, _), result in zip(g, future.result(), strict=True)}
 
 
 def test_docs_have_python_examples():
@@ -96,6 +141,15 @@ def test_python_block_runs(name, line):
   assert result.returncode == 0, (
       f"The ```python block at {name}:{line} failed (exit status {result.returncode}).\n"
       f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}")
+
+
+def test_blocks_sharing_an_interpreter_see_only_their_own_names_and_fail_alone():
+  """The runner: a name defined by one block is a NameError in the next, a failing
+  block leaves the next one running, and each block's output is its own."""
+  first, second, third = _run(["x = 1\nprint('first')", "print(x)", "print('third')"])
+  assert (first.returncode, first.stdout) == (0, "first\n")
+  assert second.returncode == 1 and "NameError" in second.stderr and not second.stdout
+  assert (third.returncode, third.stdout) == (0, "third\n")
 
 
 def test_site_builds_without_warnings(tmp_path):

@@ -139,6 +139,26 @@ def test_token_drop_equals_timm_on_each_reduced_sequence(pair, counts):
   np.testing.assert_allclose(np.asarray(attention.effects), want, atol=2e-5)
 
 
+def test_repeated_token_drop_calls_compile_nothing_new(pair):
+  """A forward built once and called again, on another image and other masks of the same
+  kept count, compiles nothing: on the old code ``prepare`` counted each mask's kept
+  patches with a new ``jax.jit(lambda ...)`` per call, one compilation every call (a
+  token-drop sweep of 32 masks ran at 350 masks/s where the attention mask ran 9,600)."""
+  import cejax
+  from cejax.forwards import tokens
+  from compile_count import Compilations
+
+  _, model, images = pair
+  rng = np.random.default_rng(7)
+  forward = tokens.from_vit(model, mode="drop")
+  cejax.causal_effect(forward, jnp.asarray(images[0]), _patch_masks(rng, 12, [5] * 12),
+                      batch_size=4)  # compiles
+  with Compilations() as compiled:
+    cejax.causal_effect(forward, jnp.asarray(images[1]), _patch_masks(rng, 12, [5] * 12),
+                        batch_size=4)
+  assert compiled.count == 0
+
+
 def test_a_plain_jax_vit_works_through_the_protocol():
   """A user's ViT in plain JAX (one attention layer, no Flax): dropping tokens equals the
   model run on the shortened sequence, written without a key mask."""

@@ -38,6 +38,7 @@ Pixel fills on the same masks are the plain forward: ``causal_effect(logits_fn, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -140,14 +141,23 @@ class TokenForward:
     return logits, ok
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _count_kept(source, indices, patch_size):
+  return patch_keep(source(indices), patch_size).sum(1)
+
+
 def _kept_counts(source, patch_size) -> np.ndarray:
-  """``(m,)`` the patches each mask of ``source`` keeps, a chunk at a time."""
-  count = jax.jit(lambda idx: patch_keep(source(idx), patch_size).sum(1))
+  """``(m,)`` the patches each mask of ``source`` keeps, a chunk at a time.
+
+  One compiled program for every call on sources of the same kind and size: the last
+  chunk repeats the final index rather than being shorter (which would compile again).
+  """
+  size = min(_COUNT_CHUNK, source.num)
   out = []
-  for start in range(0, source.num, _COUNT_CHUNK):
-    idx = np.arange(start, min(start + _COUNT_CHUNK, source.num))
-    out.append(np.asarray(count(jnp.asarray(idx))))
-  return np.concatenate(out)
+  for start in range(0, source.num, size):
+    idx = np.minimum(np.arange(start, start + size), source.num - 1)
+    out.append(np.asarray(_count_kept(source, jnp.asarray(idx), patch_size)))
+  return np.concatenate(out)[:source.num]
 
 
 def token_forward(embed: Callable, blocks: Callable, head: Callable, *, patch_size: int,
@@ -167,7 +177,11 @@ def token_forward(embed: Callable, blocks: Callable, head: Callable, *, patch_si
 
 def from_vit(model, *, mode: str = "drop") -> TokenForward:
   """``token_forward`` of a ``cejax.models.vit.VisionTransformer`` (its weights as they
-  are now: later changes to ``model`` are not seen)."""
+  are now: later changes to ``model`` are not seen).
+
+  Build it once and reuse it: its functions are the compiled program's static part, so
+  each call of ``from_vit`` makes a forward that ``causal_effect`` compiles anew.
+  """
   from flax import nnx
 
   graphdef, state = nnx.split(model)

@@ -1,0 +1,197 @@
+"""Token drop against pixel fill on a ViT, cejax against PyTorch (timm), side by side.
+
+The same weights (timm's ``VisionTransformer``, random initialisation, copied into
+``cejax.models.vit`` with ``load_timm``), the same image and the same masks: for each
+keep fraction, ``--masks`` random masks on the patch grid that each keep the same number
+of patches (so token drop needs no padding). Per keep fraction, masks/s of
+
+- cejax, pixel fill: ``causal_effect(logits_fn, image, masks, intervention="zero")``,
+  the full sequence of the zero-filled image;
+- cejax, token drop: ``causal_effect(tokens.from_vit(model), image, masks)``;
+- cejax, attention mask: the same with ``mode="attention"`` (full length);
+- PyTorch, pixel fill: timm's model on batches of zero-filled images
+  (``torch.inference_mode``, float32, one intra-op thread per core);
+- PyTorch, token drop: timm's patch embedding and position embedding once, then the
+  kept tokens gathered by index per mask and timm's blocks, norm and head.
+
+    python benchmarks/token_sweep.py --devices 2 --json results/token_sweep_DATE.json
+
+cejax spreads the masks over one XLA CPU device per core (``--devices``). Times are the
+best of ``--repeats`` whole sweeps after a warm-up (which compiles). The logits of the
+two token-drop paths are compared on the first batch (max abs difference).
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _cpu() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                if line.startswith("Model name"))
+  except (OSError, StopIteration, subprocess.CalledProcessError):
+    return platform.processor()
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                          capture_output=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def patch_masks(rng, num, grid, dropped, patch):
+  """``(num, grid p, grid p)`` float32 masks, each dropping ``dropped`` random patches."""
+  import numpy as np
+
+  masks = np.zeros((num, grid * grid), np.float32)
+  for mask in masks:
+    mask[rng.choice(grid * grid, dropped, replace=False)] = 1
+  return np.kron(masks.reshape(num, grid, grid), np.ones((patch, patch), np.float32))
+
+
+def best_of(fn, repeats):
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times), times
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size", type=int, default=224)
+  p.add_argument("--patch", type=int, default=16)
+  p.add_argument("--embed-dim", type=int, default=384)  # ViT-S
+  p.add_argument("--depth", type=int, default=12)
+  p.add_argument("--heads", type=int, default=6)
+  p.add_argument("--classes", type=int, default=14)
+  p.add_argument("--masks", type=int, default=64)
+  p.add_argument("--keeps", default="0.75,0.5,0.25")
+  p.add_argument("--batch-size", type=int, default=16, help="masks per device step")
+  p.add_argument("--devices", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--json", default="")
+  args = p.parse_args(argv)
+
+  import jax
+  jax.config.update("jax_num_cpu_devices", args.devices)
+  import jax.numpy as jnp
+  import numpy as np
+  import timm_vit
+  import torch
+  from flax import nnx
+
+  import cejax
+  from cejax.forwards import tokens
+  from cejax.models import vit
+
+  torch.set_num_threads(args.devices)
+  torch.manual_seed(0)
+  config = dict(img_size=args.size, patch_size=args.patch, embed_dim=args.embed_dim,
+                depth=args.depth, num_heads=args.heads)
+  reference = timm_vit.vision_transformer()(num_classes=args.classes, **config).eval()
+  with torch.no_grad():  # timm zero-initialises the head: random weights throughout
+    for param in reference.parameters():
+      param.add_(0.02 * torch.randn_like(param))
+  model = vit.VisionTransformer(num_classes=args.classes, rngs=nnx.Rngs(0), **config)
+  vit.load_timm(model, reference.state_dict())
+  graphdef, state = nnx.split(model)
+  logits_fn = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
+  # Built once: each from_vit call makes new functions, which jit sees as a new program.
+  token_drop = tokens.from_vit(model)
+  attention_mask = tokens.from_vit(model, mode="attention")
+
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(args.size, args.size, 3)).astype(np.float32)
+  grid = args.size // args.patch
+  mesh = cejax.mask_mesh()
+  timage = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+  batch = args.batch_size * args.devices  # PyTorch's batch: the masks of one cejax step
+  rows = []
+  for keep in [float(k) for k in args.keeps.split(",")]:
+    dropped = grid * grid - round(keep * grid * grid)
+    masks = patch_masks(rng, args.masks, grid, dropped, args.patch)
+    jmasks = jnp.asarray(masks)
+    runs = {
+        "cejax pixel fill": lambda: cejax.causal_effect(
+            logits_fn, image, jmasks, intervention="zero", batch_size=args.batch_size,
+            mesh=mesh).effects.block_until_ready(),
+        "cejax token drop": lambda: cejax.causal_effect(
+            token_drop, image, jmasks, batch_size=args.batch_size,
+            mesh=mesh).effects.block_until_ready(),
+        "cejax attention mask": lambda: cejax.causal_effect(
+            attention_mask, image, jmasks,
+            batch_size=args.batch_size, mesh=mesh).effects.block_until_ready(),
+    }
+    tmasks = torch.from_numpy(masks)
+    keep_index = [torch.from_numpy(np.concatenate([[0], 1 + np.flatnonzero(
+        m[::args.patch, ::args.patch].reshape(-1) < 0.5)])) for m in masks]
+
+    def torch_pixel():
+      with torch.inference_mode():
+        for s in range(0, args.masks, batch):
+          reference(timage * (1 - tmasks[s:s + batch, None]))
+
+    def torch_tokens(first_only=False):
+      with torch.inference_mode():
+        embedded = reference._pos_embed(reference.patch_embed(timage))[0]
+        out = []
+        for s in range(0, args.masks, batch):
+          x = torch.stack([embedded[i] for i in keep_index[s:s + batch]])
+          out.append(reference.forward_head(reference.norm(reference.blocks(x))))
+          if first_only:
+            return out[0]
+        return out
+
+    runs["torch pixel fill"] = torch_pixel
+    runs["torch token drop"] = torch_tokens
+    row = {"keep": keep, "kept_patches": grid * grid - dropped, "masks": args.masks}
+    for name, fn in runs.items():
+      fn()  # warm-up (cejax: compiles)
+      best, times = best_of(fn, args.repeats)
+      row[name] = {"masks_per_s": args.masks / best, "seconds": times}
+      print(f"keep {keep}: {name}: {args.masks / best:.1f} masks/s", flush=True)
+    # The two token-drop paths on the first batch, logits against logits.
+    forward = token_drop.prepare(jmasks[:batch], image=jnp.asarray(image),
+                                             intervention=None)
+    context = forward.setup(jnp.asarray(image))[1]
+    ours = np.asarray(forward.logits(context, jnp.arange(min(batch, args.masks)), None)[0])
+    row["token_drop_max_abs_diff"] = float(np.abs(ours - torch_tokens(True).numpy()).max())
+    rate = lambda name: row[name]["masks_per_s"]  # noqa: E731
+    row["speedup_token_drop_over_pixel_fill"] = rate("cejax token drop") / rate(
+        "cejax pixel fill")
+    row["cejax_over_torch"] = {
+        "pixel fill": rate("cejax pixel fill") / rate("torch pixel fill"),
+        "token drop": rate("cejax token drop") / rate("torch token drop"),
+        "best against best": max(rate("cejax pixel fill"), rate("cejax token drop"))
+        / max(rate("torch pixel fill"), rate("torch token drop"))}
+    rows.append(row)
+
+  record = {"benchmark": "token_sweep", "date": datetime.date.today().isoformat(),
+            "command": "python " + " ".join(sys.argv), "commit": _commit(),
+            "machine": {"cpu": _cpu(), "cores": args.devices,
+                        "python": platform.python_version(), "jax": jax.__version__,
+                        "torch": torch.__version__},
+            "model": dict(config, classes=args.classes), "batch_size": args.batch_size,
+            "rows": rows}
+  if args.json:
+    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+  return record
+
+
+if __name__ == "__main__":
+  main()
