@@ -121,8 +121,8 @@ def main(argv=None):
   mesh = cejax.mask_mesh()
   timage = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
   batch = args.batch_size * args.devices  # PyTorch's batch: the masks of one cejax step
-  rows = []
-  for keep in [float(k) for k in args.keeps.split(",")]:
+  def measure(keep):
+    """One row: every path on the same masks, keeping ``keep`` of the patches."""
     dropped = grid * grid - round(keep * grid * grid)
     masks = patch_masks(rng, args.masks, grid, dropped, args.patch)
     jmasks = jnp.asarray(masks)
@@ -179,7 +179,9 @@ def main(argv=None):
         "token drop": rate("cejax token drop") / rate("torch token drop"),
         "best against best": max(rate("cejax pixel fill"), rate("cejax token drop"))
         / max(rate("torch pixel fill"), rate("torch token drop"))}
-    rows.append(row)
+    return row
+
+  rows = [measure(float(k)) for k in args.keeps.split(",")]
 
   record = {"benchmark": "token_sweep", "date": datetime.date.today().isoformat(),
             "command": "python " + " ".join(sys.argv), "commit": _commit(),
