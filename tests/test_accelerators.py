@@ -74,6 +74,25 @@ def test_incremental_path_lowers(tiny):
                                          batch_size=2).effects, _image())
 
 
+def test_token_forwards_lower_over_a_mask_mesh():
+  """The ViT's token interventions: drop with equal kept counts, drop with padding and a
+  key mask, and attention masking, each over a mask mesh of 4 devices."""
+  from cejax.forwards import tokens
+  from cejax.models import vit
+
+  model = vit.VisionTransformer(img_size=SIZE, patch_size=8, in_channels=1, embed_dim=16,
+                                depth=1, num_heads=2, num_classes=3, rngs=nnx.Rngs(0))
+  mesh = sharding.mask_mesh(jax.devices()[:4])
+  grid = masks.grid(shape=(SIZE, SIZE), n=4)  # each mask drops one patch: no padding
+  uneven = masks.to_array(masks.grid(shape=(SIZE, SIZE), n=2))  # 4 patches each
+  uneven = jnp.concatenate([masks.to_array(grid), uneven])
+  for mode, what in (("drop", grid), ("drop", uneven), ("attention", uneven)):
+    forward = tokens.from_vit(model, mode=mode)
+    exported = _lower(lambda x, f=forward, m=what: effects.causal_effect(
+        f, x, m, batch_size=2, mesh=mesh).effects, _image())
+    assert exported.nr_devices == 4
+
+
 def test_the_sweeps_per_image_program_lowers(tiny):
   model, logits_fn = tiny
   settings = ml_collections.ConfigDict(dict(path="auto", batch_size=4))

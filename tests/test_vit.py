@@ -160,6 +160,29 @@ def test_repeated_token_drop_calls_compile_nothing_new(pair):
   assert compiled.count == 0
 
 
+def test_token_drop_under_a_callers_jit_equals_eager_and_traced_masks_are_named(pair):
+  """Inside a user's ``jax.jit`` (the image traced, the masks closed over) token drop
+  gives the eager values; on the old code its kept counts were read from tracers
+  (TracerArrayConversionError). Masks that are themselves traced cannot size the
+  sequences: a clear error naming the way out (mode "attention", which works)."""
+  import cejax
+  from cejax.forwards import tokens
+
+  _, model, images = pair
+  masks = jnp.asarray(_patch_masks(np.random.default_rng(8), 6, [3, 5, 5, 7, 2, 9]))
+  image = jnp.asarray(images[0])
+  drop = tokens.from_vit(model, mode="drop")
+  eager = cejax.causal_effect(drop, image, masks, batch_size=4).effects
+  jitted = jax.jit(lambda x: cejax.causal_effect(drop, x, masks, batch_size=4).effects)
+  np.testing.assert_allclose(jitted(image), eager, atol=1e-6)
+  with pytest.raises(ValueError, match="needs the masks' values.*mode='attention'"):
+    jax.jit(lambda x, m: cejax.causal_effect(drop, x, m).effects)(image, masks)
+  attention = tokens.from_vit(model, mode="attention")
+  np.testing.assert_allclose(
+      jax.jit(lambda x, m: cejax.causal_effect(attention, x, m).effects)(image, masks),
+      eager, atol=2e-5)
+
+
 def test_a_plain_jax_vit_works_through_the_protocol():
   """A user's ViT in plain JAX (one attention layer, no Flax): dropping tokens equals the
   model run on the shortened sequence, written without a key mask."""

@@ -152,11 +152,19 @@ def _kept_counts(source, patch_size) -> np.ndarray:
   One compiled program for every call on sources of the same kind and size: the last
   chunk repeats the final index rather than being shorter (which would compile again).
   """
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(source)):
+    raise ValueError(
+        "token drop sizes its sequences by the patches each mask keeps, so it needs the "
+        "masks' values when the program is traced: pass masks that are not traced (a "
+        "constant closed over, not an argument of your jax.jit), or use "
+        "mode='attention', which keeps the sequence length.")
   size = min(_COUNT_CHUNK, source.num)
   out = []
-  for start in range(0, source.num, size):
-    idx = np.minimum(np.arange(start, start + size), source.num - 1)
-    out.append(np.asarray(_count_kept(source, jnp.asarray(idx), patch_size)))
+  # Under a caller's jit the counts are still computed now, from the concrete masks.
+  with jax.ensure_compile_time_eval():
+    for start in range(0, source.num, size):
+      idx = np.minimum(np.arange(start, start + size), source.num - 1)
+      out.append(np.asarray(_count_kept(source, jnp.asarray(idx), patch_size)))
   return np.concatenate(out)[:source.num]
 
 
