@@ -9,21 +9,25 @@ of patches (so token drop needs no padding). Per keep fraction, masks/s of
   the full sequence of the zero-filled image;
 - cejax, token drop: ``causal_effect(tokens.from_vit(model), image, masks)``;
 - cejax, attention mask: the same with ``mode="attention"`` (full length);
+  each of the three on one XLA CPU device (whose dots use every core) and on one device
+  per core (``--devices``; ``--batch-size`` masks per device, the one-device run takes
+  the same masks per step);
 - PyTorch, pixel fill: timm's model on batches of zero-filled images
-  (``torch.inference_mode``, float32, one intra-op thread per core);
+  (``torch.inference_mode``, float32, ``--threads`` intra-op threads: every core);
 - PyTorch, token drop: timm's patch embedding and position embedding once, then the
   kept tokens gathered by index per mask and timm's blocks, norm and head.
 
     python benchmarks/token_sweep.py --devices 2 --json results/token_sweep_DATE.json
 
-cejax spreads the masks over one XLA CPU device per core (``--devices``). Times are the
-best of ``--repeats`` whole sweeps after a warm-up (which compiles). The logits of the
+Times are the best of ``--repeats`` whole sweeps after a warm-up (which compiles); a
+path's figure (``best``) is the faster of its device counts. The logits of the
 two token-drop paths are compared on the first batch (max abs difference).
 """
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -83,6 +87,8 @@ def main(argv=None):
   p.add_argument("--keeps", default="0.75,0.5,0.25")
   p.add_argument("--batch-size", type=int, default=16, help="masks per device step")
   p.add_argument("--devices", type=int, default=2)
+  p.add_argument("--threads", type=int, default=os.cpu_count(),
+                 help="PyTorch's intra-op threads (default: every core)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--json", default="")
   args = p.parse_args(argv)
@@ -99,7 +105,7 @@ def main(argv=None):
   from cejax.forwards import tokens
   from cejax.models import vit
 
-  torch.set_num_threads(args.devices)
+  torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   config = dict(img_size=args.size, patch_size=args.patch, embed_dim=args.embed_dim,
                 depth=args.depth, num_heads=args.heads)
@@ -118,7 +124,10 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   image = rng.normal(size=(args.size, args.size, 3)).astype(np.float32)
   grid = args.size // args.patch
-  mesh = cejax.mask_mesh()
+  # cejax on one device (XLA:CPU's dots still use every core) and on one per core.
+  meshes = {"1 device": (cejax.mask_mesh(jax.devices()[:1]),
+                         args.batch_size * args.devices),
+            f"{args.devices} devices": (cejax.mask_mesh(), args.batch_size)}
   timage = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
   batch = args.batch_size * args.devices  # PyTorch's batch: the masks of one cejax step
   def measure(keep):
@@ -126,17 +135,15 @@ def main(argv=None):
     dropped = grid * grid - round(keep * grid * grid)
     masks = patch_masks(rng, args.masks, grid, dropped, args.patch)
     jmasks = jnp.asarray(masks)
-    runs = {
-        "cejax pixel fill": lambda: cejax.causal_effect(
-            logits_fn, image, jmasks, intervention="zero", batch_size=args.batch_size,
-            mesh=mesh).effects.block_until_ready(),
-        "cejax token drop": lambda: cejax.causal_effect(
-            token_drop, image, jmasks, batch_size=args.batch_size,
-            mesh=mesh).effects.block_until_ready(),
-        "cejax attention mask": lambda: cejax.causal_effect(
-            attention_mask, image, jmasks,
-            batch_size=args.batch_size, mesh=mesh).effects.block_until_ready(),
-    }
+    runs = {}
+    for where, (mesh, per_device) in meshes.items():
+      run = lambda model, mesh=mesh, per_device=per_device, **kw: (  # noqa: E731
+          cejax.causal_effect(model, image, jmasks, batch_size=per_device, mesh=mesh,
+                              **kw).effects.block_until_ready())
+      runs[f"cejax pixel fill, {where}"] = (
+          lambda run=run: run(logits_fn, intervention="zero"))
+      runs[f"cejax token drop, {where}"] = lambda run=run: run(token_drop)
+      runs[f"cejax attention mask, {where}"] = lambda run=run: run(attention_mask)
     tmasks = torch.from_numpy(masks)
     keep_index = [torch.from_numpy(np.concatenate([[0], 1 + np.flatnonzero(
         m[::args.patch, ::args.patch].reshape(-1) < 0.5)])) for m in masks]
@@ -171,7 +178,13 @@ def main(argv=None):
     context = forward.setup(jnp.asarray(image))[1]
     ours = np.asarray(forward.logits(context, jnp.arange(min(batch, args.masks)), None)[0])
     row["token_drop_max_abs_diff"] = float(np.abs(ours - torch_tokens(True).numpy()).max())
-    rate = lambda name: row[name]["masks_per_s"]  # noqa: E731
+    def rate(path):  # the best of a path's runs (cejax: of its device counts)
+      return max(v["masks_per_s"] for k, v in row.items()
+                 if isinstance(v, dict) and k.split(",")[0] == path)
+
+    row["best"] = {path: rate(path) for path in (
+        "cejax pixel fill", "cejax token drop", "cejax attention mask",
+        "torch pixel fill", "torch token drop")}
     row["speedup_token_drop_over_pixel_fill"] = rate("cejax token drop") / rate(
         "cejax pixel fill")
     row["cejax_over_torch"] = {
@@ -189,6 +202,7 @@ def main(argv=None):
                         "python": platform.python_version(), "jax": jax.__version__,
                         "torch": torch.__version__},
             "model": dict(config, classes=args.classes), "batch_size": args.batch_size,
+            "torch_threads": args.threads,
             "rows": rows}
   if args.json:
     Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
