@@ -13,7 +13,8 @@ of patches (so token drop needs no padding). Per keep fraction, masks/s of
   per core (``--devices``; ``--batch-size`` masks per device, the one-device run takes
   the same masks per step);
 - PyTorch, pixel fill: timm's model on batches of zero-filled images
-  (``torch.inference_mode``, float32, ``--threads`` intra-op threads: every core);
+  (``torch.inference_mode``, float32), on ``--threads`` intra-op threads (every core)
+  and on one;
 - PyTorch, token drop: timm's patch embedding and position embedding once, then the
   kept tokens gathered by index per mask and timm's blocks, norm and head.
 
@@ -64,6 +65,18 @@ def patch_masks(rng, num, grid, dropped, patch):
   for mask in masks:
     mask[rng.choice(grid * grid, dropped, replace=False)] = 1
   return np.kron(masks.reshape(num, grid, grid), np.ones((patch, patch), np.float32))
+
+
+def _threads(n, fn):
+  """``fn()`` with PyTorch's intra-op threads set to ``n``."""
+  import torch
+
+  before = torch.get_num_threads()
+  torch.set_num_threads(n)
+  try:
+    return fn()
+  finally:
+    torch.set_num_threads(before)
 
 
 def best_of(fn, repeats):
@@ -164,8 +177,12 @@ def main(argv=None):
             return out[0]
         return out
 
-    runs["torch pixel fill"] = torch_pixel
-    runs["torch token drop"] = torch_tokens
+    # PyTorch on every core, and on one thread: the per-core comparison with cejax on
+    # one device, whose convolutions and dots XLA:CPU runs on one thread.
+    for threads in sorted({args.threads, 1}, reverse=True):
+      where = f"{threads} thread" + "s" * (threads > 1)
+      runs[f"torch pixel fill, {where}"] = lambda n=threads: _threads(n, torch_pixel)
+      runs[f"torch token drop, {where}"] = lambda n=threads: _threads(n, torch_tokens)
     row = {"keep": keep, "kept_patches": grid * grid - dropped, "masks": args.masks}
     for name, fn in runs.items():
       fn()  # warm-up (cejax: compiles)
@@ -192,6 +209,10 @@ def main(argv=None):
         "token drop": rate("cejax token drop") / rate("torch token drop"),
         "best against best": max(rate("cejax pixel fill"), rate("cejax token drop"))
         / max(rate("torch pixel fill"), rate("torch token drop"))}
+    one = lambda name: row[name]["masks_per_s"]  # noqa: E731
+    row["cejax_over_torch_per_core"] = {  # cejax on one device, PyTorch on one thread
+        path: one(f"cejax {path}, 1 device") / one(f"torch {path}, 1 thread")
+        for path in ("pixel fill", "token drop")}
     return row
 
   rows = [measure(float(k)) for k in args.keeps.split(",")]
