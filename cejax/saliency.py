@@ -8,6 +8,9 @@ at its last feature map, ``features_fn(images) -> (n, h', w', C)`` and
 their maps are upsampled bilinearly to the image size. Scores are target *logits*,
 as in the papers. Random methods take an explicit ``key``.
 
+``attention_rollout`` (Abnar & Zuidema 2020) maps a Vision Transformer's attention
+weights instead of calling a model.
+
 Each method is compiled once (``cejax._compile.jit``): eager calls with the same model
 functions, hyperparameters and shapes reuse one program. Called eagerly, a target
 outside the model's classes raises ``ValueError``; under ``jit`` it gives a NaN map.
@@ -389,3 +392,49 @@ def occlusion(logits_fn: LogitsFn, images: Images, targets: Targets, *,
     return -effects_lib.ce_map(result.effects, mask_set, batch_size=batch_size)
 
   return jax.lax.map(lambda a: one(*a), (images, targets))
+
+
+def attention_rollout(attentions, *, image_shape: tuple[int, int], residual: bool = True,
+                      num_prefix: int = 1) -> Maps:
+  """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers",
+  ACL 2020): how much each patch token flows into the class token through every layer.
+
+  Per layer the heads' weights are averaged, the residual connection is added as the
+  identity and the rows renormalised (``0.5 A + 0.5 I``; ``residual=False``: ``A``),
+  and the layers are multiplied from the first, ``R = A_L ... A_1``, as the authors'
+  ``compute_joint_attention``. The map is the class token's row of ``R`` over the patch
+  tokens, each patch's value on its pixels.
+
+  Args:
+    attentions: ``(layers, n, heads, T, T)`` attention weights (rows sum to 1), e.g.
+      ``cejax.models.vit.VisionTransformer.attentions(images)``.
+    image_shape: ``(h, w)`` of the images: the patch grid is ``T - num_prefix`` patches
+      in the images' aspect ratio, each ``h / rows`` pixels high.
+    residual: add the residual connection (the paper's rollout) or not (raw attention).
+    num_prefix: the tokens before the patches (the class token first among them).
+
+  Returns:
+    Maps ``(n, h, w)``.
+
+  Raises:
+    ValueError: attentions not ``(layers, n, heads, T, T)``, or ``T - num_prefix``
+      patches that do not tile ``image_shape``.
+  """
+  a = jnp.asarray(attentions)
+  if a.ndim != 5 or a.shape[-1] != a.shape[-2]:
+    raise ValueError("attentions must be (layers, n, heads, T, T) attention weights, got "
+                     f"shape {a.shape}.")
+  h, w = (int(s) for s in image_shape)
+  patches = a.shape[-1] - num_prefix
+  rows = int(round((patches * h / w) ** 0.5))
+  cols = patches // rows if rows else 0
+  if rows < 1 or rows * cols != patches or h % rows or w % cols:
+    raise ValueError(f"{a.shape[-1]} tokens less {num_prefix} prefix tokens are {patches} "
+                     f"patches, which do not tile a {h} x {w} image.")
+  a = a.mean(2)
+  if residual:
+    a = a + jnp.eye(a.shape[-1], dtype=a.dtype)
+    a = a / a.sum(-1, keepdims=True)
+  joint = jax.lax.fori_loop(1, a.shape[0], lambda i, r: a[i] @ r, a[0])
+  maps = joint[:, 0, num_prefix:].reshape(-1, rows, cols)
+  return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)

@@ -183,6 +183,60 @@ def test_token_drop_under_a_callers_jit_equals_eager_and_traced_masks_are_named(
       eager, atol=2e-5)
 
 
+def _joint_attention(att_mat, add_residual=True):
+  """Abnar & Zuidema's ``compute_joint_attention`` (samiraabnar/attention_flow,
+  ``attention_graph_util.py``), transcribed in float64: ``att_mat (layers, T, T)``,
+  heads already averaged."""
+  if add_residual:
+    aug_att_mat = att_mat + np.eye(att_mat.shape[1])[None, ...]
+    aug_att_mat = aug_att_mat / aug_att_mat.sum(axis=-1)[..., None]
+  else:
+    aug_att_mat = att_mat
+  joint_attentions = np.zeros(aug_att_mat.shape)
+  joint_attentions[0] = aug_att_mat[0]
+  for i in np.arange(1, joint_attentions.shape[0]):
+    joint_attentions[i] = aug_att_mat[i].dot(joint_attentions[i - 1])
+  return joint_attentions
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_attention_rollout_equals_the_authors_code_on_timms_attention(pair, residual):
+  """The attention weights are timm's (captured at each block's attention dropout, the
+  unfused path), heads averaged and rolled out by the authors' code in float64; the map
+  is the class token's row over the patches, each patch's value on its pixels."""
+  from cejax import saliency
+
+  reference, model, images = pair
+  captured = []
+  hooks = []
+  for block in reference.blocks:
+    block.attn.fused_attn = False
+    hooks.append(block.attn.attn_drop.register_forward_hook(
+        lambda module, args, out: captured.append(out.detach().double().numpy())))
+  try:
+    with torch.no_grad():
+      reference(_torch(images))
+  finally:
+    for hook in hooks:
+      hook.remove()
+    for block in reference.blocks:
+      block.attn.fused_attn = True
+  weights = model.attentions(jnp.asarray(images))
+  np.testing.assert_allclose(np.asarray(weights), np.stack(captured), atol=1e-5)
+  got = saliency.attention_rollout(weights, image_shape=images.shape[1:3],
+                                   residual=residual)
+  size, patch = images.shape[1], model.patch_size
+  for i in range(len(images)):
+    joint = _joint_attention(np.stack(captured)[:, i].mean(1), add_residual=residual)
+    want = joint[-1][0, 1:].reshape(size // patch, size // patch)
+    want = np.kron(want, np.ones((patch, patch)))
+    np.testing.assert_allclose(np.asarray(got[i]), want, atol=1e-5)
+  with pytest.raises(ValueError, match="do not tile a 32 x 32 image"):
+    saliency.attention_rollout(weights, image_shape=(32, 32), num_prefix=2)
+  with pytest.raises(ValueError, match=r"\(layers, n, heads, T, T\)"):
+    saliency.attention_rollout(weights[0], image_shape=images.shape[1:3])
+
+
 def test_a_plain_jax_vit_works_through_the_protocol():
   """A user's ViT in plain JAX (one attention layer, no Flax): dropping tokens equals the
   model run on the shortened sequence, written without a key mask."""

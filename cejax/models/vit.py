@@ -140,6 +140,17 @@ class VisionTransformer(nnx.Module):
       tokens = block(tokens, key_mask)
     return self.norm(tokens)
 
+  def attentions(self, images):
+    """The attention weights of every block, ``(depth, n, heads, T, T)`` (``T``: the
+    class token and the patch tokens), for attribution baselines such as
+    ``cejax.saliency.attention_rollout``."""
+    prefix, patches = self.embed(images)
+    tokens, weights = jnp.concatenate([prefix, patches], 1), []
+    for block in self.blocks_:
+      weights.append(block.attn.weights(block.norm1(tokens))[0])
+      tokens = block(tokens)
+    return jnp.stack(weights)
+
   def head(self, tokens):
     """Logits ``(n, k)`` from the class token of the encoded ``tokens``."""
     return self.head_(tokens[:, 0])
