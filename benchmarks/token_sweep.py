@@ -9,12 +9,13 @@ of patches (so token drop needs no padding). Per keep fraction, masks/s of
   the full sequence of the zero-filled image;
 - cejax, token drop: ``causal_effect(tokens.from_vit(model), image, masks)``;
 - cejax, attention mask: the same with ``mode="attention"`` (full length);
-  each of the three on one XLA CPU device (whose dots use every core) and on one device
-  per core (``--devices``; ``--batch-size`` masks per device, the one-device run takes
-  the same masks per step);
+  each of the three on one XLA CPU device and on one device per core (``--devices``;
+  ``--batch-size`` masks per device, the one-device run takes the same masks per step);
+  one XLA CPU device still spreads its work over every core, so pixel fill and token
+  drop also run on one device with the whole process pinned to one core;
 - PyTorch, pixel fill: timm's model on batches of zero-filled images
   (``torch.inference_mode``, float32), on ``--threads`` intra-op threads (every core)
-  and on one;
+  and on one thread pinned to one core;
 - PyTorch, token drop: timm's patch embedding and position embedding once, then the
   kept tokens gathered by index per mask and timm's blocks, norm and head.
 
@@ -77,6 +78,25 @@ def _threads(n, fn):
     return fn()
   finally:
     torch.set_num_threads(before)
+
+
+def _one_core(fn):
+  """``fn()`` with every thread of this process on the first core (XLA:CPU's and
+  PyTorch's thread pools included: Linux sets affinity per thread)."""
+  every = os.sched_getaffinity(0)
+
+  def pin(cores):  # threads started while pinned are unpinned afterwards too
+    for tid in os.listdir("/proc/self/task"):
+      try:
+        os.sched_setaffinity(int(tid), cores)
+      except OSError:  # a thread that has ended
+        pass
+
+  pin({min(every)})
+  try:
+    return fn()
+  finally:
+    pin(every)
 
 
 def best_of(fn, repeats):
@@ -157,6 +177,15 @@ def main(argv=None):
           lambda run=run: run(logits_fn, intervention="zero"))
       runs[f"cejax token drop, {where}"] = lambda run=run: run(token_drop)
       runs[f"cejax attention mask, {where}"] = lambda run=run: run(attention_mask)
+    # One core for the whole process: a per-core comparison (one XLA CPU device still
+    # spreads its work over every core it may use).
+    one_device = lambda model, **kw: cejax.causal_effect(  # noqa: E731
+        model, image, jmasks, batch_size=args.batch_size * args.devices,
+        mesh=meshes["1 device"][0], **kw).effects.block_until_ready()
+    runs["cejax pixel fill, 1 device, 1 core"] = lambda: _one_core(
+        lambda: one_device(logits_fn, intervention="zero"))
+    runs["cejax token drop, 1 device, 1 core"] = lambda: _one_core(
+        lambda: one_device(token_drop))
     tmasks = torch.from_numpy(masks)
     keep_index = [torch.from_numpy(np.concatenate([[0], 1 + np.flatnonzero(
         m[::args.patch, ::args.patch].reshape(-1) < 0.5)])) for m in masks]
@@ -179,10 +208,14 @@ def main(argv=None):
 
     # PyTorch on every core, and on one thread: the per-core comparison with cejax on
     # one device, whose convolutions and dots XLA:CPU runs on one thread.
-    for threads in sorted({args.threads, 1}, reverse=True):
-      where = f"{threads} thread" + "s" * (threads > 1)
-      runs[f"torch pixel fill, {where}"] = lambda n=threads: _threads(n, torch_pixel)
-      runs[f"torch token drop, {where}"] = lambda n=threads: _threads(n, torch_tokens)
+    runs[f"torch pixel fill, {args.threads} threads"] = lambda: _threads(
+        args.threads, torch_pixel)
+    runs[f"torch token drop, {args.threads} threads"] = lambda: _threads(
+        args.threads, torch_tokens)
+    runs["torch pixel fill, 1 thread, 1 core"] = lambda: _one_core(
+        lambda: _threads(1, torch_pixel))
+    runs["torch token drop, 1 thread, 1 core"] = lambda: _one_core(
+        lambda: _threads(1, torch_tokens))
     row = {"keep": keep, "kept_patches": grid * grid - dropped, "masks": args.masks}
     for name, fn in runs.items():
       fn()  # warm-up (cejax: compiles)
@@ -210,8 +243,8 @@ def main(argv=None):
         "best against best": max(rate("cejax pixel fill"), rate("cejax token drop"))
         / max(rate("torch pixel fill"), rate("torch token drop"))}
     one = lambda name: row[name]["masks_per_s"]  # noqa: E731
-    row["cejax_over_torch_per_core"] = {  # cejax on one device, PyTorch on one thread
-        path: one(f"cejax {path}, 1 device") / one(f"torch {path}, 1 thread")
+    row["cejax_over_torch_per_core"] = {  # both pinned to one core
+        path: one(f"cejax {path}, 1 device, 1 core") / one(f"torch {path}, 1 thread, 1 core")
         for path in ("pixel fill", "token drop")}
     return row
 
