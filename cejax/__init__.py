@@ -62,10 +62,12 @@ from cejax.masks import ArrayMasks as ArrayMasks
 from cejax.masks import Boxes as Boxes
 from cejax.masks import Grid as Grid
 from cejax.masks import MaskSource as MaskSource
+from cejax.masks import PatchSubsets as PatchSubsets
 from cejax.masks import RiseMasks as RiseMasks
 from cejax.masks import SlidingWindows as SlidingWindows
 from cejax.masks import boxes as boxes
 from cejax.masks import grid as grid
+from cejax.masks import patch_subsets as patch_subsets
 from cejax.masks import rise as rise
 from cejax.masks import sliding_windows as sliding_windows
 from cejax.masks import to_array as to_array
@@ -101,6 +103,7 @@ __all__ = (
     "Intervention",
     "LatentInterventions",
     "MaskSource",
+    "PatchSubsets",
     "PixelSpace",
     "Reference",
     "RiseMasks",
@@ -126,6 +129,7 @@ __all__ = (
     "masks",
     "metrics",
     "optimised",
+    "patch_subsets",
     "precision",
     "rise",
     "saliency",

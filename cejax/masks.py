@@ -376,9 +376,65 @@ def rise(key: PRNGKey, *, num: int, shape, cells: int = 8, p: float = 0.5) -> Ri
   return RiseMasks(key, int(num), (h, w), int(cells), float(p))
 
 
-# --- the old names, for one release ---------------------------------------------------
+# --- patch subsets ---------------------------------------------------------------------
+
+@_source(data=("key",), meta=("num", "shape", "patch_size", "dropped"))
+class PatchSubsets:
+  """``num`` masks that each intervene on exactly ``dropped`` patches of a ``patch_size``
+  grid, chosen uniformly at random: RISE's random occlusion with a fixed count at patch
+  granularity, the masks a ViT's token drop takes without padding (every mask keeps the
+  same number of tokens).
+
+  Mask ``i`` uses ``fold_in(key, i)``: a random permutation of the patches, whose first
+  ``dropped`` are intervened on (1 on their pixels, 0 elsewhere).
+
+  Attributes:
+    key: PRNG key (the only leaf). num: number of masks. shape: ``(h, w)``.
+    patch_size: the patch side in pixels. dropped: patches intervened on per mask.
+  """
+
+  key: jax.Array
+  num: int
+  shape: tuple[int, int]
+  patch_size: int
+  dropped: int
+
+  def __call__(self, indices):
+    rows, cols = self.shape[0] // self.patch_size, self.shape[1] // self.patch_size
+
+    def one(i):
+      order = jax.random.permutation(jax.random.fold_in(self.key, i), rows * cols)
+      flags = jnp.zeros(rows * cols, jnp.float32).at[order[:self.dropped]].set(1.0)
+      return jnp.repeat(jnp.repeat(flags.reshape(rows, cols), self.patch_size, 0),
+                        self.patch_size, 1)
+
+    return jax.vmap(one)(indices)
 
 
-__all__ = ["ArrayMasks", "Boxes", "Grid", "MaskSource", "RiseMasks", "SlidingWindows",
-           "as_source", "boxes", "grid", "grid_cells", "rise", "rise_cell_size", "rise_grid",
+def patch_subsets(key: PRNGKey, *, num: int, shape, patch_size: int,
+                  keep: float) -> PatchSubsets:
+  """``num`` masks each keeping ``round(keep * patches)`` of the patches (see
+  ``PatchSubsets``); nothing is drawn until a chunk is asked for.
+
+  Raises:
+    ValueError: ``num < 1``, ``keep`` outside [0, 1), or a shape that is not a whole
+      number of ``patch_size`` patches.
+  """
+  h, w = _check_shape(shape)
+  if num < 1:
+    raise ValueError(f"num must be positive, got {num}.")
+  if int(patch_size) < 1 or h % patch_size or w % patch_size:
+    raise ValueError(f"shape {(h, w)} must be a whole number of patch_size x patch_size "
+                     f"patches, got patch_size {patch_size}.")
+  if not 0.0 <= keep < 1.0:
+    raise ValueError(f"keep must be in [0, 1) (the fraction of patches left as they "
+                     f"are), got {keep}.")
+  patches = (h // patch_size) * (w // patch_size)
+  dropped = patches - int(round(keep * patches))
+  return PatchSubsets(key, int(num), (h, w), int(patch_size), int(dropped))
+
+
+__all__ = ["ArrayMasks", "Boxes", "Grid", "MaskSource", "PatchSubsets", "RiseMasks",
+           "SlidingWindows", "as_source", "boxes", "grid", "grid_cells", "patch_subsets",
+           "rise", "rise_cell_size", "rise_grid",
            "rise_upsample", "sliding_windows", "to_array", "window_starts"]

@@ -237,6 +237,43 @@ def test_attention_rollout_equals_the_authors_code_on_timms_attention(pair, resi
     saliency.attention_rollout(weights[0], image_shape=images.shape[1:3])
 
 
+def test_patch_subsets_drop_a_fixed_count_and_token_drop_takes_them_unpadded(pair):
+  """``cejax.patch_subsets``: every mask intervenes on exactly the requested number of
+  whole patches, mask i depends on i alone (the same through any chunking), and each
+  patch is chosen about equally often (400 masks: within 5 standard deviations of
+  the binomial mean). Token drop takes them without padding, and their expected CE
+  equals a Python loop running timm on each reduced sequence."""
+  import cejax
+  from cejax.forwards import tokens
+
+  reference, model, images = pair
+  source = cejax.patch_subsets(jax.random.key(3), num=400, shape=(32, 32), patch_size=8,
+                               keep=0.75)
+  masks = np.asarray(cejax.to_array(source))
+  patches = masks[:, ::8, ::8]  # (400, 4, 4): one value per patch
+  np.testing.assert_array_equal(masks, np.kron(patches, np.ones((8, 8))))
+  assert set(np.unique(masks)) == {0.0, 1.0} and (patches.sum((1, 2)) == 4).all()
+  np.testing.assert_array_equal(np.asarray(source(jnp.array([7, 2]))), masks[[7, 2]])
+  counts = patches.reshape(400, 16).sum(0)  # Binomial(400, 1/4) per patch
+  assert np.abs(counts - 100).max() < 5 * np.sqrt(400 * 0.25 * 0.75), counts
+  first = cejax.patch_subsets(jax.random.key(3), num=12, shape=(32, 32), patch_size=8,
+                              keep=0.75)
+  drop = tokens.from_vit(model, mode="drop")
+  assert not drop.prepare(first, image=jnp.asarray(images[0]), intervention=None).padded
+  got = cejax.causal_effect(drop, jnp.asarray(images[0]), first, batch_size=5)
+  with torch.no_grad():
+    clean = reference(_torch(images[:1]))[0].numpy()
+  p = _softmax(clean.astype(np.float64))
+  want = [np.sum(p * (_softmax(_timm_reduced_logits(reference, images[0], keep)
+                                .astype(np.float64)) - p))
+          for keep in np.asarray(tokens.patch_keep(jnp.asarray(masks[:12]), 8))]
+  np.testing.assert_allclose(np.asarray(got.effects), want, atol=2e-5)
+  with pytest.raises(ValueError, match="whole number of patch_size"):
+    cejax.patch_subsets(jax.random.key(0), num=2, shape=(30, 32), patch_size=8, keep=0.5)
+  with pytest.raises(ValueError, match=r"keep must be in \[0, 1\)"):
+    cejax.patch_subsets(jax.random.key(0), num=2, shape=(32, 32), patch_size=8, keep=1.0)
+
+
 def test_a_plain_jax_vit_works_through_the_protocol():
   """A user's ViT in plain JAX (one attention layer, no Flax): dropping tokens equals the
   model run on the shortened sequence, written without a key mask."""
