@@ -21,7 +21,11 @@ the same weights in both frameworks):
 - ``extremal`` (last, if time is left): images/s of extremal perturbations (TorchRay's
   settings and benchmark areas, 50 iterations) in cejax (``exact``, the areas of all
   images as one batch) and in the PyTorch reference written from TorchRay's algorithm
-  (``tests/torch_extremal_reference.py``, float32, one image at a time as TorchRay runs).
+  (``tests/torch_extremal_reference.py``, float32, one image at a time as TorchRay runs);
+- ``vit`` (if time is left): masks/s of a ViT-S/16 at 224 px on 256 fixed-count patch
+  masks (``cejax.patch_subsets``) keeping 0.5 and 0.25 of the patches: cejax pixel fill,
+  token drop and attention masking (``exact``), timm's model on zero-filled images and
+  timm's blocks on the kept tokens gathered by index (float32, TF32 off).
 
 Each section is time-boxed (``--budget-s``): what does not fit is recorded as skipped,
 and the JSON is rewritten after every measurement, so a run stopped early keeps what
@@ -52,14 +56,17 @@ FULL = dict(size=224, arch=dict(growth=32, blocks=(6, 12, 24, 16), init=64, bn_s
             grid=10, window=16, stride=4, rise=1000, batches=(64, 256), peak_n=8192,
             exact_masks=8, budget_s=330, memory_gb=60.0, seconds=3.0, repeats=2,
             compile_backend="inductor", extremal_images=4, extremal_iterations=50,
-            peak_seconds=1.0)
+            peak_seconds=1.0, vit=dict(img_size=224, patch_size=16, embed_dim=384,
+                                       depth=12, num_heads=6), vit_masks=256,
+            vit_batch=64)
 # The smoke run goes through every section once: one timed call each, and torch.compile
 # with the eager backend (dynamo"s path without a C++ compiler).
 SMOKE = dict(size=16, arch=dict(growth=4, blocks=(1,), init=8, bn_size=2),
              grid=4, window=8, stride=8, rise=8, batches=(8,), peak_n=128,
              exact_masks=4, budget_s=600, memory_gb=0.01, seconds=0.0, repeats=1,
              compile_backend="eager", extremal_images=1, extremal_iterations=2,
-             peak_seconds=0.0)
+             peak_seconds=0.0, vit=dict(img_size=16, patch_size=4, embed_dim=16, depth=1,
+                                        num_heads=2), vit_masks=8, vit_batch=4)
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
@@ -360,6 +367,77 @@ def main(argv=None) -> dict:
   # Compiling 50 iterations of DenseNet-121's forward and backward pass takes a while.
   rec.attempt(["extremal", "cejax"], extremal_cejax, need_s=120)
   rec.attempt(["extremal", "torch"], extremal_torch, need_s=45)
+
+  # ViT (ViT-S/16 at 224 px in the full run): token drop, attention masking and pixel
+  # fill on the same fixed-count patch masks, against timm's model (pixel fill, and
+  # token drop by index gather), the same random weights.
+  def vit_section():
+    import timm_vit  # tests/: timm's VisionTransformer
+
+    from cejax.forwards import tokens
+    from cejax.models import vit
+
+    config = cfg["vit"]
+    side = config["img_size"]
+    torch.manual_seed(0)
+    reference = timm_vit.vision_transformer()(num_classes=14, **config).eval()
+    with torch.no_grad():
+      for param in reference.parameters():
+        param.add_(0.02 * torch.randn_like(param))
+    from flax import nnx
+
+    vit_model = vit.VisionTransformer(num_classes=14, rngs=nnx.Rngs(0), **config)
+    vit.load_timm(vit_model, reference.state_dict())
+    graphdef, state = nnx.split(vit_model)
+    vit_logits = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
+    forwards = {"token drop": tokens.from_vit(vit_model),
+                "attention mask": tokens.from_vit(vit_model, mode="attention")}
+    vit_image = jnp.asarray(rng.normal(size=(side, side, 3)), jnp.float32)
+    ref_d = reference.to(device)
+    x_d = torch.from_numpy(np.asarray(vit_image)).permute(2, 0, 1)[None].to(device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out, batch, patch = {}, cfg["vit_batch"], config["patch_size"]
+    for keep in (0.5, 0.25):
+      source = masks.patch_subsets(jax.random.key(1), num=cfg["vit_masks"],
+                                   shape=(side, side), patch_size=patch, keep=keep)
+      row = {}
+      for name, forward in (("pixel fill", vit_logits), *forwards.items()):
+        kw = {"intervention": "zero"} if name == "pixel fill" else {}
+        run = lambda f=forward, s=source, kw=kw: effects.causal_effect(  # noqa: E731
+            f, vit_image, s, batch_size=batch, precision="exact",
+            **kw).effects.block_until_ready()
+        row[f"cejax {name}"] = timed(run, source.num, seconds=cfg["seconds"],
+                                     repeats=cfg["repeats"])
+      m_np = np.asarray(masks.to_array(source))
+      m_t = torch.from_numpy(m_np).to(device)
+      kept = [torch.from_numpy(np.concatenate(
+          [[0], 1 + np.flatnonzero(m[::patch, ::patch].reshape(-1) < 0.5)])).to(device)
+          for m in m_np]
+
+      def torch_pixel(m_t=m_t):
+        with torch.inference_mode():
+          for i in range(0, len(m_t), batch):
+            ref_d(x_d * (1 - m_t[i:i + batch, None]))
+        if device == "cuda":
+          torch.cuda.synchronize()
+
+      def torch_drop(kept=kept):
+        with torch.inference_mode():
+          embedded = ref_d._pos_embed(ref_d.patch_embed(x_d))[0]
+          for i in range(0, len(kept), batch):
+            tokens_ = torch.stack([embedded[k] for k in kept[i:i + batch]])
+            ref_d.forward_head(ref_d.norm(ref_d.blocks(tokens_)))
+        if device == "cuda":
+          torch.cuda.synchronize()
+
+      row["torch pixel fill"] = timed(torch_pixel, len(m_np), seconds=cfg["seconds"],
+                                      repeats=cfg["repeats"])
+      row["torch token drop"] = timed(torch_drop, len(m_np), seconds=cfg["seconds"],
+                                      repeats=cfg["repeats"])
+      out[f"keep {keep}"] = row
+    return out
+
+  rec.attempt(["vit"], vit_section, need_s=90)
   rec.put(["finished"], time.strftime("%Y-%m-%d %H:%M:%S"))
   return rec.data
 

@@ -30,3 +30,7 @@ def test_gpu_run_smoke_writes_every_section(tmp_path):
     assert set(data["torch"][variant]) == {"grid", "sliding", "rise"}
   for side in ("cejax", "torch"):
     assert data["extremal"][side]["per_s"] > 0 and data["extremal"][side]["iterations"] == 2
+  for keep in ("keep 0.5", "keep 0.25"):
+    for path in ("cejax pixel fill", "cejax token drop", "cejax attention mask",
+                 "torch pixel fill", "torch token drop"):
+      assert data["vit"][keep][path]["per_s"] > 0, (keep, path)
