@@ -9,7 +9,8 @@ their maps are upsampled bilinearly to the image size. Scores are target *logits
 as in the papers. Random methods take an explicit ``key``.
 
 ``attention_rollout`` (Abnar & Zuidema 2020) maps a Vision Transformer's attention
-weights instead of calling a model.
+weights instead of calling a model; ``attention_relevance`` (Chefer et al. 2021)
+weights them by their gradients.
 
 Each method is compiled once (``cejax._compile.jit``): eager calls with the same model
 functions, hyperparameters and shapes reuse one program. Called eagerly, a target
@@ -27,6 +28,7 @@ import numpy as np
 from cejax import effects as effects_lib
 from cejax import estimands, interventions, metrics
 from cejax import masks as masks_lib
+from cejax import precision as precision_lib
 from cejax._compile import jit, output_shape
 from cejax._validation import check_channels_last
 from cejax.types import ClassifyFn, FeaturesFn, Images, LogitsFn, Maps, PRNGKey, Targets
@@ -437,4 +439,53 @@ def attention_rollout(attentions, *, image_shape: tuple[int, int], residual: boo
     a = a / a.sum(-1, keepdims=True)
   joint = jax.lax.fori_loop(1, a.shape[0], lambda i, r: a[i] @ r, a[0])
   maps = joint[:, 0, num_prefix:].reshape(-1, rows, cols)
+  return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)
+
+
+@precision_lib.applied
+def attention_relevance(model, images: Images, targets: Targets) -> Maps:
+  """Gradient-weighted attention relevance of a Vision Transformer (Chefer, Gur & Wolf,
+  "Generic Attention-model Explainability for Interpreting Bi-Modal and
+  Encoder-Decoder Transformers", ICCV 2021, their rule for self-attention): per block
+  ``A_bar = mean_heads((dy_t/dA * A)^+)`` and ``R <- R + A_bar R`` from ``R = I``; the
+  map is the class token's row of ``R`` over the patches, each patch's value on its
+  pixels. (Their CVPR 2021 method weights LRP relevance instead of the attention
+  weights; it is not this function.)
+
+  Args:
+    model: a ``cejax.models.vit.VisionTransformer`` (``attentions`` and
+      ``logits_with_attention_offsets``).
+    images: ``(n, h, w, c)``.
+    targets: int ``(n,)``, the classes whose logits ``y_t`` are explained.
+
+  Returns:
+    Maps ``(n, h, w)``, computed under the precision policy in force (``exact`` by
+    default).
+
+  Raises:
+    ValueError: images not ``(n, h, w, c)`` floats, or targets not integer classes of
+      the model.
+  """
+  images = jnp.asarray(images)
+  targets = jnp.asarray(targets)
+  _check(images, targets)
+  if not isinstance(targets, jax.core.Tracer) and (
+      (targets < 0) | (targets >= model.num_classes)).any():
+    raise ValueError(f"targets must be classes in [0, {model.num_classes}), got "
+                     f"{np.asarray(targets).tolist()}.")
+  weights = model.attentions(images)  # (L, n, H, T, T)
+
+  def score(offsets):
+    logits = model.logits_with_attention_offsets(images, offsets)
+    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
+
+  grads = jax.grad(score)(jnp.zeros_like(weights))
+  cams = jnp.maximum(grads * weights, 0.0).mean(2)  # (L, n, T, T)
+  tokens = weights.shape[-1]
+  relevance = jax.lax.fori_loop(
+      0, cams.shape[0], lambda i, r: r + cams[i] @ r,
+      jnp.broadcast_to(jnp.eye(tokens, dtype=cams.dtype), cams.shape[1:]))
+  h, w = images.shape[1:3]
+  rows, cols = model.grid
+  maps = relevance[:, 0, 1:].reshape(-1, rows, cols)
   return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)

@@ -274,6 +274,58 @@ def test_patch_subsets_drop_a_fixed_count_and_token_drop_takes_them_unpadded(pai
     cejax.patch_subsets(jax.random.key(0), num=2, shape=(32, 32), patch_size=8, keep=1.0)
 
 
+def _chefer_relevance(cams, grads):
+  """Chefer et al.'s ICCV'21 rule for self-attention (hila-chefer/
+  Transformer-MM-Explainability, ``avg_heads``, ``apply_self_attention_rules`` and the
+  loop of ``generate_relevance``), transcribed in float64 for one image:
+  ``cams``/``grads`` are ``(layers, heads, T, T)``."""
+  num_tokens = cams.shape[-1]
+  relevance = np.eye(num_tokens)
+  for cam, grad in zip(cams, grads, strict=True):
+    cam = np.clip(grad * cam, 0, None).mean(0)  # avg_heads
+    relevance = relevance + cam @ relevance  # apply_self_attention_rules
+  return relevance[0, 1:]
+
+
+def test_attention_relevance_equals_chefers_rule_on_timms_attention_and_gradients(pair):
+  """timm's attention weights and their gradients (hooks at each block's attention
+  dropout, the unfused path; the target logits summed over the batch and
+  backpropagated) through the authors' rule in float64, against
+  ``saliency.attention_relevance`` on the same weights. Targets out of range are named."""
+  from cejax import saliency
+
+  reference, model, images = pair
+  targets = np.array([0, 3, 1])
+  cams, grads = [], []
+
+  def keep(module, args, out):
+    cams.append(out)
+    out.register_hook(lambda g: grads.append(g))
+
+  hooks = []
+  for block in reference.blocks:
+    block.attn.fused_attn = False
+    hooks.append(block.attn.attn_drop.register_forward_hook(keep))
+  try:
+    logits = reference(_torch(images))
+    logits.gather(1, torch.from_numpy(targets)[:, None]).sum().backward()
+  finally:
+    for hook in hooks:
+      hook.remove()
+    for block in reference.blocks:
+      block.attn.fused_attn = True
+  cams = np.stack([c.detach().double().numpy() for c in cams])  # (L, n, H, T, T)
+  grads = np.stack([g.double().numpy() for g in grads[::-1]])  # backward order reversed
+  got = np.asarray(saliency.attention_relevance(model, jnp.asarray(images), targets))
+  size, patch = images.shape[1], model.patch_size
+  for i in range(len(images)):
+    want = _chefer_relevance(cams[:, i], grads[:, i]).reshape(size // patch, -1)
+    np.testing.assert_allclose(got[i], np.kron(want, np.ones((patch, patch))), atol=1e-5)
+    assert np.ptp(want) > 1e-3
+  with pytest.raises(ValueError, match=r"targets must be classes in \[0, 5\)"):
+    saliency.attention_relevance(model, jnp.asarray(images), np.array([0, 5, 1]))
+
+
 def test_a_plain_jax_vit_works_through_the_protocol():
   """A user's ViT in plain JAX (one attention layer, no Flax): dropping tokens equals the
   model run on the shortened sequence, written without a key mask."""

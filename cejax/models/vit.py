@@ -64,9 +64,13 @@ class Attention(nnx.Module):
       scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
     return jax.nn.softmax(scores, axis=-1), v
 
-  def __call__(self, x, key_mask=None):
+  def __call__(self, x, key_mask=None, offset=None):
+    """``offset (n, heads, T, T)``, added to the attention weights, exists for its
+    gradient: at zero it is the gradient with respect to the weights."""
     n, t, dim = x.shape
     attn, v = self.weights(x, key_mask)
+    if offset is not None:
+      attn = attn + offset
     out = jnp.einsum("nhqk,nhkd->nqhd", attn, v).reshape(n, t, dim)
     return self.proj(out)
 
@@ -89,8 +93,8 @@ class Block(nnx.Module):
     self.norm2 = _layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, key_mask=None):
-    x = x + self.attn(self.norm1(x), key_mask)
+  def __call__(self, x, key_mask=None, offset=None):
+    x = x + self.attn(self.norm1(x), key_mask, offset)
     return x + self.mlp(self.norm2(x))
 
 
@@ -150,6 +154,16 @@ class VisionTransformer(nnx.Module):
       weights.append(block.attn.weights(block.norm1(tokens))[0])
       tokens = block(tokens)
     return jnp.stack(weights)
+
+  def logits_with_attention_offsets(self, images, offsets):
+    """Logits with ``offsets (depth, n, heads, T, T)`` added to every block's attention
+    weights: its gradient at zero offsets is the gradient of the logits with respect to
+    the attention weights (for ``cejax.saliency.attention_relevance``)."""
+    prefix, patches = self.embed(images)
+    tokens = jnp.concatenate([prefix, patches], 1)
+    for block, offset in zip(self.blocks_, offsets, strict=True):
+      tokens = block(tokens, None, offset)
+    return self.head(self.norm(tokens))
 
   def head(self, tokens):
     """Logits ``(n, k)`` from the class token of the encoded ``tokens``."""
