@@ -489,3 +489,53 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
   rows, cols = model.grid
   maps = relevance[:, 0, 1:].reshape(-1, rows, cols)
   return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)
+
+
+@precision_lib.applied
+def token_grad_cam(model, images: Images, targets: Targets, *, layer: int = -1) -> Maps:
+  """Grad-CAM on a Vision Transformer's patch tokens (Selvaraju et al. 2017, in
+  pytorch-grad-cam's ViT recipe: the tokens of ``blocks[layer].norm1``, the class token
+  dropped and the patch tokens laid out on their grid as channels): per image, channel
+  weights ``w_c`` = the mean over patches of ``dy_t / dA_c``, and the map
+  ``ReLU(sum_c w_c A_c)`` per patch, each patch's value on its pixels.
+
+  Unlike pytorch-grad-cam, the map is not rescaled to [0, 1] per image nor resized
+  bilinearly: the values are Grad-CAM's own, constant on each patch.
+
+  Args:
+    model: a ``cejax.models.vit.VisionTransformer``.
+    images: ``(n, h, w, c)``.
+    targets: int ``(n,)``, the classes whose logits ``y_t`` are explained.
+    layer: the block whose ``norm1`` tokens are used (default the last).
+
+  Returns:
+    Maps ``(n, h, w)``, under the precision policy in force (``exact`` by default).
+
+  Raises:
+    ValueError: images not ``(n, h, w, c)`` floats, targets not integer classes of the
+      model, or a layer the model does not have.
+  """
+  images = jnp.asarray(images)
+  targets = jnp.asarray(targets)
+  _check(images, targets)
+  if not isinstance(targets, jax.core.Tracer) and (
+      (targets < 0) | (targets >= model.num_classes)).any():
+    raise ValueError(f"targets must be classes in [0, {model.num_classes}), got "
+                     f"{np.asarray(targets).tolist()}.")
+  depth = len(model.blocks_)
+  if not -depth <= layer < depth:
+    raise ValueError(f"layer must be a block index in [{-depth}, {depth}), got {layer}.")
+  activations = model.norm1_tokens(images, layer)  # (n, T, D)
+
+  def score(tap):
+    logits = model.logits_with_norm1_tap(images, layer, tap)
+    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
+
+  grads = jax.grad(score)(jnp.zeros_like(activations))
+  patches, grads = activations[:, 1:], grads[:, 1:]  # the class token dropped
+  weights = grads.mean(1)  # (n, D): the mean over the patch grid
+  cams = jnp.maximum(jnp.einsum("nd,ntd->nt", weights, patches), 0.0)
+  h, w = images.shape[1:3]
+  rows, cols = model.grid
+  maps = cams.reshape(-1, rows, cols)
+  return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)

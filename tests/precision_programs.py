@@ -68,6 +68,11 @@ def programs():
   attack = dict(eps=0.05, space=space)
   optimised = dict(areas=(0.2,), iterations=2, step=3, sigma=5.0)
   ae = autoencoder.FeatureAutoencoder(6, code_channels=2, rngs=nnx.Rngs(0))
+  from cejax.models import vit
+
+  vit_model = vit.VisionTransformer(img_size=8, patch_size=4, in_channels=C, embed_dim=8,
+                                    depth=1, num_heads=2, num_classes=K, rngs=nnx.Rngs(0))
+  vit_images = jnp.stack([image[:8, :8], -image[:8, :8]])
   return {
       "causal_effect, full forward": ("lower", lambda: effects.causal_effect(
           logits_fn, image, grid, batch_size=4).effects),
@@ -134,6 +139,10 @@ def programs():
           features_fn, [images], features=6, code_channels=2, steps=1)),
       "autoencoder.fidelity": ("run", lambda: autoencoder.fidelity(
           logits_fn, features_fn, classify_fn, ae, images)),
+      "saliency.attention_relevance (ViT)": ("run", lambda: saliency.attention_relevance(
+          vit_model, vit_images, targets)),
+      "saliency.token_grad_cam (ViT)": ("run", lambda: saliency.token_grad_cam(
+          vit_model, vit_images, targets)),
   }
 
 

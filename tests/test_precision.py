@@ -142,7 +142,7 @@ def test_every_public_program_applies_the_policy_itself():
       out, err = proc.communicate(timeout=600)
       assert proc.returncode == 0, err[-3000:]
       found[mode] = json.loads(out.strip().splitlines()[-1])
-  assert len(found["exact"]) == 30 and found["exact"].keys() == found["tf32"].keys()
+  assert len(found["exact"]) == 32 and found["exact"].keys() == found["tf32"].keys()
   for name, precisions in found["exact"].items():
     assert precisions == ["HIGHEST,HIGHEST"], (name, precisions)
   for name, precisions in found["tf32"].items():

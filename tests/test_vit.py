@@ -326,6 +326,62 @@ def test_attention_relevance_equals_chefers_rule_on_timms_attention_and_gradient
     saliency.attention_relevance(model, jnp.asarray(images), np.array([0, 5, 1]))
 
 
+def _pytorch_grad_cam(activations, grads, rows, cols):
+  """pytorch-grad-cam's GradCAM on a ViT (jacobgil/pytorch-grad-cam: the tutorial's
+  ``reshape_transform``, ``GradCAM.get_cam_weights``, ``BaseCAM.get_cam_image`` and the
+  ReLU of ``compute_cam_per_layer``), transcribed in float64 for ``(n, T, D)`` tokens;
+  returns the cam before ``scale_cam_image`` and that min-max scaling (without its
+  cv2 resize)."""
+  def reshape_transform(tensor):
+    result = tensor[:, 1:, :].reshape(tensor.shape[0], rows, cols, tensor.shape[2])
+    return result.transpose(0, 3, 1, 2)  # (n, C, h, w)
+
+  activations, grads = reshape_transform(activations), reshape_transform(grads)
+  weights = np.mean(grads, axis=(2, 3))
+  cam = (weights[:, :, None, None] * activations).sum(axis=1)
+  cam = np.maximum(cam, 0)
+  scaled = [(c - c.min()) / (1e-7 + (c - c.min()).max()) for c in cam]
+  return cam, np.stack(scaled)
+
+
+def test_token_grad_cam_equals_pytorch_grad_cams_vit_recipe_on_timm(pair):
+  """timm's tokens at ``blocks[-1].norm1`` and their gradients (hooks), through
+  pytorch-grad-cam's GradCAM transcribed in float64: equal to ``token_grad_cam`` on the
+  patch grid; the documented difference (no per-image [0, 1] scaling) is exactly the
+  scaling. Bad targets and layers are named."""
+  from cejax import saliency
+
+  reference, model, images = pair
+  targets = np.array([2, 0, 4])
+  acts, grads = [], []
+
+  def keep(module, args, out):
+    acts.append(out)
+    out.register_hook(lambda g: grads.append(g))
+
+  hook = reference.blocks[-1].norm1.register_forward_hook(keep)
+  try:
+    logits = reference(_torch(images))
+    logits.gather(1, torch.from_numpy(targets)[:, None]).sum().backward()
+  finally:
+    hook.remove()
+  rows = images.shape[1] // model.patch_size
+  cam, scaled = _pytorch_grad_cam(acts[0].detach().double().numpy(),
+                                  grads[0].double().numpy(), rows, rows)
+  got = np.asarray(saliency.token_grad_cam(model, jnp.asarray(images), targets))
+  patch = model.patch_size
+  np.testing.assert_allclose(got, np.kron(cam, np.ones((1, patch, patch))), atol=1e-5)
+  assert (cam.max((1, 2)) > 1e-3).all()
+  ours = got[:, ::patch, ::patch]
+  ours = (ours - ours.min((1, 2), keepdims=True)) / (
+      1e-7 + (ours - ours.min((1, 2), keepdims=True)).max((1, 2), keepdims=True))
+  np.testing.assert_allclose(ours, scaled, atol=1e-4)
+  with pytest.raises(ValueError, match=r"targets must be classes in \[0, 5\)"):
+    saliency.token_grad_cam(model, jnp.asarray(images), np.array([0, -1, 1]))
+  with pytest.raises(ValueError, match=r"layer must be a block index in \[-2, 2\)"):
+    saliency.token_grad_cam(model, jnp.asarray(images), targets, layer=2)
+
+
 def test_a_plain_jax_vit_works_through_the_protocol():
   """A user's ViT in plain JAX (one attention layer, no Flax): dropping tokens equals the
   model run on the shortened sequence, written without a key mask."""

@@ -93,8 +93,11 @@ class Block(nnx.Module):
     self.norm2 = _layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, key_mask=None, offset=None):
-    x = x + self.attn(self.norm1(x), key_mask, offset)
+  def __call__(self, x, key_mask=None, offset=None, tap=None):
+    """``offset``: added to the attention weights; ``tap (n, T, D)``: added to
+    ``norm1``'s output. Both exist for their gradients (at zero)."""
+    normed = self.norm1(x) if tap is None else self.norm1(x) + tap
+    x = x + self.attn(normed, key_mask, offset)
     return x + self.mlp(self.norm2(x))
 
 
@@ -163,6 +166,25 @@ class VisionTransformer(nnx.Module):
     tokens = jnp.concatenate([prefix, patches], 1)
     for block, offset in zip(self.blocks_, offsets, strict=True):
       tokens = block(tokens, None, offset)
+    return self.head(self.norm(tokens))
+
+  def norm1_tokens(self, images, layer: int):
+    """The tokens ``(n, T, D)`` that block ``layer``'s ``norm1`` puts out (the layer
+    pytorch-grad-cam's ViT recipe targets, ``blocks[-1].norm1``)."""
+    prefix, patches = self.embed(images)
+    tokens = jnp.concatenate([prefix, patches], 1)
+    for block in self.blocks_[:layer % len(self.blocks_)]:
+      tokens = block(tokens)
+    return self.blocks_[layer].norm1(tokens)
+
+  def logits_with_norm1_tap(self, images, layer: int, tap):
+    """Logits with ``tap (n, T, D)`` added to block ``layer``'s ``norm1`` output: its
+    gradient at zero is the gradient of the logits with respect to those tokens."""
+    prefix, patches = self.embed(images)
+    tokens = jnp.concatenate([prefix, patches], 1)
+    index = layer % len(self.blocks_)
+    for i, block in enumerate(self.blocks_):
+      tokens = block(tokens, tap=tap if i == index else None)
     return self.head(self.norm(tokens))
 
   def head(self, tokens):
