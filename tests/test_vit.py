@@ -382,6 +382,46 @@ def test_token_grad_cam_equals_pytorch_grad_cams_vit_recipe_on_timm(pair):
     saliency.token_grad_cam(model, jnp.asarray(images), targets, layer=2)
 
 
+def test_token_grad_cam_equals_pytorch_grad_cam_itself(pair):
+  """pytorch-grad-cam's own ``GradCAM`` on timm's model (``target_layers`` the last
+  block's ``norm1``, its ViT tutorial's ``reshape_transform``): its maps are our patch
+  values min-max scaled per image, resized bilinearly by cv2 and scaled again (its
+  multi-layer aggregation), the documented difference; applied to our values, they
+  agree."""
+  import cv2
+  from pytorch_grad_cam import GradCAM
+  from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+  from cejax import saliency
+
+  reference, model, images = pair
+  targets = [2, 0, 4]
+  rows = images.shape[1] // model.patch_size
+
+  def reshape_transform(tensor):
+    result = tensor[:, 1:, :].reshape(tensor.size(0), rows, rows, tensor.size(2))
+    return result.transpose(2, 3).transpose(1, 2)
+
+  with GradCAM(model=reference, target_layers=[reference.blocks[-1].norm1],
+               reshape_transform=reshape_transform) as cam:
+    theirs = cam(input_tensor=_torch(images),
+                 targets=[ClassifierOutputTarget(t) for t in targets])
+  ours = np.asarray(saliency.token_grad_cam(model, jnp.asarray(images),
+                                            np.array(targets)))[:, ::model.patch_size,
+                                                                ::model.patch_size]
+  side = images.shape[1]
+
+  def scale(img):  # pytorch-grad-cam's scale_cam_image, per image
+    img = img - np.min(img)
+    return img / (1e-7 + np.max(img))
+
+  for got, want in zip(ours, theirs, strict=True):
+    # Scaled per layer, resized, then (aggregate_multi_layer) scaled again.
+    resized = scale(cv2.resize(scale(got).astype(np.float32), (side, side)))
+    np.testing.assert_allclose(resized, want, atol=1e-4)
+    assert np.ptp(want) > 0.5
+
+
 def test_a_plain_jax_vit_works_through_the_protocol():
   """A user's ViT in plain JAX (one attention layer, no Flax): dropping tokens equals the
   model run on the shortened sequence, written without a key mask."""
