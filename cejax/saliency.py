@@ -396,6 +396,21 @@ def occlusion(logits_fn: LogitsFn, images: Images, targets: Targets, *,
   return jax.lax.map(lambda a: one(*a), (images, targets))
 
 
+def _on_patches(maps, image_shape):
+  """Patch-grid maps ``(n, rows, cols)`` at pixel resolution: each patch's value on its
+  pixels."""
+  (h, w), (rows, cols) = image_shape, maps.shape[1:]
+  return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)
+
+
+def _check_classes(targets, num_classes: int):
+  """Concrete targets outside ``[0, num_classes)`` are refused by name."""
+  if not isinstance(targets, jax.core.Tracer) and (
+      (targets < 0) | (targets >= num_classes)).any():
+    raise ValueError(f"targets must be classes in [0, {num_classes}), got "
+                     f"{np.asarray(targets).tolist()}.")
+
+
 def attention_rollout(attentions, *, image_shape: tuple[int, int], residual: bool = True,
                       num_prefix: int = 1) -> Maps:
   """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers",
@@ -438,8 +453,7 @@ def attention_rollout(attentions, *, image_shape: tuple[int, int], residual: boo
     a = a + jnp.eye(a.shape[-1], dtype=a.dtype)
     a = a / a.sum(-1, keepdims=True)
   joint = jax.lax.fori_loop(1, a.shape[0], lambda i, r: a[i] @ r, a[0])
-  maps = joint[:, 0, num_prefix:].reshape(-1, rows, cols)
-  return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)
+  return _on_patches(joint[:, 0, num_prefix:].reshape(-1, rows, cols), (h, w))
 
 
 @precision_lib.applied
@@ -469,10 +483,7 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
   images = jnp.asarray(images)
   targets = jnp.asarray(targets)
   _check(images, targets)
-  if not isinstance(targets, jax.core.Tracer) and (
-      (targets < 0) | (targets >= model.num_classes)).any():
-    raise ValueError(f"targets must be classes in [0, {model.num_classes}), got "
-                     f"{np.asarray(targets).tolist()}.")
+  _check_classes(targets, model.num_classes)
   weights = model.attentions(images)  # (L, n, H, T, T)
 
   def score(offsets):
@@ -485,10 +496,7 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
   relevance = jax.lax.fori_loop(
       0, cams.shape[0], lambda i, r: r + cams[i] @ r,
       jnp.broadcast_to(jnp.eye(tokens, dtype=cams.dtype), cams.shape[1:]))
-  h, w = images.shape[1:3]
-  rows, cols = model.grid
-  maps = relevance[:, 0, 1:].reshape(-1, rows, cols)
-  return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)
+  return _on_patches(relevance[:, 0, 1:].reshape(-1, *model.grid), images.shape[1:3])
 
 
 @precision_lib.applied
@@ -518,10 +526,7 @@ def token_grad_cam(model, images: Images, targets: Targets, *, layer: int = -1) 
   images = jnp.asarray(images)
   targets = jnp.asarray(targets)
   _check(images, targets)
-  if not isinstance(targets, jax.core.Tracer) and (
-      (targets < 0) | (targets >= model.num_classes)).any():
-    raise ValueError(f"targets must be classes in [0, {model.num_classes}), got "
-                     f"{np.asarray(targets).tolist()}.")
+  _check_classes(targets, model.num_classes)
   depth = len(model.blocks_)
   if not -depth <= layer < depth:
     raise ValueError(f"layer must be a block index in [{-depth}, {depth}), got {layer}.")
@@ -535,7 +540,4 @@ def token_grad_cam(model, images: Images, targets: Targets, *, layer: int = -1) 
   patches, grads = activations[:, 1:], grads[:, 1:]  # the class token dropped
   weights = grads.mean(1)  # (n, D): the mean over the patch grid
   cams = jnp.maximum(jnp.einsum("nd,ntd->nt", weights, patches), 0.0)
-  h, w = images.shape[1:3]
-  rows, cols = model.grid
-  maps = cams.reshape(-1, rows, cols)
-  return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)
+  return _on_patches(cams.reshape(-1, *model.grid), images.shape[1:3])
