@@ -19,8 +19,6 @@ difference; from TorchRay's all-ones start, exact ties let them part at round-of
 import argparse
 import datetime
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,14 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-
-def _cpu() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                if line.startswith("Model name"))
-  except (OSError, StopIteration, subprocess.CalledProcessError):
-    return platform.processor()
+import _provenance  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def main():
@@ -98,7 +89,8 @@ def main():
 
   record = {
       "benchmark": "extremal_speed", "date": datetime.date.today().isoformat(),
-      "command": "python " + " ".join(sys.argv), "cpu": _cpu(), "cores": args.devices,
+      "command": "python " + " ".join(sys.argv), "cpu": _provenance.cpu(),
+      "cores": args.devices,
       "model": "densenet121 (torchvision layout, random weights, 14 classes)",
       "size": args.size, "images": args.images, "areas": areas,
       "iterations": args.iterations, "batch_size": args.batch_size,

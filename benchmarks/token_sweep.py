@@ -31,7 +31,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,22 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-
-def _cpu() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                if line.startswith("Model name"))
-  except (OSError, StopIteration, subprocess.CalledProcessError):
-    return platform.processor()
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                          capture_output=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+import _provenance  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def patch_masks(rng, num, grid, dropped, patch):
@@ -251,8 +235,8 @@ def main(argv=None):
   rows = [measure(float(k)) for k in args.keeps.split(",")]
 
   record = {"benchmark": "token_sweep", "date": datetime.date.today().isoformat(),
-            "command": "python " + " ".join(sys.argv), "commit": _commit(),
-            "machine": {"cpu": _cpu(), "cores": args.devices,
+            "command": "python " + " ".join(sys.argv), "commit": _provenance.commit(),
+            "machine": {"cpu": _provenance.cpu(), "cores": args.devices,
                         "python": platform.python_version(), "jax": jax.__version__,
                         "torch": torch.__version__},
             "model": dict(config, classes=args.classes), "batch_size": args.batch_size,

@@ -199,6 +199,36 @@ def _joint_attention(att_mat, add_residual=True):
   return joint_attentions
 
 
+def _timm_capture(reference, images, modules, targets=None):
+  """The outputs of timm's ``modules`` on ``images`` (forward hooks; attention on its
+  unfused path, where ``attn_drop`` sees the weights), float64 ``(len(modules), ...)``,
+  and, given ``targets``, their gradients of the target logits summed over the batch
+  (in the modules' order), else None."""
+  outs, grads, hooks = [], [], []
+
+  def keep(module, args, out):
+    outs.append(out)
+    if targets is not None:
+      out.register_hook(grads.append)
+
+  for block in reference.blocks:
+    block.attn.fused_attn = False
+  for module in modules:
+    hooks.append(module.register_forward_hook(keep))
+  try:
+    with torch.set_grad_enabled(targets is not None):
+      logits = reference(_torch(images))
+      if targets is not None:
+        logits.gather(1, torch.from_numpy(targets)[:, None]).sum().backward()
+  finally:
+    for hook in hooks:
+      hook.remove()
+    for block in reference.blocks:
+      block.attn.fused_attn = True
+  stack = lambda xs: np.stack([x.detach().double().numpy() for x in xs])  # noqa: E731
+  return stack(outs), (stack(grads[::-1]) if targets is not None else None)  # backward order
+
+
 @pytest.mark.parametrize("residual", [True, False])
 def test_attention_rollout_equals_the_authors_code_on_timms_attention(pair, residual):
   """The attention weights are timm's (captured at each block's attention dropout, the
@@ -207,27 +237,15 @@ def test_attention_rollout_equals_the_authors_code_on_timms_attention(pair, resi
   from cejax import saliency
 
   reference, model, images = pair
-  captured = []
-  hooks = []
-  for block in reference.blocks:
-    block.attn.fused_attn = False
-    hooks.append(block.attn.attn_drop.register_forward_hook(
-        lambda module, args, out: captured.append(out.detach().double().numpy())))
-  try:
-    with torch.no_grad():
-      reference(_torch(images))
-  finally:
-    for hook in hooks:
-      hook.remove()
-    for block in reference.blocks:
-      block.attn.fused_attn = True
+  captured, _ = _timm_capture(reference, images,
+                              [block.attn.attn_drop for block in reference.blocks])
   weights = model.attentions(jnp.asarray(images))
-  np.testing.assert_allclose(np.asarray(weights), np.stack(captured), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(weights), captured, atol=1e-5)
   got = saliency.attention_rollout(weights, image_shape=images.shape[1:3],
                                    residual=residual)
   size, patch = images.shape[1], model.patch_size
   for i in range(len(images)):
-    joint = _joint_attention(np.stack(captured)[:, i].mean(1), add_residual=residual)
+    joint = _joint_attention(captured[:, i].mean(1), add_residual=residual)
     want = joint[-1][0, 1:].reshape(size // patch, size // patch)
     want = np.kron(want, np.ones((patch, patch)))
     np.testing.assert_allclose(np.asarray(got[i]), want, atol=1e-5)
@@ -296,26 +314,8 @@ def test_attention_relevance_equals_chefers_rule_on_timms_attention_and_gradient
 
   reference, model, images = pair
   targets = np.array([0, 3, 1])
-  cams, grads = [], []
-
-  def keep(module, args, out):
-    cams.append(out)
-    out.register_hook(lambda g: grads.append(g))
-
-  hooks = []
-  for block in reference.blocks:
-    block.attn.fused_attn = False
-    hooks.append(block.attn.attn_drop.register_forward_hook(keep))
-  try:
-    logits = reference(_torch(images))
-    logits.gather(1, torch.from_numpy(targets)[:, None]).sum().backward()
-  finally:
-    for hook in hooks:
-      hook.remove()
-    for block in reference.blocks:
-      block.attn.fused_attn = True
-  cams = np.stack([c.detach().double().numpy() for c in cams])  # (L, n, H, T, T)
-  grads = np.stack([g.double().numpy() for g in grads[::-1]])  # backward order reversed
+  cams, grads = _timm_capture(reference, images,  # (L, n, H, T, T) each
+                              [block.attn.attn_drop for block in reference.blocks], targets)
   got = np.asarray(saliency.attention_relevance(model, jnp.asarray(images), targets))
   size, patch = images.shape[1], model.patch_size
   for i in range(len(images)):
@@ -353,21 +353,9 @@ def test_token_grad_cam_equals_pytorch_grad_cams_vit_recipe_on_timm(pair):
 
   reference, model, images = pair
   targets = np.array([2, 0, 4])
-  acts, grads = [], []
-
-  def keep(module, args, out):
-    acts.append(out)
-    out.register_hook(lambda g: grads.append(g))
-
-  hook = reference.blocks[-1].norm1.register_forward_hook(keep)
-  try:
-    logits = reference(_torch(images))
-    logits.gather(1, torch.from_numpy(targets)[:, None]).sum().backward()
-  finally:
-    hook.remove()
+  acts, grads = _timm_capture(reference, images, [reference.blocks[-1].norm1], targets)
   rows = images.shape[1] // model.patch_size
-  cam, scaled = _pytorch_grad_cam(acts[0].detach().double().numpy(),
-                                  grads[0].double().numpy(), rows, rows)
+  cam, scaled = _pytorch_grad_cam(acts[0], grads[0], rows, rows)
   got = np.asarray(saliency.token_grad_cam(model, jnp.asarray(images), targets))
   patch = model.patch_size
   np.testing.assert_allclose(got, np.kron(cam, np.ones((1, patch, patch))), atol=1e-5)
