@@ -467,8 +467,7 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
   weights; it is not this function.)
 
   Args:
-    model: a ``cejax.models.vit.VisionTransformer`` (``attentions`` and
-      ``logits_with_attention_offsets``).
+    model: a ``cejax.models.vit.VisionTransformer`` (its ``trace``).
     images: ``(n, h, w, c)``.
     targets: int ``(n,)``, the classes whose logits ``y_t`` are explained.
 
@@ -484,15 +483,17 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
   targets = jnp.asarray(targets)
   _check(images, targets)
   _check_classes(targets, model.num_classes)
-  weights = model.attentions(images)  # (L, n, H, T, T)
+  tokens = 1 + model.num_patches
+  shape = (len(model.blocks_), images.shape[0], model.blocks_[0].attn.num_heads, tokens,
+           tokens)
 
   def score(offsets):
-    logits = model.logits_with_attention_offsets(images, offsets)
-    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
+    logits, weights, _ = model.trace(images, offsets=offsets)
+    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum(), weights
 
-  grads = jax.grad(score)(jnp.zeros_like(weights))
+  # One forward and backward pass: the weights (L, n, H, T, T) and their gradients.
+  grads, weights = jax.grad(score, has_aux=True)(jnp.zeros(shape, images.dtype))
   cams = jnp.maximum(grads * weights, 0.0).mean(2)  # (L, n, T, T)
-  tokens = weights.shape[-1]
   relevance = jax.lax.fori_loop(
       0, cams.shape[0], lambda i, r: r + cams[i] @ r,
       jnp.broadcast_to(jnp.eye(tokens, dtype=cams.dtype), cams.shape[1:]))
@@ -530,13 +531,13 @@ def token_grad_cam(model, images: Images, targets: Targets, *, layer: int = -1) 
   depth = len(model.blocks_)
   if not -depth <= layer < depth:
     raise ValueError(f"layer must be a block index in [{-depth}, {depth}), got {layer}.")
-  activations = model.norm1_tokens(images, layer)  # (n, T, D)
-
   def score(tap):
-    logits = model.logits_with_norm1_tap(images, layer, tap)
-    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
+    logits, _, tokens = model.trace(images, tap=tap, layer=layer)
+    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum(), tokens
 
-  grads = jax.grad(score)(jnp.zeros_like(activations))
+  # One forward and backward pass: norm1's tokens (n, T, D) and their gradients.
+  grads, activations = jax.grad(score, has_aux=True)(
+      jnp.zeros((images.shape[0], 1 + model.num_patches, model.embed_dim), images.dtype))
   patches, grads = activations[:, 1:], grads[:, 1:]  # the class token dropped
   weights = grads.mean(1)  # (n, D): the mean over the patch grid
   cams = jnp.maximum(jnp.einsum("nd,ntd->nt", weights, patches), 0.0)

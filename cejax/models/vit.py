@@ -64,15 +64,17 @@ class Attention(nnx.Module):
       scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
     return jax.nn.softmax(scores, axis=-1), v
 
-  def __call__(self, x, key_mask=None, offset=None):
-    """``offset (n, heads, T, T)``, added to the attention weights, exists for its
-    gradient: at zero it is the gradient with respect to the weights."""
+  def forward(self, x, key_mask=None, offset=None):
+    """``(output, attention weights)``. ``offset (n, heads, T, T)``, added to the
+    weights, exists for its gradient: at zero, the gradient with respect to them."""
     n, t, dim = x.shape
     attn, v = self.weights(x, key_mask)
-    if offset is not None:
-      attn = attn + offset
-    out = jnp.einsum("nhqk,nhkd->nqhd", attn, v).reshape(n, t, dim)
-    return self.proj(out)
+    mixed = attn if offset is None else attn + offset
+    out = jnp.einsum("nhqk,nhkd->nqhd", mixed, v).reshape(n, t, dim)
+    return self.proj(out), attn
+
+  def __call__(self, x, key_mask=None):
+    return self.forward(x, key_mask)[0]
 
 
 class Mlp(nnx.Module):
@@ -93,12 +95,18 @@ class Block(nnx.Module):
     self.norm2 = _layer_norm(dim, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, key_mask=None, offset=None, tap=None):
-    """``offset``: added to the attention weights; ``tap (n, T, D)``: added to
-    ``norm1``'s output. Both exist for their gradients (at zero)."""
-    normed = self.norm1(x) if tap is None else self.norm1(x) + tap
-    x = x + self.attn(normed, key_mask, offset)
-    return x + self.mlp(self.norm2(x))
+  def forward(self, x, key_mask=None, offset=None, tap=None):
+    """``(output, attention weights, norm1's output)``. ``offset``: added to the
+    attention weights; ``tap (n, T, D)``: added to ``norm1``'s output. Both exist for
+    their gradients (at zero)."""
+    normed = self.norm1(x)
+    attended, attn = self.attn.forward(normed if tap is None else normed + tap, key_mask,
+                                       offset)
+    x = x + attended
+    return x + self.mlp(self.norm2(x)), attn, normed
+
+  def __call__(self, x, key_mask=None):
+    return self.forward(x, key_mask)[0]
 
 
 class VisionTransformer(nnx.Module):
@@ -147,45 +155,28 @@ class VisionTransformer(nnx.Module):
       tokens = block(tokens, key_mask)
     return self.norm(tokens)
 
+  def trace(self, images, *, offsets=None, tap=None, layer: int = -1):
+    """One forward pass that keeps what attribution baselines need: ``(logits,
+    attention weights (depth, n, heads, T, T), norm1's output (n, T, D) at block
+    layer)``. ``offsets (depth, n, heads, T, T)`` are added to the attention weights and
+    ``tap (n, T, D)`` to block ``layer``'s ``norm1`` output, for their gradients (at
+    zero: the gradients with respect to the weights and to those tokens)."""
+    prefix, patches = self.embed(images)
+    tokens = jnp.concatenate([prefix, patches], 1)
+    index, weights, tapped = layer % len(self.blocks_), [], None
+    for i, block in enumerate(self.blocks_):
+      tokens, attn, normed = block.forward(
+          tokens, None, None if offsets is None else offsets[i],
+          tap if i == index else None)
+      weights.append(attn)
+      tapped = normed if i == index else tapped
+    return self.head(self.norm(tokens)), jnp.stack(weights), tapped
+
   def attentions(self, images):
     """The attention weights of every block, ``(depth, n, heads, T, T)`` (``T``: the
     class token and the patch tokens), for attribution baselines such as
     ``cejax.saliency.attention_rollout``."""
-    prefix, patches = self.embed(images)
-    tokens, weights = jnp.concatenate([prefix, patches], 1), []
-    for block in self.blocks_:
-      weights.append(block.attn.weights(block.norm1(tokens))[0])
-      tokens = block(tokens)
-    return jnp.stack(weights)
-
-  def logits_with_attention_offsets(self, images, offsets):
-    """Logits with ``offsets (depth, n, heads, T, T)`` added to every block's attention
-    weights: its gradient at zero offsets is the gradient of the logits with respect to
-    the attention weights (for ``cejax.saliency.attention_relevance``)."""
-    prefix, patches = self.embed(images)
-    tokens = jnp.concatenate([prefix, patches], 1)
-    for block, offset in zip(self.blocks_, offsets, strict=True):
-      tokens = block(tokens, None, offset)
-    return self.head(self.norm(tokens))
-
-  def norm1_tokens(self, images, layer: int):
-    """The tokens ``(n, T, D)`` that block ``layer``'s ``norm1`` puts out (the layer
-    pytorch-grad-cam's ViT recipe targets, ``blocks[-1].norm1``)."""
-    prefix, patches = self.embed(images)
-    tokens = jnp.concatenate([prefix, patches], 1)
-    for block in self.blocks_[:layer % len(self.blocks_)]:
-      tokens = block(tokens)
-    return self.blocks_[layer].norm1(tokens)
-
-  def logits_with_norm1_tap(self, images, layer: int, tap):
-    """Logits with ``tap (n, T, D)`` added to block ``layer``'s ``norm1`` output: its
-    gradient at zero is the gradient of the logits with respect to those tokens."""
-    prefix, patches = self.embed(images)
-    tokens = jnp.concatenate([prefix, patches], 1)
-    index = layer % len(self.blocks_)
-    for i, block in enumerate(self.blocks_):
-      tokens = block(tokens, tap=tap if i == index else None)
-    return self.head(self.norm(tokens))
+    return self.trace(images)[1]
 
   def head(self, tokens):
     """Logits ``(n, k)`` from the class token of the encoded ``tokens``."""
