@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from cejax import estimands, precision
+from cejax.models import _init
 
 
 class FeatureAutoencoder(nnx.Module):
@@ -31,7 +32,8 @@ class FeatureAutoencoder(nnx.Module):
   def __init__(self, features: int, *, code_channels: int, hidden: int = 0,
                rngs: nnx.Rngs):
     hidden = hidden or max(code_channels, features // 2)
-    conv = lambda i, o: nnx.Conv(i, o, kernel_size=(3, 3), padding="SAME", rngs=rngs)
+    conv = lambda i, o: nnx.Conv(i, o, kernel_size=(3, 3), padding="SAME",
+                                 kernel_init=_init.lecun_normal(), rngs=rngs)
     self.enc1, self.enc2 = conv(features, hidden), conv(hidden, code_channels)
     self.dec1, self.dec2 = conv(code_channels, hidden), conv(hidden, features)
 
