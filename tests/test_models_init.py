@@ -1,32 +1,31 @@
-"""The models' initialisers (``cejax.models._init``) against JAX's own: the same bits."""
+"""The models' initialisers (``cejax.models.initializers``) against JAX's own: the same bits."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cejax.models import _init
+from cejax.models import initializers
 
-SHAPES = [(3, 3, 3, 8), (7, 7, 1, 64), (1, 1, 96, 48), (300, 5), (16, 14), (2, 2, 2, 2),
-          (1, 65, 192), (1, 1, 8), (4, 4, 3, 192)]
+# A 4-D kernel (not a power of two), one of exactly 256 values, a dense kernel and a
+# ViT position embedding; bf16 (drawn as JAX draws it) on the first.
+SHAPES = [(3, 3, 3, 8), (2, 2, 8, 8), (300, 5), (1, 65, 12)]
 
 
 @pytest.mark.parametrize("ours,jaxs", [
-    (_init.variance_scaling(2.0, "fan_in", "normal"),
+    (initializers.variance_scaling(2.0, "fan_in", "normal"),
      jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal")),
-    (_init.variance_scaling(0.5, "fan_out", "truncated_normal"),
+    (initializers.variance_scaling(0.5, "fan_out", "truncated_normal"),
      jax.nn.initializers.variance_scaling(0.5, "fan_out", "truncated_normal")),
-    (_init.variance_scaling(1.0, "fan_avg", "normal"),
+    (initializers.variance_scaling(1.0, "fan_avg", "normal"),
      jax.nn.initializers.variance_scaling(1.0, "fan_avg", "normal")),
-    (_init.lecun_normal(), jax.nn.initializers.lecun_normal()),
-    (_init.truncated_normal(0.02), jax.nn.initializers.truncated_normal(0.02)),
+    (initializers.lecun_normal(), jax.nn.initializers.lecun_normal()),
+    (initializers.truncated_normal(0.02), jax.nn.initializers.truncated_normal(0.02)),
 ], ids=["kaiming-normal", "fan-out-truncated", "fan-avg", "lecun", "truncated-0.02"])
 def test_initialisers_equal_jaxs_bit_for_bit(ours, jaxs):
   for i, shape in enumerate(SHAPES):
-    if len(shape) < 2 and ours is not None:
-      continue
     key = jax.random.key(i)
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype in (jnp.float32, jnp.bfloat16) if i == 0 else (jnp.float32,):
       np.testing.assert_array_equal(np.asarray(ours(key, shape, dtype), np.float32),
                                     np.asarray(jaxs(key, shape, dtype), np.float32),
                                     err_msg=f"{shape} {dtype}")

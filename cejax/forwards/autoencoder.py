@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from cejax import estimands, precision
-from cejax.models import _init
+from cejax.models import initializers
 
 
 class FeatureAutoencoder(nnx.Module):
@@ -33,7 +33,7 @@ class FeatureAutoencoder(nnx.Module):
                rngs: nnx.Rngs):
     hidden = hidden or max(code_channels, features // 2)
     conv = lambda i, o: nnx.Conv(i, o, kernel_size=(3, 3), padding="SAME",
-                                 kernel_init=_init.lecun_normal(), rngs=rngs)
+                                 kernel_init=initializers.lecun_normal(), rngs=rngs)
     self.enc1, self.enc2 = conv(features, hidden), conv(hidden, code_channels)
     self.dec1, self.dec2 = conv(code_channels, hidden), conv(hidden, features)
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cejax.models import _init
+from cejax.models import initializers
 from cejax.models._conv import spatial as spatial_conv
 from cejax.models._tracing import short_sharding_errors
 
@@ -52,7 +52,7 @@ def _conv(in_features, out_features, kernel, *, stride=1, padding=0, dtype, rngs
       strides=(stride, stride),
       padding=((padding, padding), (padding, padding)),
       use_bias=False,
-      kernel_init=_init.variance_scaling(2.0, "fan_in", "normal"),
+      kernel_init=initializers.variance_scaling(2.0, "fan_in", "normal"),
       dtype=dtype,
       rngs=rngs,
   )
@@ -194,7 +194,7 @@ class DenseNet(nnx.Module):
     self.transitions = nnx.List(transitions)
     self.final_norm = _batch_norm(features, dtype=dtype, rngs=rngs)
     self.classifier = nnx.Linear(
-        features, num_classes, kernel_init=_init.lecun_normal(),
+        features, num_classes, kernel_init=initializers.lecun_normal(),
         bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs
     )
     self.num_features = features

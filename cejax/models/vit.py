@@ -30,14 +30,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cejax.models import _init
+from cejax.models import initializers
 
 _LN_EPSILON = 1e-6  # timm's ViT: partial(nn.LayerNorm, eps=1e-6)
 
 
 def _linear(din, dout, *, dtype, rngs):
   # timm's init: trunc_normal(std=0.02) weights, zero biases.
-  return nnx.Linear(din, dout, kernel_init=_init.truncated_normal(0.02),
+  return nnx.Linear(din, dout, kernel_init=initializers.truncated_normal(0.02),
                     bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
 
 
@@ -126,8 +126,8 @@ class VisionTransformer(nnx.Module):
     self.grid = (grid, grid)
     self.patch_embed = nnx.Conv(in_channels, embed_dim, kernel_size=(patch_size, patch_size),
                                 strides=(patch_size, patch_size), padding="VALID",
-                                kernel_init=_init.lecun_normal(), dtype=dtype, rngs=rngs)
-    init = _init.truncated_normal(0.02)
+                                kernel_init=initializers.lecun_normal(), dtype=dtype, rngs=rngs)
+    init = initializers.truncated_normal(0.02)
     self.cls_token = nnx.Param(jnp.zeros((1, 1, embed_dim)) + 1e-6 * init(
         rngs.params(), (1, 1, embed_dim)))
     self.pos_embed = nnx.Param(init(rngs.params(), (1, 1 + grid * grid, embed_dim)))
