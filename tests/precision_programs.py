@@ -3,14 +3,16 @@ and convolutions: run by ``test_precision.py`` in a fresh interpreter, without t
 suite's global ``jax_default_matmul_precision`` (which would make every product HIGHEST
 whatever cejax does).
 
-    python tests/precision_programs.py exact|tf32 DUMP_DIR
+    python tests/precision_programs.py DUMP_DIR
 
 Functions that are one compiled program are lowered (``jax.jit(...).lower``, the
 StableHLO's ``precision``/``precision_config``); those that run several programs from
 the host (the counterfactual's decisions, the autoencoder's training and fidelity) are
 run, and XLA's dump of every module they compile (``--xla_dump_to``, set by the caller)
 is read. The model computes its products at precision None, as a user's model does.
-Prints ``{program: sorted precisions}`` as JSON.
+Runs the ``exact`` policy (the default), then ``tf32`` set globally as a user would set
+it (JAX traces every program again when the setting changes: it is part of the trace
+context). Prints ``{mode: {program: sorted precisions}}`` as JSON.
 """
 
 from __future__ import annotations
@@ -176,22 +178,24 @@ def dumped_precisions(dump: Path, seen: set[str]) -> list[str]:
 
 
 def main():
-  mode, dump = sys.argv[1], Path(sys.argv[2])
+  dump = Path(sys.argv[1])
   from cejax import precision
 
   assert jax.config.jax_default_matmul_precision is None, "a global setting is in force"
-  if mode != "exact":
-    # precision.policy(mode) for the whole process, as a user's own code would set it.
-    jax.config.update("jax_default_matmul_precision", precision.PRECISIONS[mode])
   seen: set[str] = set()
   dumped_precisions(dump, seen)  # what compiled before: not under test
   out = {}
-  for name, (kind, thunk) in programs().items():
-    if kind == "lower":
-      out[name] = sorted(set(lowered_precisions(jax.jit(thunk).lower().as_text())))
-    else:
-      jax.block_until_ready(thunk())
-      out[name] = sorted(set(dumped_precisions(dump, seen)))
+  for mode in ("exact", "tf32"):
+    if mode != "exact":
+      # precision.policy(mode) for the whole process, as a user's own code would set it.
+      jax.config.update("jax_default_matmul_precision", precision.PRECISIONS[mode])
+    found = out[mode] = {}
+    for name, (kind, thunk) in programs().items():
+      if kind == "lower":
+        found[name] = sorted(set(lowered_precisions(jax.jit(thunk).lower().as_text())))
+      else:
+        jax.block_until_ready(thunk())
+        found[name] = sorted(set(dumped_precisions(dump, seen)))
   print(json.dumps(out))
 
 

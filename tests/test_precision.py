@@ -128,20 +128,12 @@ def test_every_public_program_applies_the_policy_itself():
   script = Path(__file__).with_name("precision_programs.py")
   env = {k: v for k, v in os.environ.items()
          if not k.startswith("JAX_")}  # no compilation cache: dumps come from compiling
-  runs = {}
-  with tempfile.TemporaryDirectory() as tmp:
-    for mode in ("exact", "tf32"):
-      dump = Path(tmp) / mode
-      dump.mkdir()
-      flags = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text"
-      runs[mode] = subprocess.Popen(
-          [sys.executable, str(script), mode, str(dump)], stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True, env=dict(env, XLA_FLAGS=flags))
-    found = {}
-    for mode, proc in runs.items():
-      out, err = proc.communicate(timeout=600)
-      assert proc.returncode == 0, err[-3000:]
-      found[mode] = json.loads(out.strip().splitlines()[-1])
+  with tempfile.TemporaryDirectory() as dump:
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text"
+    done = subprocess.run([sys.executable, str(script), dump], capture_output=True,
+                          text=True, env=dict(env, XLA_FLAGS=flags), timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  found = json.loads(done.stdout.strip().splitlines()[-1])
   assert len(found["exact"]) == 32 and found["exact"].keys() == found["tf32"].keys()
   for name, precisions in found["exact"].items():
     assert precisions == ["HIGHEST,HIGHEST"], (name, precisions)
