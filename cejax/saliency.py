@@ -10,7 +10,8 @@ as in the papers. Random methods take an explicit ``key``.
 
 ``attention_rollout`` (Abnar & Zuidema 2020) maps a Vision Transformer's attention
 weights instead of calling a model; ``attention_relevance`` (Chefer et al. 2021)
-weights them by their gradients.
+weights them by their gradients; ``token_grad_cam`` is Grad-CAM on the patch tokens;
+``legrad`` (Bousselham et al.) sums each block's attention gradients.
 
 Each method is compiled once (``cejax._compile.jit``): eager calls with the same model
 functions, hyperparameters and shapes reuse one program. Called eagerly, a target
@@ -19,11 +20,13 @@ outside the model's classes raises ``ValueError``; under ``jit`` it gives a NaN 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from cejax import effects as effects_lib
 from cejax import estimands, interventions, metrics
@@ -542,3 +545,86 @@ def token_grad_cam(model, images: Images, targets: Targets, *, layer: int = -1) 
   weights = grads.mean(1)  # (n, D): the mean over the patch grid
   cams = jnp.maximum(jnp.einsum("nd,ntd->nt", weights, patches), 0.0)
   return _on_patches(cams.reshape(-1, *model.grid), images.shape[1:3])
+
+
+LEGRAD_POOLINGS = ("token", "mean")
+
+
+@precision_lib.applied
+def legrad(model, images: Images, targets: Targets, *, first_layer: int = -2,
+           pooling: str = "token") -> Maps:
+  """LeGrad (Bousselham et al., "LeGrad: An Explainability Method for Vision Transformers
+  via Feature Formation Sensitivity", ICCV 2025) for a ViT classifier. For each block
+  ``l`` from ``first_layer`` to the last: the score ``s_l`` is the target's logit read
+  from block ``l``'s output tokens (pooled, the final norm, the head); its gradient with
+  respect to block ``l``'s attention weights, clamped at zero, is averaged over the heads
+  and the query tokens, and its patch columns summed over the blocks; the sum is
+  min-max scaled to [0, 1] per image.
+
+  As the authors' code (``LeWrapper.compute_legrad_clip``), with two differences, both
+  tested: the classifier's logit replaces CLIP's image-text similarity (pooling
+  ``"token"``, the class token as the classifier pools; ``"mean"`` pools over every
+  token as their CLIP code does); each patch's value stays on its pixels (they resize
+  every block's patch map bilinearly before summing and scaling), and a map with no
+  positive gradient anywhere is zeros (their scaling divides by zero).
+
+  Args:
+    model: a ``cejax.models.vit.VisionTransformer``.
+    images: ``(n, h, w, c)``.
+    targets: int ``(n,)``, the classes whose logits are explained.
+    first_layer: the first block summed; negative counts from the end (default -2: the
+      last two blocks, the authors' ``layer_index`` default; every block of a model with
+      fewer).
+    pooling: ``"token"`` (the class token) or ``"mean"`` (every token).
+
+  Returns:
+    Maps ``(n, h, w)`` in [0, 1], under the precision policy in force (``exact`` by
+    default).
+
+  Raises:
+    ValueError: images not ``(n, h, w, c)`` floats, targets not integer classes of the
+      model, a block the model does not have or an unknown pooling.
+  """
+  images = jnp.asarray(images)
+  targets = jnp.asarray(targets)
+  _check(images, targets)
+  _check_classes(targets, model.num_classes)
+  depth = len(model.blocks_)
+  if first_layer >= depth:
+    raise ValueError(f"first_layer must be a block index below {depth} (negative: from "
+                     f"the end), got {first_layer}.")
+  if pooling not in LEGRAD_POOLINGS:
+    raise ValueError(f"pooling must be one of {LEGRAD_POOLINGS}, got {pooling!r}.")
+  first = max(first_layer + depth, 0) if first_layer < 0 else first_layer
+  graphdef, state = nnx.split(model)
+  scaled = _legrad_patches(graphdef, state, images, targets, first, pooling)
+  return _on_patches(scaled.reshape(-1, *model.grid), images.shape[1:3])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _legrad_patches(graphdef, state, images, targets, first, pooling):
+  """LeGrad's scaled patch values ``(n, patches)``, one compiled program."""
+  model = nnx.merge(graphdef, state)
+  tokens = 1 + model.num_patches
+  zeros = jnp.zeros((images.shape[0], model.blocks_[0].attn.num_heads, tokens, tokens),
+                    images.dtype)
+
+  def score(offset, layer):
+    # s_layer summed over the images; offset is added to block layer's attention weights.
+    prefix, patches = model.embed(images)
+    x = jnp.concatenate([prefix, patches], 1)
+    for i, block in enumerate(model.blocks_[:layer + 1]):
+      x = block.forward(x, None, offset if i == layer else None)[0]
+    pooled = x[:, 0] if pooling == "token" else x.mean(1)
+    logits = model.head_(model.norm(pooled))
+    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
+
+  # s_l depends on block l's weights directly and through no later block: one backward
+  # pass per block summed.
+  total = sum(jnp.maximum(jax.grad(score)(zeros, layer), 0.0).mean((1, 2))[:, 1:]
+              for layer in range(first, len(model.blocks_)))
+  low = total.min(1, keepdims=True)
+  span = total.max(1, keepdims=True) - low
+  scaled = (total - low) / jnp.where(span > 0, span, 1.0)
+  # XLA may compute total twice in different fusions: keep [0, 1] exact at the ends.
+  return jnp.where(span > 0, jnp.clip(scaled, 0.0, 1.0), 0.0)

@@ -145,6 +145,8 @@ def programs():
           vit_model, vit_images, targets)),
       "saliency.token_grad_cam (ViT)": ("run", lambda: saliency.token_grad_cam(
           vit_model, vit_images, targets)),
+      "saliency.legrad (ViT)": ("run", lambda: saliency.legrad(
+          vit_model, vit_images, targets)),
   }
 
 

@@ -491,3 +491,71 @@ def test_train_py_trains_a_vit_preset_that_reloads_and_the_analysis_refuses_it(
   config.model.overrides.growth_rate = 8
   with pytest.raises(ValueError, match=r"overrides \['growth_rate'\] are DenseNet's"):
     training.train_and_evaluate(config, tmp_path / "other", devices=jax.devices()[:1])
+
+
+def _legrad_authors(reference, images, targets, *, start, pooling):
+  """The loop of LeGrad's released code (WalBouss/LeGrad, ``compute_legrad_clip``)
+  transcribed on timm's ViT in float64: each block's output tokens (their
+  ``feat_post_mlp``) pooled, normed and classified (their ``ln_post(...) @ proj`` and
+  image-text similarity: here the classifier's head and the target logits, summed over
+  the batch); ``autograd.grad`` to the block's attention map, clamped at zero, averaged
+  over heads then queries, the patch columns summed over the blocks; ``min_max`` per
+  image. Their bilinear resize of each block's map is left out (patch level)."""
+  import copy
+
+  net = copy.deepcopy(reference).double()
+  feats, maps, hooks = [], [], []
+  for block in net.blocks:
+    block.attn.fused_attn = False
+    hooks.append(block.register_forward_hook(lambda m, a, out: feats.append(out)))
+    hooks.append(block.attn.attn_drop.register_forward_hook(
+        lambda m, a, out: maps.append(out)))
+  net(_torch(images).double())
+  for hook in hooks:
+    hook.remove()
+  total = 0
+  for layer in range(start, len(net.blocks)):
+    feat = feats[layer]
+    pooled = feat[:, 0] if pooling == "token" else feat.mean(dim=1)
+    logits = net.head(net.norm(pooled))
+    score = logits.gather(1, torch.from_numpy(targets)[:, None]).sum()
+    grad = torch.autograd.grad(score, [maps[layer]], retain_graph=True)[0]
+    grad = torch.clamp(grad, min=0.0)
+    total = total + grad.mean(dim=1).mean(dim=1)[:, 1:]
+  low = total.min(dim=-1, keepdim=True)[0]
+  high = total.max(dim=-1, keepdim=True)[0]
+  return ((total - low) / (high - low)).detach().numpy()
+
+
+@pytest.mark.parametrize("pooling,start", [("token", 0), ("mean", 1)])
+def test_legrad_equals_the_authors_loop_on_timm(pair, pooling, start):
+  """``saliency.legrad`` against the authors' loop transcribed on timm's weights in
+  float64, at patch level (each patch's value on its pixels), for the classifier's
+  class-token pooling and for their CLIP code's mean pooling; a map with no positive
+  gradient is zeros (the authors' scaling gives NaN); bad settings are named."""
+  from cejax import saliency
+
+  reference, model, images = pair
+  targets = np.array([2, 0, 4])
+  first = start - len(model.blocks_)
+  got = np.asarray(saliency.legrad(model, jnp.asarray(images), targets,
+                                   first_layer=first, pooling=pooling))
+  want = _legrad_authors(reference, images, targets, start=start, pooling=pooling)
+  rows = images.shape[1] // model.patch_size
+  for i in range(len(images)):
+    np.testing.assert_allclose(
+        got[i], np.kron(want[i].reshape(rows, -1), np.ones((model.patch_size,) * 2)),
+        atol=2e-5)
+  assert got.min() == 0 and got.max() == 1
+  flat = nnx.clone(model)
+  flat.head_.kernel.value = jnp.zeros_like(flat.head_.kernel.value)  # constant logits
+  assert not np.asarray(saliency.legrad(flat, jnp.asarray(images), targets)).any()
+  with pytest.raises(ValueError, match="pooling must be one of"):
+    saliency.legrad(model, jnp.asarray(images), targets, pooling="max")
+  np.testing.assert_array_equal(  # -5 of 2 blocks: every block
+      np.asarray(saliency.legrad(model, jnp.asarray(images), targets, first_layer=-5,
+                                 pooling="mean")),
+      np.asarray(saliency.legrad(model, jnp.asarray(images), targets, first_layer=0,
+                                 pooling="mean")))
+  with pytest.raises(ValueError, match=r"first_layer must be a block index below 2"):
+    saliency.legrad(model, jnp.asarray(images), targets, first_layer=len(model.blocks_))
