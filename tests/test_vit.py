@@ -464,15 +464,23 @@ def test_token_forward_bad_input_is_named(pair):
     tokens.from_vit(model, mode="fill")
 
 
-def test_train_py_trains_a_vit_preset_that_reloads_and_the_analysis_refuses_it(
+def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventions(
     tmp_path, data_dir):
   """The smoke run with ``config.model.preset = "vit_synthetic"``: trained and
-  checkpointed like a DenseNet, its best checkpoint reloads as the same function, and
-  the analysis names what a ViT run supports instead of failing inside DenseNet code."""
+  checkpointed like a DenseNet, its best checkpoint reloads as the same function; the
+  sweep computes zero fill, token drop and attention masking on the same patch-grid
+  masks, each map what ``causal_effect`` and ``ce_map`` give with that forward (the token
+  forwards themselves are checked against timm above); masks that cut through patches
+  and DenseNet runs are refused for token interventions; the analysis names what a ViT
+  run supports instead of failing inside DenseNet code."""
   import conftest
 
   import cejax
-  from cejax.jobs import analysis, checkpoint, training
+  from cejax.data import pipeline
+  from cejax.forwards import tokens
+  from cejax.jobs import analysis, checkpoint, sweep, training
+  from cejax.jobs.sweep import plan as sweep_plan
+  from cejax.models import densenet
 
   config = conftest.smoke_config(data_dir)
   config.model.preset = "vit_synthetic"
@@ -486,7 +494,40 @@ def test_train_py_trains_a_vit_preset_that_reloads_and_the_analysis_refuses_it(
   logits_fn, _ = cejax.load_logits_fn(tmp_path)
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
   np.testing.assert_allclose(logits_fn(images), model(images), atol=1e-5)
-  with pytest.raises(ValueError, match="ViT preset 'vit_synthetic'.*forwards.tokens"):
+
+  s, m = config.sweep, config.masks
+  s.num_images, s.chunk_size, s.batch_size, s.families = 2, 2, 4, ("grid",)
+  s.interventions = ("zero", "token_drop", "attention_mask")
+  s.estimands = ("expected",)
+  m.grid_cells = 4  # the 4 x 4 grid of 8 px patches
+  summary = sweep.run(config, tmp_path, out=tmp_path / "sweep", devices=jax.devices()[:1],
+                      progress=False)
+  assert {p["path"] for p in summary["paths"].values()} == {"full"}
+  got = sweep.load(tmp_path / "sweep")
+  image = jnp.asarray(pipeline.load_dataset(config.data).batch("test", [1])["image"][0])
+  forwards = {"zero": logits_fn, "token_drop": tokens.from_vit(model, mode="drop"),
+              "attention_mask": tokens.from_vit(model, mode="attention")}
+  sources = sweep_plan.mask_sources(config, (32, 32))
+  for family, source in sources.items():
+    for name, forward in forwards.items():
+      fill = "zero" if name == "zero" else None
+      want = cejax.ce_map(cejax.causal_effect(forward, image, source, intervention=fill,
+                                              batch_size=4).effects, source, batch_size=4)
+      np.testing.assert_allclose(got.maps[family][name]["expected"][1], want, atol=1e-6,
+                                 err_msg=(family, name))
+  assert not np.allclose(got.maps["grid"]["zero"]["expected"],
+                         got.maps["grid"]["token_drop"]["expected"])
+
+  config.sweep.families = ("rise",)  # what the sweep checks before it starts
+  with pytest.raises(ValueError, match="the 'rise' masks do not cover whole patches"):
+    sweep_plan.token_forwards(model, s.interventions,
+                              sweep_plan.mask_sources(config, (32, 32)))
+  net = densenet.DenseNet(growth_rate=4, block_config=(1,), num_init_features=4,
+                          bn_size=2, in_channels=1, num_classes=5, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"token interventions remove a Vision "
+                                       r"Transformer's patch tokens.*DenseNet"):
+    sweep_plan.token_forwards(net, ("zero", "token_drop"), sources)
+  with pytest.raises(ValueError, match="ViT preset 'vit_synthetic'.*token interventions"):
     analysis.analyze(config, tmp_path, out=tmp_path / "analysis")
   config.model.overrides.growth_rate = 8
   with pytest.raises(ValueError, match=r"overrides \['growth_rate'\] are DenseNet's"):

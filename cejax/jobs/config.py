@@ -213,7 +213,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.sweep.batch_size = ml_collections.FieldReference(64, field_type=object)
   config.sweep.memory_budget_gb = 2.0
   config.sweep.families = ("grid",)  # of grid, sliding, rise (their sizes: config.masks)
-  config.sweep.interventions = ("zero",)  # of zero, mean, blur
+  # Of zero, mean, blur; a ViT run also token_drop, attention_mask (cejax.forwards.tokens).
+  config.sweep.interventions = ("zero",)
   config.sweep.blur_sigma = 5.0
   config.sweep.estimands = ("expected",)  # any of cejax.estimands.ESTIMANDS
   config.sweep.targets = "predicted"  # or "all": every class / finding
@@ -367,6 +368,11 @@ def check_sweep(config) -> None:
     raise ValueError(f"config.sweep.optimised has 'ce_optimal', which reports one of "
                      f"{sweep_optimised.SCALAR_ESTIMANDS}; config.sweep.estimands has none "
                      f"({tuple(s.estimands)}).")
+  wanted = [m for m in s.optimised if m in ("ce_optimal", "counterfactual")]
+  if wanted and not sweep_optimised.pixel_interventions(s):
+    raise ValueError(f"config.sweep.optimised has {wanted}, which optimise a pixel "
+                     f"intervention; config.sweep.interventions has none of "
+                     f"{sweep_plan.PIXEL_INTERVENTIONS} ({tuple(s.interventions)}).")
   if s.batch_size != "auto" and not _integer(s.batch_size, minimum=1):
     raise ValueError(f"config.sweep.batch_size must be a positive int or 'auto', got "
                      f"{s.batch_size!r}.")

@@ -4,7 +4,9 @@ every host.
     python -m cejax.jobs.sweep --config=configs/sweep.py --workdir=runs/synthetic
 
 For each image: the CE map of every configured mask family (``grid``, ``sliding``,
-``rise``; their sizes from ``config.masks``) x intervention x estimand, for the
+``rise``; their sizes from ``config.masks``) x intervention (pixel fills; on a ViT run
+also the token interventions ``token_drop`` and ``attention_mask``, on masks of whole
+patches: ``plan.token_forwards``) x estimand, for the
 predicted class or for every class / finding (``targets="all"``), all estimands and
 targets from the same forward passes (one stacked estimand), and optionally the raw
 per-mask effects.
@@ -71,6 +73,7 @@ class _Job:
   num_images: int
   sources: dict[str, Any]
   forward_of: dict[str, Any]
+  token_of: dict[str, Any]  # a ViT's token interventions: their forwards
   paths: dict[str, dict[str, str]]
   flops: dict[str, dict[str, Any]]
   activation: str
@@ -91,7 +94,6 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
   config_lib.validate(config, "sweep")  # the whole config, once, before anything else
   # The settings the job hands down: the sweep's section with the one precision.
   s = ml_collections.ConfigDict(dict(config.sweep.to_dict(), precision=config.precision))
-  checkpoint.refuse_vit(checkpoint.read_run(workdir), "sweep")
   graphdef, params, stats, run_info = checkpoint.load_model(
       workdir, compute_dtype=precision.compute_dtype(s.precision))
   data = run_identity.resolve_data(config.data, run_info.get("data"),
@@ -113,8 +115,9 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
   logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)
   forward_of, paths = sweep_plan.forwards(logits_fn, model, image.shape, s, sources,
                                           platform=devices[0].platform)
+  token_of = sweep_plan.token_forwards(model, s.interventions, sources)
   activation = checkpoint.activation_of(run_info)
-  batch = sweep_plan.resolve_batch(forward_of, image, sources, settings=s,
+  batch = sweep_plan.resolve_batch(forward_of, image, sources, settings=s, token_of=token_of,
                                    activation=activation, num_devices=len(devices),
                                    recorded=_read_record(out))
   job = dict(config.sweep.to_dict(), **(
@@ -127,6 +130,7 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
   return _Job(out=out, record=record, optimised=config.optimised,
               settings=ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch)),
               dataset=dataset, num_images=num, sources=sources, forward_of=forward_of,
+              token_of=token_of,
               paths=paths, activation=activation, logits_fn=logits_fn,
               flops=sweep_plan.flops_per_mask(logits_fn, model, image, sources, paths))
 
@@ -193,7 +197,8 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
     with precision.policy(s.precision):
       per_image = [sweep_plan.image_results(job.forward_of, jnp.asarray(x), settings=s,
                                  sources=job.sources, activation=job.activation,
-                                 num_classes=job.dataset.num_classes, mesh=mesh)
+                                 num_classes=job.dataset.num_classes, mesh=mesh,
+                                 token_of=job.token_of)
                    for x in images]
     tree = jax.tree.map(lambda *a: np.stack(a), *per_image)
     if s.optimised:

@@ -5,11 +5,12 @@ masks that ``cejax.optimised`` finds by ``jax.grad``.
 
 - ``"extremal"``: extremal perturbations (TorchRay's preserve game, simple reward, blur
   pyramid, flip jitter), one mask per area of ``config.optimised.areas``;
-- ``"ce_optimal"``: per intervention of ``config.sweep.interventions`` and scalar
+- ``"ce_optimal"``: per pixel intervention of ``config.sweep.interventions`` (the token
+  interventions have no optimised form) and scalar
   estimand of ``config.sweep.estimands`` (expected, probability, logit, kl), the region
   of each area whose intervention has the largest effect (``ce_optimal.ce_optimal_mask``
   with its default objective for that estimand, ``ce_optimal.DEFAULT_OBJECTIVES``);
-- ``"counterfactual"``: per intervention, the smallest region (areas
+- ``"counterfactual"``: per pixel intervention, the smallest region (areas
   ``config.optimised.areas``, refined by ``config.optimised.counterfactual_bisection``
   bisection steps) whose intervention changes the predicted class
   (``counterfactual.minimal_counterfactual``).
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cejax.jobs.sweep import plan as sweep_plan
 from cejax.optimised import ce_optimal, counterfactual, extremal
 
 OPTIMISED = ("extremal", "ce_optimal", "counterfactual")
@@ -55,6 +57,12 @@ def _predicted_class(logits_fn, image):
   """The predicted class of one image on its own (a batch of one), as the families take
   it; compiled once per network (op by op, every chunk ran each operation eagerly)."""
   return jnp.argmax(logits_fn(image[None])[0])
+
+
+def pixel_interventions(s) -> list[str]:
+  """The pixel interventions of ``config.sweep.interventions`` (not a ViT's token
+  interventions), those the CE-optimal masks and counterfactuals are computed for."""
+  return [n for n in s.interventions if n in sweep_plan.PIXEL_INTERVENTIONS]
 
 
 def chunk_results(logits_fn, images, *, settings, optimised, fills, activation,
@@ -79,7 +87,7 @@ def chunk_results(logits_fn, images, *, settings, optimised, fills, activation,
                        "final_reward": np.asarray(res.reward[..., -1]), **_grads(res)}
   if "ce_optimal" in s.optimised:
     out["ce_optimal"] = {}
-    for name in s.interventions:
+    for name in pixel_interventions(s):
       out["ce_optimal"][name] = {}
       for estimand in scalar_estimands(s):
         res = ce_optimal.ce_optimal_mask(logits_fn, images, targets, intervention=fills[name],
@@ -89,7 +97,7 @@ def chunk_results(logits_fn, images, *, settings, optimised, fills, activation,
             "effect": np.asarray(res.effect), **_grads(res)}
   if "counterfactual" in s.optimised:
     out["counterfactual"] = {}
-    for name in s.interventions:
+    for name in pixel_interventions(s):
       cf = counterfactual.minimal_counterfactual(
           logits_fn, images, bisection_steps=o.counterfactual_bisection,
           intervention=fills[name], activation=activation, **common)

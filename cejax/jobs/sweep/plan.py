@@ -1,8 +1,8 @@
 """What a sweep computes for each image, and how: the ``config.sweep`` checks, the mask
-families, the forward each family takes (incremental or full, per platform), all
-estimands and targets as one stacked estimand, the batch (``"auto"`` resolved on the
-program that runs) and the FLOPs of one masked forward pass. ``cejax.jobs.sweep`` runs
-these over a data set."""
+families, the forward each family takes (incremental or full, per platform; a ViT's token
+interventions), all estimands and targets as one stacked estimand, the batch (``"auto"``
+resolved on the program that runs) and the FLOPs of one masked forward pass.
+``cejax.jobs.sweep`` runs these over a data set."""
 
 from __future__ import annotations
 
@@ -17,11 +17,16 @@ import numpy as np
 
 from cejax import effects, interventions, precision
 from cejax.estimands import ESTIMANDS, activate
-from cejax.forwards import incremental
+from cejax.forwards import incremental, tokens
 from cejax.jobs import mask_spec, throughput
+from cejax.models import vit
 
 FAMILIES = mask_spec.MASK_FAMILIES
-SWEEP_INTERVENTIONS = ("zero", "mean", "blur")
+PIXEL_INTERVENTIONS = ("zero", "mean", "blur")
+# A ViT's token interventions (cejax.forwards.tokens), by the sweep's name: the masked
+# patches' tokens removed, or hidden from attention.
+TOKEN_INTERVENTIONS = {"token_drop": "drop", "attention_mask": "attention"}
+SWEEP_INTERVENTIONS = (*PIXEL_INTERVENTIONS, *TOKEN_INTERVENTIONS)
 TARGETS = ("predicted", "all")
 PATHS = ("auto", "incremental", "full")
 # The forward a family takes under path="auto", per platform, and why. CPUs: measured
@@ -75,8 +80,48 @@ def mask_sources(config, shape) -> dict[str, Any]:
 
 
 def interventions_of(s) -> dict[str, Any]:
-  """The sweep's interventions by name (``blur`` with ``config.sweep.blur_sigma``)."""
-  return {"zero": "zero", "mean": "mean", "blur": interventions.Blur(sigma=s.blur_sigma)}
+  """The sweep's pixel interventions by name (``blur`` with ``config.sweep.blur_sigma``);
+  the token interventions are None (their forward is the intervention:
+  ``token_forwards``)."""
+  return {"zero": "zero", "mean": "mean", "blur": interventions.Blur(sigma=s.blur_sigma),
+          **dict.fromkeys(TOKEN_INTERVENTIONS)}
+
+
+def token_forwards(model, names, sources) -> dict[str, Any]:
+  """The token forwards of the token interventions among ``names``
+  (``tokens.from_vit``), after checking that ``model`` is a ViT and that every mask of
+  ``sources`` covers whole patches (a token is in or out).
+
+  Raises:
+    ValueError: naming the interventions and the model, or the family and the patch.
+  """
+  wanted = [n for n in names if n in TOKEN_INTERVENTIONS]
+  if not wanted:
+    return {}
+  if not isinstance(model, vit.VisionTransformer):
+    raise ValueError(f"config.sweep.interventions has {wanted}: token interventions "
+                     f"remove a Vision Transformer's patch tokens, and this run's model "
+                     f"is a {type(model).__name__}; use {list(PIXEL_INTERVENTIONS)}.")
+  p = model.patch_size
+  for family, source in sources.items():
+    for start in range(0, source.num, 256):
+      chunk = np.asarray(source(jnp.arange(start, min(start + 256, source.num))))
+      b, h, w = chunk.shape
+      patches = chunk.reshape(b, h // p, p, w // p, p)
+      if not (np.isin(chunk, (0, 1)).all()
+              and (patches.min((2, 4)) == patches.max((2, 4))).all()):
+        raise ValueError(
+            f"config.sweep.interventions has {wanted}, which take or leave whole {p} x "
+            f"{p} patch tokens, but the {family!r} masks do not cover whole patches "
+            f"(binary and constant on each patch); use grid cells or sliding windows on "
+            f"the patch grid (config.masks), or only {list(PIXEL_INTERVENTIONS)}.")
+  return {n: tokens.from_vit(model, mode=TOKEN_INTERVENTIONS[n]) for n in wanted}
+
+
+def forward_for(forward_of, token_of, family: str, name: str):
+  """The forward of ``family`` under intervention ``name``: the token forward of a token
+  intervention, else the family's pixel forward."""
+  return token_of[name] if name in token_of else forward_of[family]
 
 
 def forwards(logits_fn, model, image_shape, settings, sources, *, platform: str
@@ -90,6 +135,8 @@ def forwards(logits_fn, model, image_shape, settings, sources, *, platform: str
   else:
     want, why = settings.path, f"config.sweep.path={settings.path!r}"
   chosen, paths = {}, {}
+  if isinstance(model, vit.VisionTransformer):  # incremental recompute is DenseNet's
+    want, why = "full", "a Vision Transformer: the incremental recompute is DenseNet's"
   for family, source in sources.items():
     decision = incremental.plan(model, image_shape, source) if want != "full" else None
     if decision is not None and decision.applies:
@@ -103,10 +150,12 @@ def forwards(logits_fn, model, image_shape, settings, sources, *, platform: str
 
 
 def image_results(forward_of, image, *, settings, sources, activation, num_classes,
-                  mesh=None) -> dict[str, Any]:
+                  mesh=None, token_of=None) -> dict[str, Any]:
   """One image's maps (and effects): ``{"maps": {family: {intervention: {estimand:
   array}}}, "effects": ...}``; family ``f`` is computed with the forward
-  ``forward_of[f]`` (``forwards``)."""
+  ``forward_of[f]`` (``forwards``) under a pixel intervention and with ``token_of[name]``
+  (``token_forwards``) under a token intervention."""
+  token_of = token_of or {}
   s = settings
   stacked = StackedEstimand(tuple(s.estimands), all_targets=s.targets == "all")
   widths = stacked.widths(num_classes)
@@ -121,8 +170,8 @@ def image_results(forward_of, image, *, settings, sources, activation, num_class
   for family, source in sources.items():
     maps[family], raw[family] = {}, {}
     for name in s.interventions:
-      res = effects.causal_effect(forward_of[family], image, source,
-                                  intervention=fills[name], estimand=stacked,
+      res = effects.causal_effect(forward_for(forward_of, token_of, family, name), image,
+                                  source, intervention=fills[name], estimand=stacked,
                                   batch_size=s.batch_size, activation=activation, mesh=mesh)
       # On the host first: the map is then one program on one device whatever the mesh
       # (a replicated input would make it an SPMD program with another reduction order).
@@ -134,12 +183,14 @@ def image_results(forward_of, image, *, settings, sources, activation, num_class
   return {"maps": maps, "effects": raw} if s.save_effects else {"maps": maps}
 
 
-def batch_usage(forward, image, source, *, settings, activation) -> Callable[[int], int]:
+def batch_usage(forward, image, source, *, settings, activation,
+                intervention=None) -> Callable[[int], int]:
   """``usage(batch)``: the bytes of the per-image program the sweep runs for ``source``
-  (``effects.causal_effect`` with the sweep's stacked estimand and first intervention)
-  compiled at that batch (per device: each device runs the same loop over its share)."""
+  (``effects.causal_effect`` with the sweep's stacked estimand and ``intervention``, by
+  default the first) compiled at that batch (per device: each device runs the same loop
+  over its share)."""
   stacked = StackedEstimand(tuple(settings.estimands), all_targets=settings.targets == "all")
-  fill = interventions_of(settings)[settings.interventions[0]]
+  fill = interventions_of(settings)[intervention or settings.interventions[0]]
 
   def usage(batch: int) -> int:
     program = jax.jit(lambda x: effects.causal_effect(
@@ -152,10 +203,12 @@ def batch_usage(forward, image, source, *, settings, activation) -> Callable[[in
 
 
 def resolve_batch(forward_of, image, sources, *, settings, activation, num_devices: int,
-                  recorded: Mapping[str, Any] | None = None) -> int | None:
+                  recorded: Mapping[str, Any] | None = None,
+                  token_of: Mapping[str, Any] | None = None) -> int | None:
   """``config.sweep.batch_size``, with ``"auto"`` resolved per device: the largest batch
   whose program fits ``memory_budget_gb`` for every family (``batch_usage``), at most
-  ``ceil(masks / devices)`` (a larger batch only runs padding). An output directory that
+  ``ceil(masks / devices)`` (a larger batch only runs padding), every intervention's
+  forward (``token_of``: the token interventions') checked. An output directory that
   already holds chunks keeps the batch it resolved (``recorded``: its settings), since
   the maps' summation order depends on it."""
   if settings.batch_size != "auto":
@@ -165,10 +218,14 @@ def resolve_batch(forward_of, image, sources, *, settings, activation, num_devic
   if recorded and recorded.get("job", {}).get("batch_size") == "auto":
     return int(recorded["compute"]["batch_size"])
   limit = math.ceil(max(src.num for src in sources.values()) / num_devices)
+  token_of = token_of or {}
+  # The pixel forward once (the first pixel intervention's), each token forward once.
+  pixel = [n for n in settings.interventions if n not in token_of][:1]
   return min(throughput.auto_batch_size(
-      batch_usage(forward_of[f], image, src, settings=settings, activation=activation),
+      batch_usage(forward_for(forward_of, token_of, f, name), image, src,
+                  settings=settings, activation=activation, intervention=name),
       budget_bytes=settings.memory_budget_gb * 2**30, limit=limit)
-      for f, src in sources.items())
+      for f, src in sources.items() for name in [*pixel, *token_of])
 
 
 def flops_per_mask(logits_fn, model, image, sources, paths) -> dict[str, dict[str, Any]]:
@@ -189,7 +246,7 @@ def flops_per_mask(logits_fn, model, image, sources, paths) -> dict[str, dict[st
   return out
 
 
-__all__ = ["AUTO_PATH", "FAMILIES", "PATHS", "StackedEstimand", "batch_usage",
-           "flops_per_mask", "forwards", "image_results", "interventions_of",
-           "mask_sources",
-           "resolve_batch"]
+__all__ = ["AUTO_PATH", "FAMILIES", "PATHS", "PIXEL_INTERVENTIONS", "StackedEstimand",
+           "SWEEP_INTERVENTIONS", "TOKEN_INTERVENTIONS", "batch_usage", "flops_per_mask",
+           "forward_for", "forwards", "image_results", "interventions_of", "mask_sources",
+           "resolve_batch", "token_forwards"]
