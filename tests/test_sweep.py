@@ -353,6 +353,8 @@ def test_optimised_masks_are_the_library_calls_and_changed_settings_are_refused(
     (dict(optimised=("extremal",)), dict(iterations=0), "optimised.iterations must be"),
     (dict(optimised=("extremal",)), dict(batch_size=0), "optimised.batch_size must be"),
     (dict(families=()), {}, r"config.sweep.families has nothing"),
+    (dict(optimised=("counterfactual",), interventions=("token_drop",)), {},
+     r"optimise a pixel intervention; config.sweep.interventions has none"),
 ])
 def test_bad_optimised_settings_are_named(change, optimised, message):
   from cejax.jobs import config as config_lib
