@@ -4,6 +4,8 @@ The reference is timm's own model (``tests/timm_vit.py`` loads it where torchvis
 compiled operators cannot). Tolerances: float32 on a CPU, summed in a different order.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -503,6 +505,9 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
   summary = sweep.run(config, tmp_path, out=tmp_path / "sweep", devices=jax.devices()[:1],
                       progress=False)
   assert {p["path"] for p in summary["paths"].values()} == {"full"}
+  assert "gflops_per_s" not in summary and "token interventions" in summary["flops_note"]
+  recorded = json.loads((tmp_path / "sweep" / "settings.json").read_text())["compute"]
+  assert recorded["token_forwards"] == {"token_drop": "drop", "attention_mask": "attention"}
   got = sweep.load(tmp_path / "sweep")
   image = jnp.asarray(pipeline.load_dataset(config.data).batch("test", [1])["image"][0])
   forwards = {"zero": logits_fn, "token_drop": tokens.from_vit(model, mode="drop"),

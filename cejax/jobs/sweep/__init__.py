@@ -126,7 +126,10 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
       job=job, masks=config.masks.to_dict(), data=data, dataset=dataset,
       weights=run_identity.weights_fingerprint(params, stats), step=run_info["step"],
       compute={"precision": s.precision, "compute_dtype": precision.compute_dtype(
-          s.precision), "batch_size": batch, "paths": paths})
+          s.precision), "batch_size": batch, "paths": paths,
+          # Token interventions take the token forward whatever the family's path.
+          **({"token_forwards": {n: sweep_plan.TOKEN_INTERVENTIONS[n] for n in token_of}}
+             if token_of else {})})
   return _Job(out=out, record=record, optimised=config.optimised,
               settings=ml_collections.ConfigDict(dict(s.to_dict(), batch_size=batch)),
               dataset=dataset, num_images=num, sources=sources, forward_of=forward_of,
@@ -241,7 +244,12 @@ def run(config, workdir: Path, *, out: Path | None = None, fresh: bool = False,
                              if computed > 1 and done_masks else None),
       "flops_per_mask": job.flops,
       "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  if done_masks:
+  if job.token_of:
+    # A token intervention's masked pass costs what its kept tokens cost: the full
+    # forward's FLOPs would overstate it.
+    summary["flops_note"] = ("not counted: token interventions compute fewer FLOPs per "
+                             "mask than the full forward pass")
+  elif done_masks:
     family_s = elapsed - optimised_s
     peak = throughput.matmul_peak(devices)
     summary.update(gflops_per_s=done_flops / family_s / 1e9, peak_gflops_per_s=peak / 1e9,
