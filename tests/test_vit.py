@@ -523,6 +523,10 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
   assert not np.allclose(got.maps["grid"]["zero"]["expected"],
                          got.maps["grid"]["token_drop"]["expected"])
 
+  s.path = "incremental"
+  with pytest.raises(ValueError, match="path='incremental' is DenseNet's recompute"):
+    sweep.run(config, tmp_path, out=tmp_path / "incremental", progress=False)
+  s.path = "auto"
   config.sweep.families = ("rise",)  # what the sweep checks before it starts
   with pytest.raises(ValueError, match="the 'rise' masks do not cover whole patches"):
     sweep_plan.token_forwards(model, s.interventions,

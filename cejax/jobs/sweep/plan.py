@@ -136,6 +136,9 @@ def forwards(logits_fn, model, image_shape, settings, sources, *, platform: str
     want, why = settings.path, f"config.sweep.path={settings.path!r}"
   chosen, paths = {}, {}
   if isinstance(model, vit.VisionTransformer):  # incremental recompute is DenseNet's
+    if settings.path == "incremental":
+      raise ValueError("config.sweep.path='incremental' is DenseNet's recompute; this "
+                       "run's model is a Vision Transformer: use 'auto' or 'full'.")
     want, why = "full", "a Vision Transformer: the incremental recompute is DenseNet's"
   for family, source in sources.items():
     decision = incremental.plan(model, image_shape, source) if want != "full" else None
