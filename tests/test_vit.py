@@ -473,14 +473,17 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
   sweep computes zero fill, token drop and attention masking on the same patch-grid
   masks, each map what ``causal_effect`` and ``ce_map`` give with that forward (the token
   forwards themselves are checked against timm above); masks that cut through patches
-  and DenseNet runs are refused for token interventions; the analysis names what a ViT
-  run supports instead of failing inside DenseNet code."""
+  and DenseNet runs are refused for token interventions. The analysis computes the token
+  CE maps (each what ``causal_effect`` and ``ce_map`` give with the token forward) and
+  the attention baselines (each what its ``cejax.saliency`` function gives), scores them
+  and runs the sanity check on them; DenseNet-only methods and masks that cut through
+  patches are refused by name."""
   import conftest
 
   import cejax
   from cejax.data import pipeline
   from cejax.forwards import tokens
-  from cejax.jobs import analysis, checkpoint, sweep, training
+  from cejax.jobs import analysis, checkpoint, evaluators, sweep, training
   from cejax.jobs.sweep import plan as sweep_plan
   from cejax.models import densenet
 
@@ -536,8 +539,52 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
   with pytest.raises(ValueError, match=r"token interventions remove a Vision "
                                        r"Transformer's patch tokens.*DenseNet"):
     sweep_plan.token_forwards(net, ("zero", "token_drop"), sources)
-  with pytest.raises(ValueError, match="ViT preset 'vit_synthetic'.*token interventions"):
-    analysis.analyze(config, tmp_path, out=tmp_path / "analysis")
+
+  # The analysis: token CE maps and the attention baselines beside a pixel fill's.
+  a = config.analysis
+  a.num_images, a.chunk_size, a.batch_size = 2, 2, 4
+  a.evaluators = ("maps", "localization", "sanity")
+  a.methods = ("ce_grid", "ce_grid_token_drop", "ce_sliding_attention_mask",
+               "attention_rollout", "attention_relevance", "token_grad_cam", "legrad")
+  m.window, m.stride = 16, 8  # sliding windows of 2 x 2 patches, a patch apart
+  analysis.analyze(config, tmp_path, out=tmp_path / "analysis", progress=False)
+  metrics = json.loads((tmp_path / "analysis" / "metrics.json").read_text())
+  stored, results = analysis.load_results(
+      sorted((tmp_path / "analysis" / "chunks").glob("*.npz")), evaluators.select(a.evaluators))
+  got_maps = results["maps"].maps
+  images = jnp.asarray(pipeline.load_dataset(config.data).batch("test", [0, 1])["image"])
+  targets = jnp.asarray(stored.target)
+  windows = cejax.sliding_windows(shape=(32, 32), window=16, stride=8)
+  for name, forward, source in (
+      ("ce_grid", logits_fn, sources["grid"]),
+      ("ce_grid_token_drop", forwards["token_drop"], sources["grid"]),
+      ("ce_sliding_attention_mask", forwards["attention_mask"], windows)):
+    fill = "zero" if name == "ce_grid" else None
+    for i in range(2):
+      want = -cejax.ce_map(cejax.causal_effect(
+          forward, images[i], source, intervention=fill, target=int(targets[i]),
+          batch_size=4).effects, source)
+      np.testing.assert_allclose(got_maps[name][i], want, atol=2e-3,
+                                 err_msg=name)  # stored as float16
+  for name, want in (
+      ("attention_rollout", cejax.saliency.attention_rollout(model.attentions(images),
+                                                             image_shape=(32, 32))),
+      ("attention_relevance", cejax.saliency.attention_relevance(model, images, targets)),
+      ("token_grad_cam", cejax.saliency.token_grad_cam(model, images, targets)),
+      ("legrad", cejax.saliency.legrad(model, images, targets))):
+    np.testing.assert_allclose(got_maps[name], want, atol=2e-3, rtol=2e-3,
+                               err_msg=name)
+  scored = metrics["methods"]
+  assert all("pointing" in scored[m] for m in a.methods)
+  assert all("sanity_spearman" in scored[m] for m in ("ce_grid_token_drop", "token_grad_cam"))
+  a.methods = ("ce_grid", "grad_cam")
+  with pytest.raises(ValueError, match=r"\['grad_cam'\], which need DenseNet's stages.*"
+                                       r"Vision Transformer"):
+    analysis.analyze(config, tmp_path, out=tmp_path / "refused")
+  a.methods, m.stride = ("ce_sliding_token_drop",), 4
+  with pytest.raises(ValueError, match=r"analysis.methods has \['ce_sliding_token_drop'\].*"
+                                       r"'sliding' masks do not cover whole patches"):
+    analysis.analyze(config, tmp_path, out=tmp_path / "refused")
   config.model.overrides.growth_rate = 8
   with pytest.raises(ValueError, match=r"overrides \['growth_rate'\] are DenseNet's"):
     training.train_and_evaluate(config, tmp_path / "other", devices=jax.devices()[:1])

@@ -200,7 +200,6 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   chosen_classes = evaluators.select(settings.evaluators)
   out = Path(out or Path(workdir) / "analysis")
   dtype = precision.compute_dtype(config.precision)
-  checkpoint.refuse_vit(checkpoint.read_run(workdir), "analysis")
   graphdef, params, stats, run = checkpoint.load_model(workdir, compute_dtype=dtype)
   data = run_identity.resolve_data(config.data, run.get("data"),
                              base=config_lib.base_config().data,
@@ -222,6 +221,8 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
 
   model = ev_common.make_model(graphdef, params, stats, run,
                                latent_stage=settings.latent_stage)
+  if evaluators.MapsEvaluator in chosen_classes:  # facts of the checkpoint and the data
+    evaluators.check_methods_for_model(settings.methods, model, config.masks, shape)
   rand = (ev_common.random_model(dict(run, dtype=dtype), latent_stage=settings.latent_stage)
           if evaluators.SanityEvaluator in chosen_classes else None)
   space = ev_common.pixel_space(dataset.normalization)

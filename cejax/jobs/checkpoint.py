@@ -42,19 +42,6 @@ def is_vit(run: dict[str, Any]) -> bool:
   return run["preset"] in vit.PRESETS
 
 
-def refuse_vit(run: dict[str, Any], job: str) -> None:
-  """Raises ``ValueError`` where ``job`` is given a ViT run: its evaluators are built on
-  DenseNet's stages and CAMs."""
-  if is_vit(run):
-    raise ValueError(
-        f"The {job} runs on DenseNet runs; this run's model is the ViT preset "
-        f"{run['preset']!r}. The sweep (python -m cejax.jobs.sweep) runs it, with pixel "
-        "and token interventions (config.sweep.interventions: zero, mean, blur, "
-        "token_drop, attention_mask); in your own code load it with "
-        "cejax.load_logits_fn(workdir) for pixel interventions, or with load_model and "
-        "cejax.forwards.tokens.from_vit for token interventions.")
-
-
 def build_model(run: dict[str, Any], *,
                 seed: int = 0) -> densenet.DenseNet | vit.VisionTransformer:
   """The model described by a ``run.json`` dict, freshly initialised."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from cejax import masks
 
@@ -42,4 +44,25 @@ def check_fits(spec, shape) -> None:
     raise ValueError(f"config.masks does not fit {tuple(shape)} images: {e}") from e
 
 
-__all__ = ["MASK_FAMILIES", "check_fits", "mask_sources", "sliding_geometry"]
+def check_whole_patches(sources, patch_size: int, *, wanted, where: str) -> None:
+  """Raises ``ValueError`` unless every mask of ``sources`` (``{family: source}``) is
+  binary and constant on each ``patch_size`` patch, so that a token intervention
+  (``wanted``, named in the message with the config key ``where``) takes or leaves whole
+  patch tokens."""
+  p = int(patch_size)
+  for family, source in sources.items():
+    for start in range(0, source.num, 256):
+      chunk = np.asarray(source(jnp.arange(start, min(start + 256, source.num))))
+      b, h, w = chunk.shape
+      patches = chunk.reshape(b, h // p, p, w // p, p)
+      if not (np.isin(chunk, (0, 1)).all()
+              and (patches.min((2, 4)) == patches.max((2, 4))).all()):
+        raise ValueError(
+            f"{where} has {list(wanted)}, which take or leave whole {p} x {p} patch "
+            f"tokens, but the {family!r} masks do not cover whole patches (binary and "
+            f"constant on each patch); use grid cells or sliding windows on the patch "
+            f"grid (config.masks: grid_cells, window and stride multiples of {p}).")
+
+
+__all__ = ["MASK_FAMILIES", "check_fits", "check_whole_patches", "mask_sources",
+           "sliding_geometry"]

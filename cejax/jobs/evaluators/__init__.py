@@ -55,6 +55,7 @@ from cejax.jobs.evaluators.maps import (
     OPTIMISED_METHODS,
     Maps,
     MapsEvaluator,
+    check_methods_for_model,
     compute_maps,
 )
 
@@ -106,6 +107,7 @@ __all__ = [
     "Evaluator", "Inputs", "Localization", "LocalizationEvaluator", "Maps",
     "MapsEvaluator", "Model", "OPTIMISED_METHODS", "Sanity", "SanityEvaluator",
     "UnderAttack", "ce_features",
-    "compute_maps", "detection", "fit_logistic", "make_model", "paired_auroc_interval",
+    "check_methods_for_model", "compute_maps", "detection", "fit_logistic", "make_model",
+    "paired_auroc_interval",
     "pixel_space", "prepare_inputs", "random_model", "select",
 ]

@@ -28,26 +28,34 @@ from cejax.jobs import checkpoint
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A trained model as the pure functions the analysis needs."""
+  """A trained model as the pure functions the analysis needs. A DenseNet's has the
+  CAM and latent-stage splits and no ``vit``; a Vision Transformer's has ``vit`` (the
+  eval-mode module, for the token forwards and the attention baselines) and no splits."""
 
   logits_fn: Callable
-  features_fn: Callable
-  classify_fn: Callable
-  prefix_fn: Callable
-  suffix_fn: Callable
+  features_fn: Callable | None
+  classify_fn: Callable | None
+  prefix_fn: Callable | None
+  suffix_fn: Callable | None
   activation: str
   num_classes: int
+  vit: Any = None
 
 
 def make_model(graphdef, params, stats, run, *, latent_stage: str) -> Model:
   """The ``Model`` of a checkpoint (``checkpoint.load_model``'s outputs). Its functions
   are jitted: the evaluators also call them eagerly (the clean logits of a chunk), and
   op by op the network would compile each of its operations in turn."""
+  logits_fn = jax.jit(checkpoint.make_logits_fn(graphdef, params, stats))
+  activation = checkpoint.activation_of(run)
+  if checkpoint.is_vit(run):
+    module = nnx.merge(graphdef, params, stats)
+    return Model(logits_fn, None, None, None, None, activation, run["num_classes"],
+                 vit=module)
   features_fn, classify_fn = checkpoint.make_cam_fns(graphdef, params, stats)
   prefix_fn, suffix_fn = checkpoint.make_stage_fns(graphdef, params, stats, latent_stage)
-  fns = (checkpoint.make_logits_fn(graphdef, params, stats), features_fn, classify_fn,
-         prefix_fn, suffix_fn)
-  return Model(*map(jax.jit, fns), checkpoint.activation_of(run), run["num_classes"])
+  fns = (features_fn, classify_fn, prefix_fn, suffix_fn)
+  return Model(logits_fn, *map(jax.jit, fns), activation, run["num_classes"])
 
 
 def random_model(run, *, latent_stage: str, seed: int = 1) -> Model:

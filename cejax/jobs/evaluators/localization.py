@@ -30,7 +30,8 @@ from cejax.jobs.evaluators.common import Context, Inputs, field
 from cejax.jobs.evaluators.maps import compute_maps
 from cejax.metrics import chestxray
 
-SANITY_METHODS = ("ce_grid", "gradient", "gradient_x_input", "grad_cam")
+SANITY_METHODS = ("ce_grid", "gradient", "gradient_x_input", "grad_cam", "ce_grid_token_drop",
+                  "token_grad_cam")
 
 
 @jax.tree_util.register_dataclass

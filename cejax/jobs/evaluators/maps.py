@@ -10,6 +10,7 @@ and so does not depend on the target.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, ClassVar
 
@@ -18,18 +19,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from cejax import effects, masks, metrics, saliency
-from cejax.forwards import latent
+from cejax.forwards import latent, tokens
 from cejax.jobs.evaluators.common import Context, Inputs, Model, field
-from cejax.jobs.mask_spec import mask_sources, sliding_geometry
+from cejax.jobs.mask_spec import check_whole_patches, mask_sources, sliding_geometry
 from cejax.optimised import ce_optimal, extremal, meaningful
 
 _log = logging.getLogger(__name__)
 
 # The optimised masks' methods (their settings: config.optimised).
 OPTIMISED_METHODS = ("extremal_perturbation", "ce_optimal", "meaningful_perturbation")
+# A Vision Transformer's CE maps under token interventions (cejax.forwards.tokens), on
+# the grid and sliding-window masks: {method: (mask family, token mode)}.
+TOKEN_CE_METHODS = {"ce_grid_token_drop": ("grid", "drop"),
+                    "ce_sliding_token_drop": ("sliding", "drop"),
+                    "ce_grid_attention_mask": ("grid", "attention"),
+                    "ce_sliding_attention_mask": ("sliding", "attention")}
+# The methods that need a ViT, and those that need DenseNet's stages and CAM split.
+VIT_METHODS = (*TOKEN_CE_METHODS, "attention_rollout", "attention_relevance",
+               "token_grad_cam", "legrad")
+CNN_METHODS = ("ce_latent", "cam", "grad_cam", "grad_cam_pp", "smooth_grad_cam_pp")
 MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
                "gradient_x_input", "smoothgrad", "integrated_gradients", "cam", "grad_cam",
-               "grad_cam_pp", "smooth_grad_cam_pp", "rise", "occlusion", *OPTIMISED_METHODS)
+               "grad_cam_pp", "smooth_grad_cam_pp", "rise", "occlusion", *OPTIMISED_METHODS,
+               *VIT_METHODS)
 
 
 @jax.tree_util.register_dataclass
@@ -57,6 +69,27 @@ def check_methods(methods) -> tuple[str, ...]:
     raise ValueError(f"Unknown map methods {unknown} in analysis.methods; valid are "
                      f"{MAP_METHODS}.")
   return tuple(methods)
+
+
+def check_methods_for_model(methods, model: Model, mask_spec, shape) -> None:
+  """Raises ``ValueError`` where ``methods`` need another kind of model than ``model``
+  (``CNN_METHODS`` on a ViT, ``VIT_METHODS`` on a DenseNet), or where a token CE map's
+  masks (``mask_spec`` for ``shape`` images) do not cover whole patches."""
+  vit = model.vit is not None
+  other_kinds = CNN_METHODS if vit else VIT_METHODS
+  wrong = [m for m in methods if m in other_kinds]
+  if wrong:
+    kind, other = (("a Vision Transformer", "DenseNet's stages and CAM split") if vit
+                   else ("a DenseNet", "a Vision Transformer's tokens and attention"))
+    raise ValueError(f"analysis.methods has {wrong}, which need {other}; this run's model "
+                     f"is {kind}. Methods for it: "
+                     f"{[m for m in MAP_METHODS if m not in other_kinds]}.")
+  wanted = [m for m in methods if m in TOKEN_CE_METHODS]
+  if wanted:
+    families = sorted({TOKEN_CE_METHODS[m][0] for m in wanted})
+    check_whole_patches(mask_sources(mask_spec, shape, key=jax.random.key(0),
+                                     families=families),
+                        model.vit.patch_size, wanted=wanted, where="analysis.methods")
 
 
 def expected_ce(model: Model, image, mask_set, target, *, settings):
@@ -106,6 +139,18 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
     return per_image(lambda x, t: -effects.ce_map(
         expected_ce(model, x, mask_set, t, settings=settings), mask_set, **chunk))
 
+  def token_map(name):
+    family, mode = TOKEN_CE_METHODS[name]
+    # Built from constants, outside the trace: token drop groups the masks by their
+    # kept count, which it reads from the concrete masks.
+    with jax.ensure_compile_time_eval():
+      mask_set = masks.to_array(mask_sources(mask_spec, shape, key=key,
+                                             families=(family,))[family])
+    forward = tokens.from_vit(model.vit, mode=mode)
+    return per_image(lambda x, t: -effects.ce_map(effects.causal_effect(
+        forward, x, mask_set, estimand="expected", target=t,
+        batch_size=settings.batch_size, activation=model.activation).effects, mask_set))
+
   def latent_map():
     def one(x, t):
       e = latent_effects(model, x, t, settings=settings)
@@ -152,6 +197,13 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
       "meaningful_perturbation": lambda: meaningful.meaningful_perturbation(
           logits_fn, images, targets, key=k4, iterations=o.meaningful_iterations,
           activation=model.activation),
+      **{name: functools.partial(token_map, name) for name in TOKEN_CE_METHODS},
+      "attention_rollout": lambda: saliency.attention_rollout(
+          model.vit.attentions(images), image_shape=shape),
+      "attention_relevance": lambda: saliency.attention_relevance(model.vit, images,
+                                                                  targets),
+      "token_grad_cam": lambda: saliency.token_grad_cam(model.vit, images, targets),
+      "legrad": lambda: saliency.legrad(model.vit, images, targets),
   }
   return {name: methods_fns[name]() for name in MAP_METHODS if name in methods}
 

@@ -102,19 +102,8 @@ def token_forwards(model, names, sources) -> dict[str, Any]:
     raise ValueError(f"config.sweep.interventions has {wanted}: token interventions "
                      f"remove a Vision Transformer's patch tokens, and this run's model "
                      f"is a {type(model).__name__}; use {list(PIXEL_INTERVENTIONS)}.")
-  p = model.patch_size
-  for family, source in sources.items():
-    for start in range(0, source.num, 256):
-      chunk = np.asarray(source(jnp.arange(start, min(start + 256, source.num))))
-      b, h, w = chunk.shape
-      patches = chunk.reshape(b, h // p, p, w // p, p)
-      if not (np.isin(chunk, (0, 1)).all()
-              and (patches.min((2, 4)) == patches.max((2, 4))).all()):
-        raise ValueError(
-            f"config.sweep.interventions has {wanted}, which take or leave whole {p} x "
-            f"{p} patch tokens, but the {family!r} masks do not cover whole patches "
-            f"(binary and constant on each patch); use grid cells or sliding windows on "
-            f"the patch grid (config.masks), or only {list(PIXEL_INTERVENTIONS)}.")
+  mask_spec.check_whole_patches(sources, model.patch_size, wanted=wanted,
+                                where="config.sweep.interventions")
   return {n: tokens.from_vit(model, mode=TOKEN_INTERVENTIONS[n]) for n in wanted}
 
 
