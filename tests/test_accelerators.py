@@ -100,7 +100,8 @@ def test_the_sweeps_per_image_program_lowers(tiny):
                                         rise_cells=4, rise_p=0.5))
   from cejax.jobs import mask_spec
 
-  sources = mask_spec.mask_sources(spec, (SIZE, SIZE), key=jax.random.key(0))
+  sources = mask_spec.mask_sources(spec, (SIZE, SIZE), key=jax.random.key(0),
+                                   families=("grid", "sliding", "rise"))
   forward_of, _ = sweep_plan.forwards(logits_fn, model, (SIZE, SIZE, 1), settings, sources,
                                  platform="cpu")
   stacked = sweep_plan.StackedEstimand(("expected", "probability"), all_targets=True)

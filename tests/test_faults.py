@@ -197,7 +197,12 @@ def test_a_failed_start_writes_nothing_that_blocks_the_corrected_run(trained_smo
                                              memory_budget_gb=1e-6))
   with pytest.raises(ValueError, match="memory_budget_gb"):
     _run(bad, trained_smoke[1], out)
-  for key, value in (("grid_cells", 0), ("rise_p", 1.5)):
+  bad = _config(trained_smoke)
+  bad.sweep.families, bad.masks.patch_size = ("patches",), 5
+  with pytest.raises(ValueError, match=r"config.masks does not fit \(32, 32\) images.*"
+                                       r"patch_size 5"):
+    _run(bad, trained_smoke[1], out)
+  for key, value in (("grid_cells", 0), ("rise_p", 1.5), ("patch_keep", 1.0)):
     bad = _config(trained_smoke)
     bad.masks[key] = value
     with pytest.raises(ValueError, match=f"config.masks.{key} must be"):

@@ -185,6 +185,30 @@ def test_token_drop_under_a_callers_jit_equals_eager_and_traced_masks_are_named(
       eager, atol=2e-5)
 
 
+def test_token_drop_of_patch_subsets_with_a_traced_key_equals_their_arrays(pair):
+  """Patch subsets keep a fixed count by construction, so token drop sizes their
+  sequences without their values: under a ``jax.jit`` whose key is traced (the analysis
+  draws each chunk's masks from its key) it equals the same masks as a concrete array,
+  whose kept counts are read patch by patch; for subsets on the model's 8 px patches and
+  on 16 px patches (four tokens each). On the old code the traced key was refused."""
+  import cejax
+  from cejax.forwards import tokens
+
+  _, model, images = pair
+  image = jnp.asarray(images[0])
+  drop = tokens.from_vit(model, mode="drop")
+  for patch_size, keep in ((8, 0.25), (16, 0.5)):
+    def effects(key, patch_size=patch_size, keep=keep):
+      subsets = cejax.patch_subsets(key, num=5, shape=(32, 32), patch_size=patch_size,
+                                    keep=keep)
+      return cejax.causal_effect(drop, image, subsets, batch_size=4).effects
+    key = jax.random.key(3)
+    arrays = cejax.to_array(cejax.patch_subsets(key, num=5, shape=(32, 32),
+                                                patch_size=patch_size, keep=keep))
+    want = cejax.causal_effect(drop, image, arrays, batch_size=4).effects
+    np.testing.assert_allclose(jax.jit(effects)(key), want, atol=1e-6)
+
+
 def _joint_attention(att_mat, add_residual=True):
   """Abnar & Zuidema's ``compute_joint_attention`` (samiraabnar/attention_flow,
   ``attention_graph_util.py``), transcribed in float64: ``att_mat (layers, T, T)``,
@@ -501,7 +525,8 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
   np.testing.assert_allclose(logits_fn(images), model(images), atol=1e-5)
 
   s, m = config.sweep, config.masks
-  s.num_images, s.chunk_size, s.batch_size, s.families = 2, 2, 4, ("grid",)
+  s.num_images, s.chunk_size, s.batch_size, s.families = 2, 2, 4, ("grid", "patches")
+  m.patch_masks, m.patch_keep = 6, 0.25  # 4 of the 16 patch tokens kept
   s.interventions = ("zero", "token_drop", "attention_mask")
   s.estimands = ("expected",)
   m.grid_cells = 4  # the 4 x 4 grid of 8 px patches
@@ -544,8 +569,9 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
   a = config.analysis
   a.num_images, a.chunk_size, a.batch_size = 2, 2, 4
   a.evaluators = ("maps", "localization", "sanity")
-  a.methods = ("ce_grid", "ce_grid_token_drop", "ce_sliding_attention_mask",
-               "attention_rollout", "attention_relevance", "token_grad_cam", "legrad")
+  a.methods = ("ce_grid", "ce_grid_token_drop", "ce_sliding_attention_mask", "ce_patches",
+               "ce_patches_token_drop", "attention_rollout", "attention_relevance",
+               "token_grad_cam", "legrad")
   m.window, m.stride = 16, 8  # sliding windows of 2 x 2 patches, a patch apart
   analysis.analyze(config, tmp_path, out=tmp_path / "analysis", progress=False)
   metrics = json.loads((tmp_path / "analysis" / "metrics.json").read_text())
@@ -558,9 +584,14 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
   for name, forward, source in (
       ("ce_grid", logits_fn, sources["grid"]),
       ("ce_grid_token_drop", forwards["token_drop"], sources["grid"]),
-      ("ce_sliding_attention_mask", forwards["attention_mask"], windows)):
-    fill = "zero" if name == "ce_grid" else None
+      ("ce_sliding_attention_mask", forwards["attention_mask"], windows),
+      ("ce_patches", logits_fn, None), ("ce_patches_token_drop", forwards["token_drop"], None)):
+    fill = "zero" if name in ("ce_grid", "ce_patches") else None
     for i in range(2):
+      if source is None:  # the chunk's patch subsets: drawn from its key, as documented
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(a.seed), 0), 0)
+        source = cejax.patch_subsets(jax.random.fold_in(key, 1), num=6, shape=(32, 32),
+                                     patch_size=8, keep=0.25)
       want = -cejax.ce_map(cejax.causal_effect(
           forward, images[i], source, intervention=fill, target=int(targets[i]),
           batch_size=4).effects, source)
@@ -581,6 +612,11 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
   with pytest.raises(ValueError, match=r"\['grad_cam'\], which need DenseNet's stages.*"
                                        r"Vision Transformer"):
     analysis.analyze(config, tmp_path, out=tmp_path / "refused")
+  a.methods, a.evaluators = ("ce_grid",), ("maps", "attacks", "detection")
+  with pytest.raises(ValueError, match=r"\['attacks', 'detection'\]: the attacks' CE "
+                                       r"features include the latent CE"):
+    analysis.analyze(config, tmp_path, out=tmp_path / "refused")
+  a.evaluators = ("maps",)
   a.methods, m.stride = ("ce_sliding_token_drop",), 4
   with pytest.raises(ValueError, match=r"analysis.methods has \['ce_sliding_token_drop'\].*"
                                        r"'sliding' masks do not cover whole patches"):

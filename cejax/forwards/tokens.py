@@ -152,6 +152,12 @@ def _kept_counts(source, patch_size) -> np.ndarray:
   One compiled program for every call on sources of the same kind and size: the last
   chunk repeats the final index rather than being shorter (which would compile again).
   """
+  if (isinstance(source, masks_lib.PatchSubsets)
+      and source.patch_size % patch_size == 0):
+    # A fixed count by construction: known without the (possibly traced) key.
+    patches = (source.shape[0] // patch_size) * (source.shape[1] // patch_size)
+    per_subset_patch = (source.patch_size // patch_size) ** 2
+    return np.full(source.num, patches - source.dropped * per_subset_patch, np.int64)
   if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(source)):
     raise ValueError(
         "token drop sizes its sequences by the patches each mask keeps, so it needs the "

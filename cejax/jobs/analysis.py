@@ -215,14 +215,16 @@ def analyze(config, workdir: Path, *, out: Path | None = None, fresh: bool = Fal
   if not indices:
     raise ValueError(f"Split {settings.split!r} of {data.name} has no images.")
   shape = dataset.batch(indices[0][0], [indices[0][1]])["image"].shape[1:3]
-  mask_spec.check_fits(config.masks, shape)  # a fact of the data, not the config
+  # A fact of the data, not the config; the patch subsets only where a method uses them.
+  patches = ("patches",) if "patches" in evaluators.families_of(settings.methods) else ()
+  mask_spec.check_fits(config.masks, shape, families=("grid", "sliding", "rise", *patches))
   box_shape = ev_common.mean_box_shape(
       (_batch(dataset, indices[i:i + 256]) for i in range(0, len(indices), 256)), shape)
 
   model = ev_common.make_model(graphdef, params, stats, run,
                                latent_stage=settings.latent_stage)
-  if evaluators.MapsEvaluator in chosen_classes:  # facts of the checkpoint and the data
-    evaluators.check_methods_for_model(settings.methods, model, config.masks, shape)
+  evaluators.check_for_model(chosen_classes, model, methods=settings.methods,
+                             mask_spec=config.masks, shape=shape)  # facts of the run
   rand = (ev_common.random_model(dict(run, dtype=dtype), latent_stage=settings.latent_stage)
           if evaluators.SanityEvaluator in chosen_classes else None)
   space = ev_common.pixel_space(dataset.normalization)

@@ -172,6 +172,12 @@ def base_config() -> ml_collections.ConfigDict:
   # The probability that a RISE cell is kept, for the CE-RISE masks and the RISE
   # baseline alike (0.5 keeps the two comparable; Petsiuk et al.'s released code: 0.1).
   config.masks.rise_p = 0.5
+  # Patch subsets (cejax.masks.patch_subsets): each mask hides a fixed count of whole
+  # patch_size patches, the kept fraction patch_keep, so that every mask of the family
+  # keeps as many tokens (a ViT's token drop runs them without padding).
+  config.masks.patch_masks = 500
+  config.masks.patch_size = 8
+  config.masks.patch_keep = 0.5
 
   # analyze.py: CE maps vs baselines, attacks, detector and defenses on test images.
   config.analysis = ml_collections.ConfigDict()
@@ -280,11 +286,14 @@ def check_masks(config) -> None:
   """``config.masks``: positive sizes, a probability; whether the families fit an image
   size is ``mask_spec.check_fits`` (it depends on the data)."""
   spec = config.masks
-  for key in ("grid_cells", "rise_masks", "rise_cells"):
+  for key in ("grid_cells", "rise_masks", "rise_cells", "patch_masks", "patch_size"):
     if not _integer(spec[key], minimum=1):
       raise ValueError(f"config.masks.{key} must be a positive integer, got {spec[key]!r}.")
   if not (_number(spec.rise_p) and 0.0 < spec.rise_p < 1.0):
     raise ValueError(f"config.masks.rise_p must be in (0, 1), got {spec.rise_p!r}.")
+  if not (_number(spec.patch_keep) and 0.0 < spec.patch_keep < 1.0):
+    raise ValueError(f"config.masks.patch_keep must be in (0, 1) (the fraction of "
+                     f"patches a mask keeps), got {spec.patch_keep!r}.")
   for key in ("window", "stride"):
     if not _integer(spec[key], minimum=0):
       raise ValueError(f"config.masks.{key} must be an integer >= 0 (0: the default "

@@ -11,7 +11,7 @@ import numpy as np
 
 from cejax import masks
 
-MASK_FAMILIES = ("grid", "sliding", "rise")
+MASK_FAMILIES = ("grid", "sliding", "rise", "patches")
 
 
 def sliding_geometry(spec, shape) -> tuple[int, int]:
@@ -24,22 +24,28 @@ def sliding_geometry(spec, shape) -> tuple[int, int]:
 def mask_sources(spec, shape, *, key, families=MASK_FAMILIES) -> dict[str, Any]:
   """The mask sources of ``families`` for images of ``shape`` (``h, w``), from
   ``spec`` (``config.masks``: ``grid_cells``, ``window``, ``stride``, ``rise_masks``,
-  ``rise_cells``, ``rise_p``); ``key`` draws the RISE masks."""
+  ``rise_cells``, ``rise_p``, ``patch_masks``, ``patch_size``, ``patch_keep``); ``key``
+  draws the RISE masks, ``fold_in(key, 1)`` the patch subsets."""
   window, stride = sliding_geometry(spec, shape)
   made = {
       "grid": lambda: masks.grid(shape=shape, n=spec.grid_cells),
       "sliding": lambda: masks.sliding_windows(shape=shape, window=window, stride=stride),
       "rise": lambda: masks.rise(key, num=spec.rise_masks, shape=shape,
                                  cells=spec.rise_cells, p=spec.rise_p),
+      "patches": lambda: masks.patch_subsets(jax.random.fold_in(key, 1),
+                                             num=spec.patch_masks, shape=shape,
+                                             patch_size=spec.patch_size,
+                                             keep=spec.patch_keep),
   }
   return {f: made[f]() for f in families}
 
 
-def check_fits(spec, shape) -> None:
-  """Raises ``ValueError`` when a family of ``spec`` cannot be built for ``shape`` images
-  (the data's image size; ``config.check_masks`` checked the values themselves)."""
+def check_fits(spec, shape, families=MASK_FAMILIES) -> None:
+  """Raises ``ValueError`` when a family of ``families`` cannot be built from ``spec``
+  for ``shape`` images (the data's image size; ``config.check_masks`` checked the values
+  themselves)."""
   try:
-    mask_sources(spec, shape, key=jax.random.key(0))
+    mask_sources(spec, shape, key=jax.random.key(0), families=families)
   except ValueError as e:
     raise ValueError(f"config.masks does not fit {tuple(shape)} images: {e}") from e
 

@@ -57,6 +57,7 @@ from cejax.jobs.evaluators.maps import (
     MapsEvaluator,
     check_methods_for_model,
     compute_maps,
+    families_of,
 )
 
 
@@ -101,13 +102,31 @@ def select(names, registry=None) -> list[type]:
   return chosen
 
 
+def check_for_model(chosen, model: Model, *, methods, mask_spec, shape) -> None:
+  """Raises ``ValueError`` where the ``chosen`` evaluator classes or the map ``methods``
+  need another kind of model than ``model``: the attacks' CE features (and so the
+  detector) include the latent CE at a DenseNet stage; the maps' methods as
+  ``maps.check_methods_for_model`` (also whether the token CE maps' masks of
+  ``mask_spec`` cover whole patches of ``shape`` images)."""
+  if model.vit is not None:
+    latent = [c.name for c in chosen if c in (AttacksEvaluator, DetectionEvaluator)]
+    if latent:
+      raise ValueError(
+          f"analysis.evaluators has {latent}: the attacks' CE features include the latent "
+          f"CE at a DenseNet stage, and this run's model is a Vision Transformer. Its "
+          f"evaluators: ['maps', 'localization', 'sanity', 'defenses'].")
+  if MapsEvaluator in chosen:
+    check_methods_for_model(methods, model, mask_spec, shape)
+
+
 __all__ = [
     "ATTACKS", "CE_FEATURES", "EVALUATORS", "MAP_METHODS", "SANITY_METHODS",
     "AttacksEvaluator", "Context", "Defended", "DefensesEvaluator", "DetectionEvaluator",
     "Evaluator", "Inputs", "Localization", "LocalizationEvaluator", "Maps",
     "MapsEvaluator", "Model", "OPTIMISED_METHODS", "Sanity", "SanityEvaluator",
     "UnderAttack", "ce_features",
-    "check_methods_for_model", "compute_maps", "detection", "fit_logistic", "make_model",
+    "check_for_model", "check_methods_for_model", "compute_maps", "detection",
+    "families_of", "fit_logistic", "make_model",
     "paired_auroc_interval",
     "pixel_space", "prepare_inputs", "random_model", "select",
 ]

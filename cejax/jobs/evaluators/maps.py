@@ -21,7 +21,12 @@ import numpy as np
 from cejax import effects, masks, metrics, saliency
 from cejax.forwards import latent, tokens
 from cejax.jobs.evaluators.common import Context, Inputs, Model, field
-from cejax.jobs.mask_spec import check_whole_patches, mask_sources, sliding_geometry
+from cejax.jobs.mask_spec import (
+    MASK_FAMILIES,
+    check_whole_patches,
+    mask_sources,
+    sliding_geometry,
+)
 from cejax.optimised import ce_optimal, extremal, meaningful
 
 _log = logging.getLogger(__name__)
@@ -30,15 +35,14 @@ _log = logging.getLogger(__name__)
 OPTIMISED_METHODS = ("extremal_perturbation", "ce_optimal", "meaningful_perturbation")
 # A Vision Transformer's CE maps under token interventions (cejax.forwards.tokens), on
 # the grid and sliding-window masks: {method: (mask family, token mode)}.
-TOKEN_CE_METHODS = {"ce_grid_token_drop": ("grid", "drop"),
-                    "ce_sliding_token_drop": ("sliding", "drop"),
-                    "ce_grid_attention_mask": ("grid", "attention"),
-                    "ce_sliding_attention_mask": ("sliding", "attention")}
+TOKEN_CE_METHODS = {f"ce_{family}_{name}": (family, mode)
+                    for name, mode in (("token_drop", "drop"), ("attention_mask", "attention"))
+                    for family in ("grid", "sliding", "patches")}
 # The methods that need a ViT, and those that need DenseNet's stages and CAM split.
 VIT_METHODS = (*TOKEN_CE_METHODS, "attention_rollout", "attention_relevance",
                "token_grad_cam", "legrad")
 CNN_METHODS = ("ce_latent", "cam", "grad_cam", "grad_cam_pp", "smooth_grad_cam_pp")
-MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_latent", "gradient",
+MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_patches", "ce_latent", "gradient",
                "gradient_x_input", "smoothgrad", "integrated_gradients", "cam", "grad_cam",
                "grad_cam_pp", "smooth_grad_cam_pp", "rise", "occlusion", *OPTIMISED_METHODS,
                *VIT_METHODS)
@@ -69,6 +73,18 @@ def check_methods(methods) -> tuple[str, ...]:
     raise ValueError(f"Unknown map methods {unknown} in analysis.methods; valid are "
                      f"{MAP_METHODS}.")
   return tuple(methods)
+
+
+# The mask family (config.masks) each method's masks come from.
+METHOD_FAMILIES = {"ce_grid": "grid", "ce_sliding": "sliding", "occlusion": "sliding",
+                   "ce_rise": "rise", "rise": "rise", "ce_patches": "patches",
+                   **{m: family for m, (family, _) in TOKEN_CE_METHODS.items()}}
+
+
+def families_of(methods) -> tuple[str, ...]:
+  """The mask families ``methods`` draw on, in ``MASK_FAMILIES`` order."""
+  used = {METHOD_FAMILIES[m] for m in methods if m in METHOD_FAMILIES}
+  return tuple(f for f in MASK_FAMILIES if f in used)
 
 
 def check_methods_for_model(methods, model: Model, mask_spec, shape) -> None:
@@ -123,33 +139,37 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
     return extremal.saliency(result)
   shape = images.shape[1:3]
   window, stride = sliding_geometry(mask_spec, shape)
-  sources = mask_sources(mask_spec, shape, key=jax.random.fold_in(key, 0))
-  # Grids and windows as arrays (as the analysis always made them); RISE masks lazily.
-  mask_sets = {"ce_grid": lambda: masks.to_array(sources["grid"]),
-               "ce_sliding": lambda: masks.to_array(sources["sliding"]),
-               "ce_rise": lambda: sources["rise"]}
+  # The families' masks are the same for every method that uses them (the patch subsets
+  # of ce_patches and its token CE maps, say); built from constants and the chunk's key.
+  with jax.ensure_compile_time_eval():
+    sources = mask_sources(mask_spec, shape, key=jax.random.fold_in(key, 0),
+                           families=families_of(methods))
+  # Grids and windows as arrays (as the analysis always made them); random masks lazily.
+  lazy = ("rise", "patches")
+  mask_sets = {f"ce_{f}": (lambda f=f: sources[f] if f in lazy else masks.to_array(sources[f]))
+               for f in sources}
 
   def per_image(fn):
     return jax.lax.map(lambda a: fn(*a), (images, targets))
 
   def ce_map(name):
     mask_set = mask_sets[name]()
-    # RISE masks are a lazy recipe, drawn chunk by chunk; grids and windows are dense.
-    chunk = {"batch_size": settings.batch_size} if name == "ce_rise" else {}
+    # Random masks are a lazy recipe, drawn chunk by chunk; grids and windows are dense.
+    chunk = ({"batch_size": settings.batch_size} if name in ("ce_rise", "ce_patches")
+             else {})
     return per_image(lambda x, t: -effects.ce_map(
         expected_ce(model, x, mask_set, t, settings=settings), mask_set, **chunk))
 
   def token_map(name):
     family, mode = TOKEN_CE_METHODS[name]
-    # Built from constants, outside the trace: token drop groups the masks by their
-    # kept count, which it reads from the concrete masks.
-    with jax.ensure_compile_time_eval():
-      mask_set = masks.to_array(mask_sources(mask_spec, shape, key=key,
-                                             families=(family,))[family])
+    # The pixel CE map's masks (token drop reads their kept counts when it is traced:
+    # grids and windows are constants, patch subsets keep a fixed count).
+    mask_set = sources[family]
     forward = tokens.from_vit(model.vit, mode=mode)
     return per_image(lambda x, t: -effects.ce_map(effects.causal_effect(
         forward, x, mask_set, estimand="expected", target=t,
-        batch_size=settings.batch_size, activation=model.activation).effects, mask_set))
+        batch_size=settings.batch_size, activation=model.activation).effects, mask_set,
+        batch_size=settings.batch_size))
 
   def latent_map():
     def one(x, t):
@@ -170,6 +190,7 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
       "ce_sliding": lambda: ce_map("ce_sliding"),
       "ce_grid": lambda: ce_map("ce_grid"),
       "ce_rise": lambda: ce_map("ce_rise"),
+      "ce_patches": lambda: ce_map("ce_patches"),
       "ce_latent": latent_map,
       "gradient": lambda: saliency.vanilla_gradient(logits_fn, images, targets),
       "gradient_x_input": lambda: saliency.gradient_x_input(logits_fn, images, targets),

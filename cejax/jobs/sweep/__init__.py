@@ -109,7 +109,8 @@ def _prepare(config, workdir: Path, out: Path, devices, explicit_data) -> _Job:
     raise ValueError(f"Split {s.split!r} of {data.name} has no images.")
   num = count if s.num_images == 0 else min(s.num_images, count)
   image = jnp.asarray(dataset.batch(s.split, [0])["image"][0])
-  mask_spec.check_fits(config.masks, image.shape[:2])  # a fact of the data, not the config
+  # A fact of the data, not the config.
+  mask_spec.check_fits(config.masks, image.shape[:2], families=s.families)
   sources = sweep_plan.mask_sources(config, image.shape[:2])
   model = nnx.merge(graphdef, params, stats)
   logits_fn = checkpoint.make_logits_fn(graphdef, params, stats)

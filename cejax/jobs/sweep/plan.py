@@ -74,7 +74,7 @@ class StackedEstimand:
 
 def mask_sources(config, shape) -> dict[str, Any]:
   """The mask sources of ``config.sweep.families`` for images of ``shape`` (sizes from
-  ``config.masks``; ``config.sweep.seed`` draws the RISE masks)."""
+  ``config.masks``; ``config.sweep.seed`` draws the RISE masks and the patch subsets)."""
   return mask_spec.mask_sources(config.masks, shape, key=jax.random.key(config.sweep.seed),
                              families=config.sweep.families)
 
