@@ -10,8 +10,10 @@ as in the papers. Random methods take an explicit ``key``.
 
 ``attention_rollout`` (Abnar & Zuidema 2020) maps a Vision Transformer's attention
 weights instead of calling a model; ``attention_relevance`` (Chefer et al. 2021)
-weights them by their gradients; ``token_grad_cam`` is Grad-CAM on the patch tokens;
-``legrad`` (Bousselham et al.) sums each block's attention gradients.
+weights them by their gradients, and ``transformer_attribution`` (their CVPR 2021
+method) weights the attention weights' LRP relevance by them; ``token_grad_cam`` is
+Grad-CAM on the patch tokens; ``legrad`` (Bousselham et al.) sums each block's attention
+gradients.
 
 Each method is compiled once (``cejax._compile.jit``): eager calls with the same model
 functions, hyperparameters and shapes reuse one program. Called eagerly, a target
@@ -34,6 +36,7 @@ from cejax import masks as masks_lib
 from cejax import precision as precision_lib
 from cejax._compile import jit, output_shape
 from cejax._validation import check_channels_last
+from cejax.models import vit
 from cejax.types import ClassifyFn, FeaturesFn, Images, LogitsFn, Maps, PRNGKey, Targets
 
 
@@ -466,8 +469,8 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
   Encoder-Decoder Transformers", ICCV 2021, their rule for self-attention): per block
   ``A_bar = mean_heads((dy_t/dA * A)^+)`` and ``R <- R + A_bar R`` from ``R = I``; the
   map is the class token's row of ``R`` over the patches, each patch's value on its
-  pixels. (Their CVPR 2021 method weights LRP relevance instead of the attention
-  weights; it is not this function.)
+  pixels. (Their CVPR 2021 method, which weights LRP relevance instead of the attention
+  weights, is ``transformer_attribution``.)
 
   Args:
     model: a ``cejax.models.vit.VisionTransformer`` (its ``trace``).
@@ -501,6 +504,202 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
       0, cams.shape[0], lambda i, r: r + cams[i] @ r,
       jnp.broadcast_to(jnp.eye(tokens, dtype=cams.dtype), cams.shape[1:]))
   return _on_patches(relevance[:, 0, 1:].reshape(-1, *model.grid), images.shape[1:3])
+
+
+def _safe_divide(a, b):
+  """``a / b``, 0 where ``b`` is 0: ``safe_divide`` of the authors' ``layers_ours.py``,
+  literally (its denominator ``clamp(b, min=1e-9) + clamp(b, max=1e-9)`` is ``b + 1e-9``,
+  and 1e-9 where that is 0)."""
+  den = jnp.maximum(b, 1e-9) + jnp.minimum(b, 1e-9)
+  den = den + jnp.where(den == 0, 1e-9, 0.0)
+  return a / den * (b != 0)
+
+
+def _image_sum(x):
+  """Sum over everything but the batch axis, kept for broadcasting."""
+  return x.sum(tuple(range(1, x.ndim)), keepdims=True)
+
+
+def _linear_rule(layer, x, relevance):
+  """``Linear.relprop`` with ``alpha=1`` (``beta=0`` drops their inhibitor term): the
+  relevance goes back through the positive contributions ``x+ w+`` and ``x- w-``, the
+  bias left out."""
+  kernel = layer.kernel[...].astype(x.dtype)
+  pw, nw = jnp.maximum(kernel, 0.0), jnp.minimum(kernel, 0.0)
+  px, nx = jnp.maximum(x, 0.0), jnp.minimum(x, 0.0)
+  s = _safe_divide(relevance, px @ pw + nx @ nw)
+  return px * (s @ pw.T) + nx * (s @ nw.T)
+
+
+def _product_rule(equation, a, b, relevance):
+  """``RelPropSimple.relprop`` of their ``einsum``: ``S = R / Z`` sent back along the
+  product's gradients, each operand times its own (each half conserves ``R``)."""
+  z, vjp = jax.vjp(lambda a, b: jnp.einsum(equation, a, b), a, b)
+  ca, cb = vjp(_safe_divide(relevance, z))
+  return a * ca, b * cb
+
+
+def _add_rule(a, b, relevance):
+  """``Add.relprop``: ``a S`` and ``b S`` (``S = R / (a + b)``), each rescaled to sum to
+  its share ``|sum a S| / (|sum a S| + |sum b S|)`` of ``sum R``. Their sums run over the
+  whole tensor, of their one image: here over each image's."""
+  s = _safe_divide(relevance, a + b)
+  ra, rb = a * s, b * s
+  sa, sb, total = _image_sum(ra), _image_sum(rb), _image_sum(relevance)
+  fa = _safe_divide(jnp.abs(sa), jnp.abs(sa) + jnp.abs(sb)) * total
+  fb = _safe_divide(jnp.abs(sb), jnp.abs(sa) + jnp.abs(sb)) * total
+  return ra * _safe_divide(fa, sa), rb * _safe_divide(fb, sb)
+
+
+def _clone_rule(x, *relevances):
+  """``Clone.relprop``: ``x sum_i R_i / x``."""
+  return x * sum(_safe_divide(r, x) for r in relevances)
+
+
+def _lrp_forward(model, images, offsets):
+  """The ViT's forward pass as the authors' ``ViT_LRP.py`` lays it out, keeping the
+  inputs of every layer that has a relevance rule: ``(logits, activations)``. ``offsets
+  (depth, n, heads, T, T)`` are added to the attention weights, for their gradients."""
+  prefix, patches = model.embed(images)
+  x = jnp.concatenate([prefix, patches], 1)
+  n, t, dim = x.shape
+  saved = []
+  for block, offset in zip(model.blocks_, offsets, strict=True):
+    heads = block.attn.num_heads
+    normed = block.norm1(x)
+    qkv = block.attn.qkv(normed).reshape(n, t, 3, heads, dim // heads)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    # Their matmul1 is q k^T; the scale multiplies its output, outside the rule.
+    dots = jnp.einsum("nhid,nhjd->nhij", q, k)
+    weights = jax.nn.softmax(dots * (dim // heads) ** -0.5, axis=-1)
+    mixed = jnp.einsum("nhij,nhjd->nhid", weights + offset, v)
+    merged = mixed.transpose(0, 2, 1, 3).reshape(n, t, dim)
+    attended = block.attn.proj(merged)
+    middle = x + attended
+    normed2 = block.norm2(middle)
+    hidden = jax.nn.gelu(block.mlp.fc1(normed2), approximate=False)
+    mlp_out = block.mlp.fc2(hidden)
+    saved.append(dict(x=x, normed=normed, q=q, k=k, v=v, weights=weights, merged=merged,
+                      attended=attended, middle=middle, normed2=normed2, hidden=hidden,
+                      mlp_out=mlp_out))
+    x = middle + mlp_out
+  pooled = model.norm(x)[:, 0]
+  return model.head_(pooled), (saved, pooled)
+
+
+def _block_relevance(block, saved, relevance):
+  """``Block.relprop`` and ``Attention.relprop`` of ``ViT_LRP.py``: the relevance of the
+  block's output ``(n, T, D)`` to ``(the relevance of its input, the attention weights'
+  relevance (n, heads, T, T), their get_attn_cam())``. LayerNorm, GELU, Softmax and
+  Dropout pass relevance through unchanged (``RelProp.relprop``)."""
+  n, t, dim = relevance.shape
+  heads = block.attn.num_heads
+  r_middle, r_mlp = _add_rule(saved["middle"], saved["mlp_out"], relevance)  # add2
+  r_hidden = _linear_rule(block.mlp.fc2, saved["hidden"], r_mlp)
+  r_normed2 = _linear_rule(block.mlp.fc1, saved["normed2"], r_hidden)
+  relevance = _clone_rule(saved["middle"], r_middle, r_normed2)  # clone2
+  r_x, r_attended = _add_rule(saved["x"], saved["attended"], relevance)  # add1
+  r_merged = _linear_rule(block.attn.proj, saved["merged"], r_attended)
+  r_mixed = r_merged.reshape(n, t, heads, dim // heads).transpose(0, 2, 1, 3)
+  r_weights, r_v = _product_rule("nhij,nhjd->nhid", saved["weights"], saved["v"], r_mixed)
+  r_weights, r_v = r_weights / 2, r_v / 2  # their cam1 /= 2, cam_v /= 2
+  r_q, r_k = _product_rule("nhid,nhjd->nhij", saved["q"], saved["k"], r_weights)
+  r_qkv = jnp.stack([r_q / 2, r_k / 2, r_v]).transpose(1, 3, 0, 2, 4).reshape(n, t, 3 * dim)
+  r_normed = _linear_rule(block.attn.qkv, saved["normed"], r_qkv)
+  return _clone_rule(saved["x"], r_x, r_normed), r_weights  # clone1
+
+
+@precision_lib.applied
+def transformer_attribution(model, images: Images, targets: Targets, *,
+                            start_layer: int = 0) -> Maps:
+  """Chefer, Gur & Wolf, "Transformer Interpretability Beyond Attention Visualization"
+  (CVPR 2021), their ``transformer_attribution`` for a Vision Transformer: LRP relevance
+  of the target logit, from its one-hot vector back through every layer, gives each
+  block's attention weights a relevance ``R_A``; per block
+  ``A_bar = mean_heads((dy_t/dA * R_A)^+)``, and the rollout
+  ``(A_bar_L + I) ... (A_bar_s + I)`` from block ``s = start_layer``; the map is the
+  class token's row over the patches, each patch's value on its pixels.
+
+  As the authors' released code (hila-chefer/Transformer-Explainability:
+  ``ViT_explanation_generator.LRP.generate_LRP``, ``ViT_LRP.VisionTransformer.relprop``
+  and its ``compute_rollout_attention``, and the rules of ``modules/layers_ours.py``:
+  ``Linear``'s alpha-beta rule with ``alpha=1, beta=0``, bias left out; ``x dZ/dx (R /
+  Z)`` for ``einsum`` (each operand's share halved in the attention), ``Add``, ``Clone``
+  and ``IndexSelect``, ``Add``'s shares rescaled to ``sum R``; the identity for
+  LayerNorm, GELU, Softmax and Dropout; every division their ``safe_divide``, by ``b +
+  1e-9``). Computed for a batch: their code explains one image at a time, and their
+  ``Add`` rule's sums run over the whole tensor; here they run over each image's, so
+  each map is theirs for that image alone.
+
+  Args:
+    model: a ``cejax.models.vit.VisionTransformer``.
+    images: ``(n, h, w, c)``.
+    targets: int ``(n,)``, the classes whose logits ``y_t`` are explained.
+    start_layer: the first block of the rollout.
+
+  Returns:
+    Maps ``(n, h, w)``, under the precision policy in force (``exact`` by default). Under
+    ``jit``, an image whose target is not a class of the model gets a NaN map.
+
+  Raises:
+    ValueError: a model that is not a ``VisionTransformer``, images not ``(n, h, w, c)``
+      floats of the model's size, targets not integer classes of the model, or a
+      start_layer the model does not have.
+  """
+  if not isinstance(model, vit.VisionTransformer):
+    raise ValueError("transformer_attribution needs a cejax.models.vit.VisionTransformer, "
+                     f"got {type(model).__name__}.")
+  images = jnp.asarray(images)
+  targets = jnp.asarray(targets)
+  _check(images, targets)
+  _check_classes(targets, model.num_classes)
+  depth = len(model.blocks_)
+  if not 0 <= start_layer < depth:
+    raise ValueError(f"start_layer must be a block index in [0, {depth}), got "
+                     f"{start_layer}.")
+  graphdef, state = nnx.split(model)
+  patches = _transformer_attribution_patches(graphdef, state, images, targets,
+                                             jnp.int32(start_layer))
+  return _on_patches(patches.reshape(-1, *model.grid), images.shape[1:3])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _transformer_attribution_patches(graphdef, state, images, targets, start_layer):
+  """The class token's row of the rollout over the patches ``(n, patches)``, one
+  compiled program (for every ``start_layer``, traced)."""
+  model = nnx.merge(graphdef, state)
+  tokens = 1 + model.num_patches
+  shape = (len(model.blocks_), images.shape[0], model.blocks_[0].attn.num_heads, tokens,
+           tokens)
+
+  def score(offsets):
+    logits, kept = _lrp_forward(model, images, offsets)
+    return jnp.take_along_axis(logits, targets[:, None], axis=1).sum(), kept
+
+  # One forward and backward pass: the attention weights' gradients (their hook's
+  # save_attn_gradients) and the activations the rules read.
+  grads, (saved, pooled) = jax.grad(score, has_aux=True)(jnp.zeros(shape, images.dtype))
+  # The rules in at least float32 (their 1e-9 and the relevance sums).
+  dtype = jnp.promote_types(pooled.dtype, jnp.float32)
+  saved, pooled = jax.tree.map(lambda a: a.astype(dtype), (saved, pooled))
+  relevance = jax.nn.one_hot(targets, model.num_classes, dtype=dtype)
+  relevance = _linear_rule(model.head_, pooled, relevance)  # the head
+  # IndexSelect of the class token (the final LayerNorm passes it through).
+  relevance = jnp.zeros((images.shape[0], tokens, model.embed_dim), dtype).at[
+      :, 0].set(pooled * _safe_divide(relevance, pooled))
+  cams = []
+  for block, kept in zip(model.blocks_[::-1], saved[::-1], strict=True):
+    relevance, cam = _block_relevance(block, kept, relevance)
+    cams.append(cam)
+  cams = jnp.stack(cams[::-1])  # (L, n, H, T, T), in block order
+  # relprop's "transformer_attribution": (grad * cam).clamp(min=0).mean(heads), and
+  # ViT_LRP.compute_rollout_attention: + I, no row normalisation, from start_layer.
+  layers = jnp.maximum(grads.astype(dtype) * cams, 0.0).mean(2)
+  layers = layers + jnp.eye(tokens, dtype=layers.dtype)
+  joint = jax.lax.fori_loop(start_layer + 1, len(model.blocks_),
+                            lambda i, r: layers[i] @ r, layers[start_layer])
+  valid = (targets >= 0) & (targets < model.num_classes)  # traced targets are unchecked
+  return jnp.where(valid[:, None], joint[:, 0, 1:], jnp.nan)
 
 
 @precision_lib.applied

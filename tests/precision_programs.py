@@ -147,6 +147,8 @@ def programs():
           vit_model, vit_images, targets)),
       "saliency.legrad (ViT)": ("run", lambda: saliency.legrad(
           vit_model, vit_images, targets)),
+      "saliency.transformer_attribution (ViT)": ("run", lambda: (
+          saliency.transformer_attribution(vit_model, vit_images, targets))),
   }
 
 

@@ -134,7 +134,7 @@ def test_every_public_program_applies_the_policy_itself():
                           text=True, env=dict(env, XLA_FLAGS=flags), timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   found = json.loads(done.stdout.strip().splitlines()[-1])
-  assert len(found["exact"]) == 33 and found["exact"].keys() == found["tf32"].keys()
+  assert len(found["exact"]) == 34 and found["exact"].keys() == found["tf32"].keys()
   for name, precisions in found["exact"].items():
     assert precisions == ["HIGHEST,HIGHEST"], (name, precisions)
   for name, precisions in found["tf32"].items():

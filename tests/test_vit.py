@@ -571,7 +571,7 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
   a.evaluators = ("maps", "localization", "sanity")
   a.methods = ("ce_grid", "ce_grid_token_drop", "ce_sliding_attention_mask", "ce_patches",
                "ce_patches_token_drop", "attention_rollout", "attention_relevance",
-               "token_grad_cam", "legrad")
+               "transformer_attribution", "token_grad_cam", "legrad")
   m.window, m.stride = 16, 8  # sliding windows of 2 x 2 patches, a patch apart
   analysis.analyze(config, tmp_path, out=tmp_path / "analysis", progress=False)
   metrics = json.loads((tmp_path / "analysis" / "metrics.json").read_text())
@@ -601,6 +601,8 @@ def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventio
       ("attention_rollout", cejax.saliency.attention_rollout(model.attentions(images),
                                                              image_shape=(32, 32))),
       ("attention_relevance", cejax.saliency.attention_relevance(model, images, targets)),
+      ("transformer_attribution", cejax.saliency.transformer_attribution(model, images,
+                                                                         targets)),
       ("token_grad_cam", cejax.saliency.token_grad_cam(model, images, targets)),
       ("legrad", cejax.saliency.legrad(model, images, targets))):
     np.testing.assert_allclose(got_maps[name], want, atol=2e-3, rtol=2e-3,

@@ -40,7 +40,7 @@ TOKEN_CE_METHODS = {f"ce_{family}_{name}": (family, mode)
                     for family in ("grid", "sliding", "patches")}
 # The methods that need a ViT, and those that need DenseNet's stages and CAM split.
 VIT_METHODS = (*TOKEN_CE_METHODS, "attention_rollout", "attention_relevance",
-               "token_grad_cam", "legrad")
+               "transformer_attribution", "token_grad_cam", "legrad")
 CNN_METHODS = ("ce_latent", "cam", "grad_cam", "grad_cam_pp", "smooth_grad_cam_pp")
 MAP_METHODS = ("ce_sliding", "ce_grid", "ce_rise", "ce_patches", "ce_latent", "gradient",
                "gradient_x_input", "smoothgrad", "integrated_gradients", "cam", "grad_cam",
@@ -223,6 +223,8 @@ def compute_maps(model: Model, images, targets, *, key, settings, mask_spec,
           model.vit.attentions(images), image_shape=shape),
       "attention_relevance": lambda: saliency.attention_relevance(model.vit, images,
                                                                   targets),
+      "transformer_attribution": lambda: saliency.transformer_attribution(
+          model.vit, images, targets),
       "token_grad_cam": lambda: saliency.token_grad_cam(model.vit, images, targets),
       "legrad": lambda: saliency.legrad(model.vit, images, targets),
   }
