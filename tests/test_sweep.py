@@ -364,3 +364,22 @@ def test_bad_optimised_settings_are_named(change, optimised, message):
   config.optimised.update(optimised)
   with pytest.raises(ValueError, match=message):
     config_lib.validate(config, "sweep")
+
+
+def test_patch_subsets_and_rise_masks_draw_from_different_keys():
+  """RISE mask ``i`` draws from ``fold_in(key, i)`` (its grid and shift from that key's
+  split); the patch subsets of the same config draw from a key that is none of those.
+  On the old code they used ``fold_in(key, 1)``, RISE mask 1's key."""
+  import ml_collections
+
+  from cejax.jobs import mask_spec
+
+  spec = ml_collections.ConfigDict(dict(grid_cells=4, window=0, stride=0, rise_masks=64,
+                                        rise_cells=4, rise_p=0.5, patch_masks=8,
+                                        patch_size=8, patch_keep=0.5))
+  key = jax.random.key(0)
+  sources = mask_spec.mask_sources(spec, (32, 32), key=key, families=("rise", "patches"))
+  patches = jax.random.key_data(sources["patches"].key)
+  rise = [jax.random.key_data(k) for i in range(spec.rise_masks)
+          for k in (jax.random.fold_in(key, i), *jax.random.split(jax.random.fold_in(key, i)))]
+  assert not any(np.array_equal(patches, k) for k in rise)

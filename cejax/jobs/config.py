@@ -218,7 +218,8 @@ def base_config() -> ml_collections.ConfigDict:
   # from the compiled forward pass's memory analysis (jobs.throughput.auto_batch_size).
   config.sweep.batch_size = ml_collections.FieldReference(64, field_type=object)
   config.sweep.memory_budget_gb = 2.0
-  config.sweep.families = ("grid",)  # of grid, sliding, rise (their sizes: config.masks)
+  # Of grid, sliding, rise, patches (their sizes: config.masks).
+  config.sweep.families = ("grid",)
   # Of zero, mean, blur; a ViT run also token_drop, attention_mask (cejax.forwards.tokens).
   config.sweep.interventions = ("zero",)
   config.sweep.blur_sigma = 5.0

@@ -17,8 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-FIGURE_METHODS = ("ce_sliding", "ce_grid", "grad_cam", "grad_cam_pp", "smoothgrad",
-                  "integrated_gradients", "rise")
+FIGURE_METHODS = ("ce_sliding", "ce_grid", "ce_sliding_token_drop", "ce_grid_token_drop",
+                  "grad_cam", "grad_cam_pp", "smoothgrad", "integrated_gradients", "rise",
+                  "attention_rollout", "transformer_attribution", "token_grad_cam")
 TITLES = {
     "ce_sliding": "CE (sliding)", "ce_grid": "CE (grid)",
     "ce_rise": "CE (RISE masks)", "ce_latent": "latent CE", "gradient": "gradient",
@@ -30,6 +31,13 @@ TITLES = {
     "meaningful_perturbation": "meaningful perturbations",
     "chance_noise": "chance: uniform noise", "chance_center": "chance: centred Gaussian",
     "chance_box": "chance: random box of the mean box size",
+    "ce_patches": "CE (patch subsets)",
+    **{f"ce_{f}_{mode}": f"CE ({name}, {label})"
+       for f, name in (("grid", "grid"), ("sliding", "sliding"), ("patches", "patch subsets"))
+       for mode, label in (("token_drop", "token drop"), ("attention_mask", "attention mask"))},
+    "attention_rollout": "attention rollout", "attention_relevance": "Chefer ICCV'21",
+    "transformer_attribution": "Chefer CVPR'21 (LRP)", "token_grad_cam": "token Grad-CAM",
+    "legrad": "LeGrad",
 }
 UNINFORMATIVE = "&dagger;"
 

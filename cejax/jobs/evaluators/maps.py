@@ -34,7 +34,7 @@ _log = logging.getLogger(__name__)
 # The optimised masks' methods (their settings: config.optimised).
 OPTIMISED_METHODS = ("extremal_perturbation", "ce_optimal", "meaningful_perturbation")
 # A Vision Transformer's CE maps under token interventions (cejax.forwards.tokens), on
-# the grid and sliding-window masks: {method: (mask family, token mode)}.
+# the grid, sliding-window and patch-subset masks: {method: (mask family, token mode)}.
 TOKEN_CE_METHODS = {f"ce_{family}_{name}": (family, mode)
                     for name, mode in (("token_drop", "drop"), ("attention_mask", "attention"))
                     for family in ("grid", "sliding", "patches")}
@@ -238,7 +238,8 @@ def _ratio(result):
 
 
 class MapsEvaluator:
-  """CE maps (grid, sliding windows, RISE masks, latent) and the saliency baselines
+  """CE maps (grid, sliding windows, RISE masks, patch subsets, latent; on a ViT also
+  under token interventions) and the saliency baselines
   named in ``analysis.methods``, computed in one compiled program per chunk shape, and
   the chance maps (``metrics.CHANCE_MAPS``) that give every metric its chance level."""
 

@@ -103,7 +103,8 @@ def token_forwards(model, names, sources) -> dict[str, Any]:
                      f"remove a Vision Transformer's patch tokens, and this run's model "
                      f"is a {type(model).__name__}; use {list(PIXEL_INTERVENTIONS)}.")
   mask_spec.check_whole_patches(sources, model.patch_size, wanted=wanted,
-                                where="config.sweep.interventions")
+                                where="config.sweep.interventions",
+                                otherwise=f", or only {list(PIXEL_INTERVENTIONS)}")
   return {n: tokens.from_vit(model, mode=TOKEN_INTERVENTIONS[n]) for n in wanted}
 
 
