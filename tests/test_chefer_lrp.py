@@ -35,11 +35,7 @@ def _ours(state, dtype=jnp.float32):
 @pytest.fixture(scope="module")
 def pair():
   """timm's ViT with random weights, ours and the authors' (float64) with the same."""
-  torch.manual_seed(0)
-  reference = timm_vit.vision_transformer()(num_classes=5, in_chans=3, **CONFIG).eval()
-  with torch.no_grad():  # timm zero-inits the head and leaves cls_token near 0: randomise
-    for param in reference.parameters():
-      param.add_(0.05 * torch.randn_like(param))
+  reference = timm_vit.randomised(**CONFIG)
   theirs = chefer.from_timm(reference.state_dict(), in_chans=3, num_classes=5, **CONFIG)
   images = np.random.default_rng(2).normal(size=(3, 32, 32, 3)).astype(np.float32)
   return reference, _ours(reference.state_dict()), theirs, images

@@ -21,11 +21,7 @@ CONFIG = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 
 @pytest.fixture(scope="module")
 def pair():
-  torch.manual_seed(0)
-  reference = timm_vit.vision_transformer()(num_classes=5, in_chans=3, **CONFIG).eval()
-  with torch.no_grad():  # timm zero-inits the head and leaves cls_token near 0: randomise
-    for param in reference.parameters():
-      param.add_(0.05 * torch.randn_like(param))
+  reference = timm_vit.randomised(**CONFIG)
   model = vit.VisionTransformer(num_classes=5, rngs=nnx.Rngs(1), **CONFIG)
   vit.load_timm(model, reference.state_dict())
   images = np.random.default_rng(2).normal(size=(3, 32, 32, 3)).astype(np.float32)

@@ -50,3 +50,17 @@ def vision_transformer():
   from timm.models.vision_transformer import VisionTransformer
 
   return VisionTransformer
+
+
+def randomised(*, num_classes: int = 5, in_chans: int = 3, seed: int = 0, **config):
+  """timm's ``VisionTransformer`` of ``config`` in eval mode, every parameter moved by
+  ``0.05 * N(0, 1)`` (timm zero-initialises the head and leaves ``cls_token`` near 0,
+  which would hide differences in them)."""
+  import torch
+
+  torch.manual_seed(seed)
+  model = vision_transformer()(num_classes=num_classes, in_chans=in_chans, **config).eval()
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(0.05 * torch.randn_like(param))
+  return model
