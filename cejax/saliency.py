@@ -629,7 +629,9 @@ def transformer_attribution(model, images: Images, targets: Targets, *,
   LayerNorm, GELU, Softmax and Dropout; every division their ``safe_divide``, by ``b +
   1e-9``). Computed for a batch: their code explains one image at a time, and their
   ``Add`` rule's sums run over the whole tensor; here they run over each image's, so
-  each map is theirs for that image alone.
+  each map is theirs for that image alone. The network is the model's own (timm's
+  final LayerNorm, eps 1e-6; their ``ViT_LRP.py`` builds it with PyTorch's default
+  1e-5, which moved the maps of the test's model by 5e-5 of their maximum).
 
   Args:
     model: a ``cejax.models.vit.VisionTransformer``.
