@@ -489,6 +489,16 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
   targets = jnp.asarray(targets)
   _check(images, targets)
   _check_classes(targets, model.num_classes)
+  graphdef, state = nnx.split(model)
+  rows = _attention_relevance_patches(graphdef, state, images, targets)
+  return _on_patches(rows.reshape(-1, *model.grid), images.shape[1:3])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_relevance_patches(graphdef, state, images, targets):
+  """The class token's row of ``R`` over the patches ``(n, patches)``, one compiled
+  program."""
+  model = nnx.merge(graphdef, state)
   tokens = 1 + model.num_patches
   shape = (len(model.blocks_), images.shape[0], model.blocks_[0].attn.num_heads, tokens,
            tokens)
@@ -503,7 +513,7 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
   relevance = jax.lax.fori_loop(
       0, cams.shape[0], lambda i, r: r + cams[i] @ r,
       jnp.broadcast_to(jnp.eye(tokens, dtype=cams.dtype), cams.shape[1:]))
-  return _on_patches(relevance[:, 0, 1:].reshape(-1, *model.grid), images.shape[1:3])
+  return relevance[:, 0, 1:]
 
 
 def _safe_divide(a, b):
@@ -735,6 +745,16 @@ def token_grad_cam(model, images: Images, targets: Targets, *, layer: int = -1) 
   depth = len(model.blocks_)
   if not -depth <= layer < depth:
     raise ValueError(f"layer must be a block index in [{-depth}, {depth}), got {layer}.")
+  graphdef, state = nnx.split(model)
+  cams = _token_grad_cam_patches(graphdef, state, images, targets, layer)
+  return _on_patches(cams.reshape(-1, *model.grid), images.shape[1:3])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _token_grad_cam_patches(graphdef, state, images, targets, layer):
+  """The Grad-CAM value of each patch ``(n, patches)``, one compiled program."""
+  model = nnx.merge(graphdef, state)
+
   def score(tap):
     logits, _, tokens = model.trace(images, tap=tap, layer=layer)
     return jnp.take_along_axis(logits, targets[:, None], axis=1).sum(), tokens
@@ -744,8 +764,7 @@ def token_grad_cam(model, images: Images, targets: Targets, *, layer: int = -1) 
       jnp.zeros((images.shape[0], 1 + model.num_patches, model.embed_dim), images.dtype))
   patches, grads = activations[:, 1:], grads[:, 1:]  # the class token dropped
   weights = grads.mean(1)  # (n, D): the mean over the patch grid
-  cams = jnp.maximum(jnp.einsum("nd,ntd->nt", weights, patches), 0.0)
-  return _on_patches(cams.reshape(-1, *model.grid), images.shape[1:3])
+  return jnp.maximum(jnp.einsum("nd,ntd->nt", weights, patches), 0.0)
 
 
 LEGRAD_POOLINGS = ("token", "mean")

@@ -199,9 +199,13 @@ def test_masks_after_k_iterations_equal_the_pytorch_reference(pair, variant, per
 
 
 def _linear_logit(weights):
-  """Logit 0 = sum of pixel * weight (one channel), logit 1 = 0."""
-  return lambda x: jnp.stack([jnp.sum(x[..., 0] * weights, (1, 2)),
-                              jnp.zeros(x.shape[0])], -1)
+  """Logit 0 = sum of pixel * weight (one channel), logit 1 = 0. The weights are a
+  ``Partial``'s leaves, traced: models of other weights share their compiled programs."""
+  return jax.tree_util.Partial(_weighted_sum, weights)
+
+
+def _weighted_sum(weights, x):
+  return jnp.stack([jnp.sum(x[..., 0] * weights, (1, 2)), jnp.zeros(x.shape[0])], -1)
 
 
 def test_delete_mask_of_a_linear_model_covers_its_largest_weights():

@@ -471,6 +471,25 @@ def test_a_plain_jax_vit_works_through_the_protocol():
                                atol=1e-5)
 
 
+def test_repeated_eager_baselines_compile_once(pair):
+  """Each ViT baseline is one compiled program: a second eager call on other images of
+  the same shapes compiles nothing (attention_relevance and token_grad_cam ran op by op,
+  about 5 s a call on the job test's model; the assertion fails on that code)."""
+  from compile_count import Compilations
+
+  import cejax
+
+  _, model, images = pair
+  targets = jnp.array([0, 1, 2])
+  calls = [cejax.saliency.attention_relevance, cejax.saliency.transformer_attribution,
+           cejax.saliency.token_grad_cam, cejax.saliency.legrad]
+  for call in calls:
+    call(model, images, targets)
+    with Compilations() as compiled:
+      call(model, images + 1.0, targets)
+    assert compiled.count == 0, call.__name__
+
+
 def test_token_forward_bad_input_is_named(pair):
   import cejax
   from cejax.forwards import tokens
