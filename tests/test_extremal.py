@@ -255,7 +255,7 @@ def test_minimal_counterfactual_region_is_the_causal_region_on_any_mesh():
   disk = ((yy - 12) ** 2 + (xx - 18) ** 2 <= 49).astype(np.float32)  # 149 px, 15 %
   images = jnp.ones((2, size, size, 1)).at[1].multiply(0.8)
   kwargs = dict(areas=(0.05, 0.1, 0.2, 0.4), bisection_steps=3, estimand="logit",
-                iterations=30, step=3, sigma=5.0)
+                iterations=30, step=3, sigma=3.0)
   result = counterfactual.minimal_counterfactual(_region_model(jnp.asarray(disk)), images, **kwargs)
   assert result.found.all() and (result.flipped_to == 1).all()
   bound = np.array([0.9, 0.875]) * disk.mean()
