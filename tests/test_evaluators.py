@@ -310,14 +310,14 @@ def test_optimised_mask_methods_are_the_library_calls(setup):
   config, model, _, _ = setup
   s = config.analysis.copy_and_resolve_references()
   o = config.optimised.copy_and_resolve_references()
-  o.areas, o.iterations, o.meaningful_iterations, o.step, o.sigma = (0.1, 0.3), 4, 3, 2, 6.0
+  o.areas, o.iterations, o.meaningful_iterations, o.step, o.sigma = (0.1, 0.3), 4, 3, 2, 2.0
   inputs = _inputs(setup, n=2)
   key = jax.random.key(5)
   got = evaluators.compute_maps(model, inputs.images, inputs.target, key=key, settings=s,
                                 mask_spec=config.masks,
                                 methods=("extremal_perturbation", "ce_optimal",
                                          "meaningful_perturbation"), optimised=o)
-  kw = dict(areas=(0.1, 0.3), iterations=4, step=2, sigma=6.0, batch_size=2)
+  kw = dict(areas=(0.1, 0.3), iterations=4, step=2, sigma=2.0, batch_size=2)
   ep = extremal.extremal_perturbation(model.logits_fn, inputs.images, inputs.target, **kw)
   np.testing.assert_allclose(got["extremal_perturbation"], ep.masks.sum(1), atol=1e-5)
   ce = ce_optimal.ce_optimal_mask(model.logits_fn, inputs.images, inputs.target, **kw)
