@@ -56,15 +56,18 @@ FULL = dict(size=224, arch=dict(growth=32, blocks=(6, 12, 24, 16), init=64, bn_s
             grid=10, window=16, stride=4, rise=1000, batches=(64, 256), peak_n=8192,
             exact_masks=8, budget_s=330, memory_gb=60.0, seconds=3.0, repeats=2,
             compile_backend="inductor", extremal_images=4, extremal_iterations=50,
+            extremal_mask=dict(step=7, sigma=21.0),
             peak_seconds=1.0, vit=dict(img_size=224, patch_size=16, embed_dim=384,
                                        depth=12, num_heads=6), vit_masks=256,
             vit_batch=64)
 # The smoke run goes through every section once: one timed call each, and torch.compile
-# with the eager backend (dynamo"s path without a C++ compiler).
+# with the eager backend (dynamo"s path without a C++ compiler); coarse extremal masks
+# (sigma = step) that compile in a fraction of the time of TorchRay's 7 and 21.
 SMOKE = dict(size=16, arch=dict(growth=4, blocks=(1,), init=8, bn_size=2),
              grid=4, window=8, stride=8, rise=8, batches=(8,), peak_n=128,
              exact_masks=4, budget_s=600, memory_gb=0.01, seconds=0.0, repeats=1,
              compile_backend="eager", extremal_images=1, extremal_iterations=2,
+             extremal_mask=dict(step=4, sigma=4.0),
              peak_seconds=0.0, vit=dict(img_size=16, patch_size=4, embed_dim=16, depth=1,
                                         num_heads=2), vit_masks=8, vit_batch=4)
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
@@ -343,9 +346,9 @@ def main(argv=None) -> dict:
       with precision.policy("exact"):
         jax.block_until_ready(extremal.extremal_perturbation(
             nets["float32"][1], ext_images, targets(), areas=areas,
-            iterations=iterations, batch_size=n_ext).masks)
+            iterations=iterations, batch_size=n_ext, **cfg["extremal_mask"]).masks)
     return timed(run, n_ext, seconds=cfg["seconds"], repeats=cfg["repeats"]) | {
-        "iterations": iterations, "areas": list(areas)}
+        "iterations": iterations, "areas": list(areas), **cfg["extremal_mask"]}
 
   def extremal_torch():
     import torch_extremal_reference as reference
@@ -358,11 +361,12 @@ def main(argv=None) -> dict:
       with torch.device(device):  # the reference's own tensors on the same device
         for i in range(n_ext):
           reference.extremal_perturbation(net_d, xs[i:i + 1], int(targets()[i]),
-                                          areas=list(areas), iterations=iterations)
+                                          areas=list(areas), iterations=iterations,
+                                          **cfg["extremal_mask"])
       if device == "cuda":
         torch.cuda.synchronize()
     return timed(run, n_ext, seconds=cfg["seconds"], repeats=cfg["repeats"]) | {
-        "iterations": iterations, "areas": list(areas)}
+        "iterations": iterations, "areas": list(areas), **cfg["extremal_mask"]}
 
   # Compiling 50 iterations of DenseNet-121's forward and backward pass takes a while.
   rec.attempt(["extremal", "cejax"], extremal_cejax, need_s=120)
