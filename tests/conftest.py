@@ -32,6 +32,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(items):
+  """Tests marked ``heavy`` first, longest first (``heavy(seconds)``, 10 unless given),
+  the rest in their order. xdist's loadgroup hands out the groups (largest first), then
+  single tests in collection order: a long test collected last (test_vit.py's job test)
+  kept one worker busy a minute after the other had finished. Every worker sorts alike."""
+
+  def seconds(item):
+    mark = item.get_closest_marker("heavy")
+    return 0 if mark is None else (mark.args[0] if mark.args else 10)
+
+  items.sort(key=lambda item: -seconds(item))
+
+
 @pytest.hookimpl(trylast=True)  # after the tmpdir plugin has set up its factory
 def pytest_configure(config):
   """JAX's persistent compilation cache, one per test run, shared by the xdist workers

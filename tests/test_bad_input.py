@@ -90,6 +90,7 @@ def _box_model(size=16):
                               jnp.full(x.shape[0], 5.0)], -1)
 
 
+@pytest.mark.heavy
 def test_long_optimisations_show_progress_and_it_never_changes_the_result(capfd):
   """ce_optimal_mask and minimal_counterfactual ran 11 minutes on two images with no sign
   of progress; their bar counts every iteration of every chunk of images."""

@@ -75,6 +75,7 @@ def test_the_default_ce_optimal_mask_finds_the_evidence_of_a_saturated_model(act
   assert found.effect[0, 0] < -0.9 * float((p * p).sum())
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_the_minimal_counterfactual_region_is_near_the_true_minimum(activation):
   """The decision flips (argmax) once enough of the box is zero-filled: softmax below

@@ -138,6 +138,7 @@ def test_convert_command_writes_a_workdir_that_loads(tmp_path):
     convert.convert(tmp_path / "five.pth", tmp_path / "run2", profile="chexnet")
 
 
+@pytest.mark.heavy
 def test_imported_chexnet_layout_analyzes_real_chestxray14_images(tmp_path, chestxray_dir):
   """Smoke test on the real NIH images: a CheXNet-layout checkpoint (random weights,
   tiny architecture for speed) converted and analyzed with CheXNet preprocessing."""

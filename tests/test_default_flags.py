@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 SCRIPT = """
@@ -44,6 +45,7 @@ print("ok", err)
 """
 
 
+@pytest.mark.heavy
 def test_exact_and_bit_identical_at_default_flags():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,

@@ -303,6 +303,7 @@ def test_ce_rise_map_is_the_coverage_weighted_mean_effect(setup):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.heavy
 def test_optimised_mask_methods_are_the_library_calls(setup):
   """The analysis' optimised-mask maps: the sum over areas of extremal perturbations and
   of CE-optimal masks (expected CE, zero fill), and meaningful perturbations' map."""

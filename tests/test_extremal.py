@@ -246,6 +246,7 @@ def _region_model(region):
                               jnp.ones(x.shape[0])], -1)
 
 
+@pytest.mark.heavy
 def test_minimal_counterfactual_region_is_the_causal_region_on_any_mesh():
   """The known causal region is a disk: smooth masks (Gaussian bumps) cannot draw a
   square's corners, so a box would measure the mask family, not the search. No region

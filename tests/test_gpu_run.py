@@ -4,9 +4,11 @@ section on a tiny network on the CPU, and what it writes is complete and sane.""
 import json
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.heavy(25)
 def test_gpu_run_smoke_writes_every_section(tmp_path):
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import gpu_run

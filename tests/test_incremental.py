@@ -95,6 +95,7 @@ def _all_estimands(activation):
   return sweep_plan.StackedEstimand(names, all_targets=True), names
 
 
+@pytest.mark.heavy(15)
 def test_effects_equal_the_full_forward_sweep():
   # Two blocks (61 x 67): patches all the way to the head, which adds the patch's change
   # to the clean mean. Three blocks: the walk switches to whole maps part-way through a block

@@ -39,6 +39,9 @@ def test_a_model_is_built_with_few_compilations():
 
   from cejax.models import densenet
 
+  # Whatever this worker compiled before: the count must not depend on the tests' order
+  # (it was 0 when another test had built a DenseNet first).
+  jax.clear_caches()
   compiled = []
   with jax.log_compiles(True):
     import logging

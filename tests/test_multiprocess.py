@@ -7,6 +7,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 from test_effects import C, H, W, make_logits_fn
 
 from cejax import effects, interventions, masks
@@ -40,6 +41,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.heavy
 def test_two_processes_equal_one(tmp_path):
   port = _free_port()
   procs = [subprocess.Popen(

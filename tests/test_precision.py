@@ -115,6 +115,7 @@ def test_the_argument_wins_and_the_policy_is_part_of_the_programs_identity(progr
       pass
 
 
+@pytest.mark.heavy(30)
 def test_every_public_program_applies_the_policy_itself():
   """Every public function that calls a model, lowered (or run, for those that compile
   several programs from the host) in a fresh interpreter with no global precision:

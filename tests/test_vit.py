@@ -432,6 +432,7 @@ def test_token_grad_cam_equals_pytorch_grad_cam_itself(pair):
     assert np.ptp(want) > 0.5
 
 
+@pytest.mark.heavy
 def test_a_plain_jax_vit_works_through_the_protocol():
   """A user's ViT in plain JAX (one attention layer, no Flax): dropping tokens equals the
   model run on the shortened sequence, written without a key mask."""
@@ -505,6 +506,7 @@ def test_token_forward_bad_input_is_named(pair):
     tokens.from_vit(model, mode="fill")
 
 
+@pytest.mark.heavy(60)
 def test_train_py_trains_a_vit_preset_that_the_sweep_runs_with_token_interventions(
     tmp_path, data_dir):
   """The smoke run with ``config.model.preset = "vit_synthetic"``: trained and
