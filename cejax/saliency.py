@@ -409,6 +409,14 @@ def _on_patches(maps, image_shape):
   return jnp.repeat(jnp.repeat(maps, h // rows, axis=1), w // cols, axis=2)
 
 
+def _vit_map(program, model, images, *args):
+  """A ViT method's maps ``(n, h, w)`` from its compiled ``program(graphdef, state,
+  images, *args)``, which returns each image's patch values ``(n, patches)``."""
+  graphdef, state = nnx.split(model)
+  values = program(graphdef, state, images, *args)
+  return _on_patches(values.reshape(-1, *model.grid), images.shape[1:3])
+
+
 def _check_classes(targets, num_classes: int):
   """Concrete targets outside ``[0, num_classes)`` are refused by name."""
   if not isinstance(targets, jax.core.Tracer) and (
@@ -489,9 +497,7 @@ def attention_relevance(model, images: Images, targets: Targets) -> Maps:
   targets = jnp.asarray(targets)
   _check(images, targets)
   _check_classes(targets, model.num_classes)
-  graphdef, state = nnx.split(model)
-  rows = _attention_relevance_patches(graphdef, state, images, targets)
-  return _on_patches(rows.reshape(-1, *model.grid), images.shape[1:3])
+  return _vit_map(_attention_relevance_patches, model, images, targets)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -669,10 +675,8 @@ def transformer_attribution(model, images: Images, targets: Targets, *,
   if not 0 <= start_layer < depth:
     raise ValueError(f"start_layer must be a block index in [0, {depth}), got "
                      f"{start_layer}.")
-  graphdef, state = nnx.split(model)
-  patches = _transformer_attribution_patches(graphdef, state, images, targets,
-                                             jnp.int32(start_layer))
-  return _on_patches(patches.reshape(-1, *model.grid), images.shape[1:3])
+  return _vit_map(_transformer_attribution_patches, model, images, targets,
+                  jnp.int32(start_layer))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -745,9 +749,7 @@ def token_grad_cam(model, images: Images, targets: Targets, *, layer: int = -1) 
   depth = len(model.blocks_)
   if not -depth <= layer < depth:
     raise ValueError(f"layer must be a block index in [{-depth}, {depth}), got {layer}.")
-  graphdef, state = nnx.split(model)
-  cams = _token_grad_cam_patches(graphdef, state, images, targets, layer)
-  return _on_patches(cams.reshape(-1, *model.grid), images.shape[1:3])
+  return _vit_map(_token_grad_cam_patches, model, images, targets, layer)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -816,9 +818,7 @@ def legrad(model, images: Images, targets: Targets, *, first_layer: int = -2,
   if pooling not in LEGRAD_POOLINGS:
     raise ValueError(f"pooling must be one of {LEGRAD_POOLINGS}, got {pooling!r}.")
   first = max(first_layer + depth, 0) if first_layer < 0 else first_layer
-  graphdef, state = nnx.split(model)
-  scaled = _legrad_patches(graphdef, state, images, targets, first, pooling)
-  return _on_patches(scaled.reshape(-1, *model.grid), images.shape[1:3])
+  return _vit_map(_legrad_patches, model, images, targets, first, pooling)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
