@@ -273,16 +273,21 @@ def _finish(e: _Energy, first, last, ends):
   first, last = jax.lax.optimization_barrier((first, last))
 
   def norms(params, weight, flip):
-    reward = jax.grad(lambda p: jnp.sum(e.reward(smooth_masks(p, e.g)[0], flip, clean)))(
-        params)
-    area = jax.grad(lambda p: jnp.sum(e.area(smooth_masks(p, e.g)[1], weight)))(params)
+    (cropped, full), pullback = jax.vjp(lambda p: smooth_masks(p, e.g), params)
+    to_cropped = jax.grad(lambda c: jnp.sum(e.reward(c, flip, clean)))(cropped)
+    to_full = jax.grad(lambda f: jnp.sum(e.area(f, weight)))(full)
+    reward, = pullback((to_cropped, jnp.zeros_like(full)))
+    area, = pullback((jnp.zeros_like(cropped), to_full))
     norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(-2, -1)))  # noqa: E731
     return norm(reward), norm(area)
 
+  # Both ends in one vmapped program: the network and the masks are traced, lowered and
+  # compiled once, not once per end (the diagnostics' share of every optimisation's
+  # compile time).
   (w0, wt), (f0, ft) = ends
-  at_first, at_last = norms(first, w0, f0), norms(last, wt, ft)
-  return (masks, jnp.stack([at_first[0], at_last[0]], -1),
-          jnp.stack([at_first[1], at_last[1]], -1))
+  reward, area = jax.vmap(norms)(jnp.stack([first, last]), jnp.stack([w0, wt]),
+                                 jnp.stack([jnp.asarray(f0), jnp.asarray(ft)]))
+  return masks, jnp.moveaxis(reward, 0, -1), jnp.moveaxis(area, 0, -1)
 
 
 def _schedule_arrays(schedule: Schedule):
