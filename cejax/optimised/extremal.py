@@ -272,22 +272,19 @@ def _finish(e: _Energy, first, last, ends):
   # masks' rounding differently on one device and on several.
   first, last = jax.lax.optimization_barrier((first, last))
 
-  def norms(params, weight, flip):
-    (cropped, full), pullback = jax.vjp(lambda p: smooth_masks(p, e.g), params)
-    to_cropped = jax.grad(lambda c: jnp.sum(e.reward(c, flip, clean)))(cropped)
-    to_full = jax.grad(lambda f: jnp.sum(e.area(f, weight)))(full)
-    reward, = pullback((to_cropped, jnp.zeros_like(full)))
-    area, = pullback((jnp.zeros_like(cropped), to_full))
-    norm = lambda x: jnp.sqrt(jnp.sum(x * x, axis=(-2, -1)))  # noqa: E731
-    return norm(reward), norm(area)
-
-  # Both ends in one vmapped program: the network and the masks are traced, lowered and
-  # compiled once, not once per end (the diagnostics' share of every optimisation's
-  # compile time).
+  # Both ends at once: the smooth masks of the two are one batch, the network's gradient
+  # one vmapped program; traced, lowered and compiled once, not once per end and term.
   (w0, wt), (f0, ft) = ends
-  reward, area = jax.vmap(norms)(jnp.stack([first, last]), jnp.stack([w0, wt]),
-                                 jnp.stack([jnp.asarray(f0), jnp.asarray(ft)]))
-  return masks, jnp.moveaxis(reward, 0, -1), jnp.moveaxis(area, 0, -1)
+  ends_params = jnp.stack([first, last])
+  (cropped, full), pullback = jax.vjp(lambda p: smooth_masks(p, e.g), ends_params)
+  to_cropped = jax.vmap(lambda c, flip: jax.grad(lambda c: jnp.sum(e.reward(c, flip, clean)))(
+      c))(cropped, jnp.stack([jnp.asarray(f0), jnp.asarray(ft)]))
+  to_full = jax.vmap(lambda f, weight: jax.grad(lambda f: jnp.sum(e.area(f, weight)))(f))(
+      full, jnp.stack([w0, wt]))
+  reward, = pullback((to_cropped, jnp.zeros_like(full)))
+  area, = pullback((jnp.zeros_like(cropped), to_full))
+  norm = lambda x: jnp.moveaxis(jnp.sqrt(jnp.sum(x * x, axis=(-2, -1))), 0, -1)  # noqa: E731
+  return masks, norm(reward), norm(area)
 
 
 def _schedule_arrays(schedule: Schedule):
