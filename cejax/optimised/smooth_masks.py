@@ -333,6 +333,7 @@ def area_gap(masks, zeros, *, ties: str = "stable"):
   return jnp.mean((masks - step) ** 2, axis=-1)
 
 
+@jax.jit  # one program, not an eager compile per sort and cast
 def hard_region(masks, areas):
   """The ``round(a h w)`` pixels where each mask is largest (ties: first in row-major
   order): ``masks (..., h, w)``, ``areas (...)`` -> ``(..., h, w)`` in {0, 1}."""
