@@ -275,12 +275,17 @@ def _finish(e: _Energy, first, last, ends):
   # Both ends at once: the smooth masks of the two are one batch, the network's gradient
   # one vmapped program; traced, lowered and compiled once, not once per end and term.
   (w0, wt), (f0, ft) = ends
-  ends_params = jnp.stack([first, last])
-  (cropped, full), pullback = jax.vjp(lambda p: smooth_masks(p, e.g), ends_params)
-  to_cropped = jax.vmap(lambda c, flip: jax.grad(lambda c: jnp.sum(e.reward(c, flip, clean)))(
-      c))(cropped, jnp.stack([jnp.asarray(f0), jnp.asarray(ft)]))
-  to_full = jax.vmap(lambda f, weight: jax.grad(lambda f: jnp.sum(e.area(f, weight)))(f))(
-      full, jnp.stack([w0, wt]))
+
+  def reward_grad(cropped, flip):
+    return jax.grad(lambda m: jnp.sum(e.reward(m, flip, clean)))(cropped)
+
+  def area_grad(full, weight):
+    return jax.grad(lambda m: jnp.sum(e.area(m, weight)))(full)
+
+  (cropped, full), pullback = jax.vjp(lambda p: smooth_masks(p, e.g),
+                                      jnp.stack([first, last]))
+  to_cropped = jax.vmap(reward_grad)(cropped, jnp.asarray([f0, ft]))
+  to_full = jax.vmap(area_grad)(full, jnp.asarray([w0, wt], jnp.float32))
   reward, = pullback((to_cropped, jnp.zeros_like(full)))
   area, = pullback((jnp.zeros_like(cropped), to_full))
   norm = lambda x: jnp.moveaxis(jnp.sqrt(jnp.sum(x * x, axis=(-2, -1))), 0, -1)  # noqa: E731
